@@ -1,0 +1,399 @@
+"""The sync engine: plan, fetch, verify, publish.
+
+    warm check ──> resolve (network) ──> lock ──> plan ──> fetch+verify ──> publish
+        │                                  │        │
+        └ pinned & published: no request   │        └ staged (resume) / reused (hardlink) / download
+                                           └ someone else published meanwhile: warm
+
+The engine knows nothing about a particular backend (sources/), the on-disk
+layout (layout.py), locking (locking.py) or how bytes move (fetch.py); it decides
+what has to happen and in which order so that MODEL_DIR only ever shows a
+complete, verified revision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from weightsync.errors import DiskSpaceError, IntegrityError, SourceError, WeightsyncError
+from weightsync.fetch import HASH_BLOCK, Fetcher, FileDownload
+from weightsync.layout import ModelVolume, check_listing, safe_makedirs
+from weightsync.locking import volume_lock
+from weightsync.manifest import Manifest, ManifestEntry, ManifestError, write_atomic
+from weightsync.progress import Progress, human_bytes, human_duration
+from weightsync.retry import RetryPolicy, call_with_retries
+from weightsync.sources import RemoteFile, Selection, Snapshot, Source, open_source
+
+log = logging.getLogger("weightsync")
+
+
+@dataclass(frozen=True)
+class SyncRequest:
+    source: str
+    dest: Path
+    name: str | None = None
+    revision: str | None = None
+    selection: Selection = field(default_factory=Selection)
+    verify: str = "fast"
+    concurrency: int = 8
+    lock_timeout: float | None = None
+    offline: bool = False
+    addressing_style: str = "auto"
+    stall_timeout: float = 60.0
+    progress_interval: float = 10.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    fsync: bool = True
+
+
+@dataclass
+class SyncResult:
+    path: Path
+    name: str
+    revision: str
+    source: str
+    files: int
+    total_bytes: int
+    bytes_fetched: int = 0
+    bytes_reused: int = 0
+    bytes_resumed: int = 0
+    seconds: float = 0.0
+    lock_wait_seconds: float = 0.0
+    retries: int = 0
+    warm: bool = False
+
+    def summary(self) -> str:
+        rate = self.bytes_fetched / self.seconds if self.seconds > 0 else 0.0
+        how = "already published (warm start)" if self.warm else "published"
+        return (f"{how} {self.source} revision {self.revision}: {self.files} files, "
+                f"{human_bytes(self.total_bytes)}; fetched {human_bytes(self.bytes_fetched)}, "
+                f"reused {human_bytes(self.bytes_reused)}, resumed {human_bytes(self.bytes_resumed)} "
+                f"in {human_duration(self.seconds)} ({human_bytes(rate)}/s), all sha256 verified")
+
+
+def revision_key(revision: str, selection: Selection) -> str:
+    """The directory name of a revision: filtered syncs of one revision must not share a directory."""
+    variant = selection.key()
+    return f"{revision}-{variant}" if variant else revision
+
+
+def _ref_key(ref: str, selection: Selection) -> str:
+    variant = selection.key()
+    return f"{ref}@{variant}" if variant else ref
+
+
+class Engine:
+    """Runs one request against one volume."""
+
+    def __init__(self, request: SyncRequest, source: Source | None = None) -> None:
+        self.request = request
+        self.source = source or open_source(request.source, addressing_style=request.addressing_style,
+                                            stall_timeout=request.stall_timeout,
+                                            concurrency=request.concurrency, offline=request.offline)
+        self.volume = ModelVolume(request.dest.absolute(), request.name or self.source.default_name)
+        self.started = time.monotonic()
+
+    # -- public entry points ---------------------------------------------------
+    def sync(self) -> SyncResult:
+        request, source, volume = self.request, self.source, self.volume
+        pinned = source.pinned_revision(request.revision)
+        known = revision_key(pinned, request.selection) if pinned else None
+        if request.offline and not known:
+            known = self._offline_revision()
+        if known:
+            manifest = self.published(known)
+            if manifest is not None:
+                return self._finish_warm(manifest, known, ref=None)
+            if request.offline:
+                have = ", ".join(volume.revisions()) or "none"
+                raise SourceError(f"--offline: revision {known} of {volume.name} is not complete on {volume.root} "
+                                  f"(published revisions: {have}); run once with network access")
+
+        snapshot = self._resolve(request.revision)
+        if pinned and snapshot.revision != pinned:
+            raise IntegrityError(f"{source.uri} no longer matches the pinned revision {pinned} (it is now "
+                                 f"{snapshot.revision}); pin the new revision or restore the source")
+        key = revision_key(snapshot.revision, request.selection)
+        manifest = self.published(key)
+        if manifest is not None:
+            return self._finish_warm(manifest, key, ref=snapshot.ref)
+
+        volume.ensure(".locks")
+        with volume_lock(volume.lock_path(key), request.lock_timeout, f"{volume.name} revision {key}") as waited:
+            manifest = self.published(key)
+            if manifest is not None:
+                result = self._finish_warm(manifest, key, ref=snapshot.ref)
+            else:
+                self._quarantine_broken(key)
+                result = self._download_and_publish(snapshot, key)
+            result.lock_wait_seconds = waited
+        return result
+
+    def verify(self, revision: str | None) -> tuple[Path, list[str]]:
+        """Re-hash a published revision against its manifest; return (dir, problems)."""
+        key = self._revision_for_verify(revision)
+        directory = self.volume.revision_dir(key)
+        try:
+            manifest = Manifest.load(self.volume.manifest_path(key))
+        except ManifestError as exc:
+            return directory, [f"manifest: {exc}"]
+        return directory, check_files(directory, manifest, full=True)
+
+    # -- warm path ---------------------------------------------------------------
+    def published(self, key: str) -> Manifest | None:
+        """The manifest if revision `key` is published and intact (sizes, or hashes with --verify full)."""
+        directory = self.volume.revision_dir(key)
+        try:
+            if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                return None
+        except OSError:
+            return None
+        try:
+            manifest = Manifest.load(self.volume.manifest_path(key))
+        except ManifestError as exc:
+            log.warning("revision %s is on the volume but its manifest is unusable (%s); re-verifying", key, exc)
+            return None
+        problems = check_files(directory, manifest, full=self.request.verify == "full")
+        if problems:
+            log.warning("revision %s on the volume is damaged (%s); repairing", key, "; ".join(problems[:5]))
+            if self.request.offline:
+                raise IntegrityError(f"{directory} is damaged and --offline forbids repairing it: "
+                                     + "; ".join(problems[:5]))
+            return None
+        return manifest
+
+    def _finish_warm(self, manifest: Manifest, key: str, ref: str | None) -> SyncResult:
+        self._point_current(key, ref)
+        return SyncResult(path=self.volume.revision_dir(key), name=self.volume.name, revision=key,
+                          source=self.source.uri, files=len(manifest.files), total_bytes=manifest.total_bytes,
+                          seconds=time.monotonic() - self.started, warm=True)
+
+    def _point_current(self, key: str, ref: str | None) -> None:
+        """Flip `current` and record the ref; on a read-only volume leave both as they are."""
+        try:
+            self.volume.point_current_at(key)
+            if ref:
+                self.volume.record_ref(_ref_key(ref, self.request.selection), key)
+        except (WeightsyncError, OSError) as exc:
+            log.debug("not updating %s: %s", self.volume.current, exc)
+
+    def _offline_revision(self) -> str | None:
+        ref = self.request.revision or self.source.default_ref
+        if ref:
+            found = self.volume.read_ref(_ref_key(ref, self.request.selection))
+            if found:
+                return found
+        current = self.volume.current_revision()
+        variant = self.request.selection.key()
+        if current and (not variant or current.endswith(f"-{variant}")):
+            return current
+        raise SourceError(f"--offline: nothing published for {self.source.uri}"
+                          f"{' revision ' + ref if ref else ''} on {self.volume.root}; "
+                          "run once with network access, or pin a revision that is on the volume")
+
+    def _revision_for_verify(self, revision: str | None) -> str:
+        pinned = self.source.pinned_revision(revision) if revision else None
+        if pinned:
+            return revision_key(pinned, self.request.selection)
+        found = self.volume.read_ref(_ref_key(revision, self.request.selection)) if revision else None
+        found = found or self.volume.current_revision()
+        if not found:
+            raise SourceError(f"nothing published for {self.source.uri} under {self.volume.root}; "
+                              "sync it first (or pass --name / --revision)")
+        return found
+
+    # -- cold path ---------------------------------------------------------------
+    def _resolve(self, revision: str | None) -> Snapshot:
+        snapshot = call_with_retries(f"listing {self.source.uri}",
+                                     lambda: self.source.snapshot(revision, self.request.selection),
+                                     self.request.retry)
+        check_listing([f.path for f in snapshot.files], self.source.uri)
+        return snapshot
+
+    def _quarantine_broken(self, key: str) -> None:
+        """Move a damaged or manifest-less revision out of the way before re-syncing it."""
+        directory = self.volume.revision_dir(key)
+        if not os.path.lexists(directory):
+            return
+        trash = self.volume.ensure(".trash") / f"{key}.{int(time.time())}.{os.getpid()}"
+        os.rename(directory, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _download_and_publish(self, snapshot: Snapshot, key: str) -> SyncResult:
+        request, volume = self.request, self.volume
+        staging = volume.ensure(f".staging/{key}")
+        parts, tree = volume.ensure(f".staging/{key}/parts"), volume.ensure(f".staging/{key}/tree")
+        staged: dict[str, str] = {}
+        to_fetch: list[RemoteFile] = []
+        reused = 0
+        reuse = ReuseIndex.build(volume, exclude=key)
+        for remote in snapshot.files:
+            sha256 = FileDownload(remote, parts, tree).load_state()
+            if sha256 is None and (sha256 := reuse.link_into(remote, tree, full=request.verify == "full")):
+                reused += remote.size
+            if sha256 is not None:
+                staged[remote.path] = sha256
+            else:
+                to_fetch.append(remote)
+
+        downloads = [FileDownload(remote, parts, tree) for remote in self._describe(to_fetch)]
+        for download in downloads:
+            download.load_state()
+        resumed = sum(d.bytes_on_disk for d in downloads)
+        needed = sum(d.remote.size for d in downloads) - resumed
+        self._check_free_space(staging, needed)
+
+        total = sum(f.size for f in snapshot.files)
+        log.info("syncing %s revision %s: %d files, %s (%s to download, %s resumed, %s reused) into %s",
+                 self.source.uri, key, len(snapshot.files), human_bytes(total), human_bytes(needed),
+                 human_bytes(resumed), human_bytes(reused), volume.root)
+        with Progress(needed, len(downloads), interval=request.progress_interval) as progress:
+            fetcher = Fetcher(self.source, progress, request.concurrency, request.retry, fsync=request.fsync)
+            staged.update(fetcher.run(downloads))
+
+        manifest = Manifest(source=self.source.uri, revision=key, ref=snapshot.ref,
+                            selection={"include": list(request.selection.include),
+                                       "exclude": list(request.selection.exclude)},
+                            files=[ManifestEntry(path=f.path, size=f.size, sha256=staged[f.path], etag=f.etag)
+                                   for f in snapshot.files])
+        self._publish(manifest, staging, key, snapshot.ref)
+        return SyncResult(path=volume.revision_dir(key), name=volume.name, revision=key, source=self.source.uri,
+                          files=len(snapshot.files), total_bytes=total, bytes_fetched=progress.bytes_done,
+                          bytes_reused=reused, bytes_resumed=resumed, seconds=time.monotonic() - self.started,
+                          retries=fetcher.retries)
+
+    def _describe(self, files: list[RemoteFile]) -> list[RemoteFile]:
+        """Ask the source for checksums the listing lacks, a few requests at a time."""
+        def describe(remote: RemoteFile) -> RemoteFile:
+            return call_with_retries(f"describing {remote.path}", lambda: self.source.describe(remote),
+                                     self.request.retry)
+
+        if len(files) <= 1:
+            return [describe(f) for f in files]
+        with ThreadPoolExecutor(max_workers=min(self.request.concurrency, len(files))) as pool:
+            return list(pool.map(describe, files))
+
+    @staticmethod
+    def _check_free_space(staging: Path, needed: int) -> None:
+        free = shutil.disk_usage(staging).free
+        if needed > free:
+            raise DiskSpaceError(f"not enough space on {staging.parent.parent.parent}: need "
+                                 f"{human_bytes(needed)} ({needed} bytes) more, {human_bytes(free)} ({free} bytes) "
+                                 "free; grow the volume or remove old revisions")
+
+    def _publish(self, manifest: Manifest, staging: Path, key: str, ref: str | None) -> None:
+        """Manifest first, then one rename of the verified tree; `current` flips last."""
+        volume = self.volume
+        write_atomic(volume.ensure("manifests") / f"{key}.json", manifest.to_json())
+        tree = staging / "tree"
+        if self.request.fsync:
+            _fsync_tree(tree)
+        revisions = volume.ensure("revisions")
+        os.rename(tree, volume.revision_dir(key))
+        if self.request.fsync:
+            _fsync_dir(revisions)
+        self._point_current(key, ref)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_files(directory: Path, manifest: Manifest, full: bool) -> list[str]:
+    """Compare a revision directory with its manifest: sizes always, sha256 when `full`."""
+    problems = []
+    for entry in manifest.files:
+        path = directory / entry.path
+        try:
+            info = os.lstat(path)
+        except OSError:
+            problems.append(f"{entry.path}: missing")
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            problems.append(f"{entry.path}: not a regular file")
+        elif info.st_size != entry.size:
+            problems.append(f"{entry.path}: size {info.st_size}, expected {entry.size}")
+        elif full and hash_file(path) != entry.sha256:
+            problems.append(f"{entry.path}: sha256 mismatch")
+    return problems
+
+
+def hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(HASH_BLOCK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(tree: Path) -> None:
+    for dirpath, _, _ in os.walk(tree):
+        _fsync_dir(Path(dirpath))
+
+
+class ReuseIndex:
+    """Files of other published revisions of the same model, to hardlink instead of download."""
+
+    def __init__(self) -> None:
+        self.by_sha256: dict[tuple[str, int], Path] = {}
+        self.by_identity: dict[tuple[str, int, str], tuple[Path, str]] = {}
+
+    @classmethod
+    def build(cls, volume: ModelVolume, exclude: str) -> ReuseIndex:
+        index = cls()
+        for revision in volume.revisions():
+            if revision == exclude:
+                continue
+            try:
+                manifest = Manifest.load(volume.manifest_path(revision))
+            except ManifestError:
+                continue
+            index.add(volume.revision_dir(revision), manifest.files)
+        return index
+
+    def add(self, directory: Path, entries: Iterable[ManifestEntry]) -> None:
+        for entry in entries:
+            self.by_sha256[(entry.sha256, entry.size)] = directory / entry.path
+            if entry.etag:
+                self.by_identity[(entry.path, entry.size, entry.etag)] = (directory / entry.path, entry.sha256)
+
+    def link_into(self, remote: RemoteFile, tree: Path, full: bool) -> str | None:
+        """Hardlink a matching published file into the staging tree; return its sha256."""
+        candidate: tuple[Path, str] | None = None
+        if remote.sha256 and (remote.sha256, remote.size) in self.by_sha256:
+            candidate = (self.by_sha256[(remote.sha256, remote.size)], remote.sha256)
+        elif remote.etag and (remote.path, remote.size, remote.etag) in self.by_identity:
+            candidate = self.by_identity[(remote.path, remote.size, remote.etag)]
+        if candidate is None:
+            return None
+        source_path, sha256 = candidate
+        try:
+            info = os.lstat(source_path)
+            if not stat.S_ISREG(info.st_mode) or info.st_size != remote.size:
+                return None
+            if full and hash_file(source_path) != sha256:
+                return None
+            parent, _, name = remote.path.rpartition("/")
+            target = (safe_makedirs(tree, parent) if parent else tree) / name
+            target.unlink(missing_ok=True)
+            try:
+                os.link(source_path, target)
+            except OSError:
+                shutil.copyfile(source_path, target, follow_symlinks=False)
+        except OSError:
+            return None
+        log.debug("reused %s from %s", remote.path, source_path)
+        return sha256

@@ -1,0 +1,61 @@
+"""Every failure the user can act on, each with the exit code the README documents.
+
+The CLI turns a WeightsyncError into exactly one `weightsync: error: ...` line and
+its exit code, so messages here must say what failed, where, and what to do.
+"""
+
+from __future__ import annotations
+
+
+class WeightsyncError(Exception):
+    """Base class: exit code 1, 'anything else'."""
+
+    exit_code = 1
+
+
+class UsageError(WeightsyncError):
+    """A flag, env var or config value is wrong."""
+
+    exit_code = 2
+
+
+class SourceError(WeightsyncError):
+    """The source (bucket, key, repo, revision, folder) is missing or access is denied."""
+
+    exit_code = 3
+
+
+class IntegrityError(WeightsyncError):
+    """Bytes did not match what the source promised (checksum or size), or a listing was unsafe."""
+
+    exit_code = 4
+
+
+class LockTimeoutError(WeightsyncError):
+    """Another process held the volume lock for longer than --lock-timeout."""
+
+    exit_code = 5
+
+
+class DiskSpaceError(WeightsyncError):
+    """The volume has too little free space for what must be downloaded."""
+
+    exit_code = 6
+
+
+class NetworkError(WeightsyncError):
+    """The network kept failing after every retry."""
+
+    exit_code = 7
+
+
+class TransientError(Exception):
+    """A failure worth retrying (connection reset, short read, 5xx, throttling).
+
+    Sources raise it; the retry loop turns the last one into a NetworkError.
+    `retry_after` carries a server's Retry-After hint in seconds, if it sent one.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

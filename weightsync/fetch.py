@@ -1,0 +1,377 @@
+"""Fetch files into staging in ranged chunks, concurrently, resumably, hashing as they land.
+
+Each file is downloaded into `.staging/<rev>/parts/<id>.part` (pre-sized, written
+with pwrite at chunk offsets) and its resume state `<id>.json` records which
+chunks are on disk. A killed process loses at most the chunks in flight: the next
+run re-reads the state and fetches only what is missing.
+
+Hashing runs over the contiguous prefix of finished chunks, reading them back
+while they are still in the page cache, so there is no second pass over the file
+at the end and no hash state has to survive a crash (a resumed file is re-hashed
+from disk up to where it stopped). Only when every byte is verified against
+what the source promised does the file move into `.staging/<rev>/tree/`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from weightsync.errors import DiskSpaceError, IntegrityError, WeightsyncError
+from weightsync.layout import safe_makedirs
+from weightsync.manifest import write_atomic
+from weightsync.progress import Progress
+from weightsync.retry import RetryPolicy, call_with_retries
+from weightsync.sources import RemoteFile, Source
+
+log = logging.getLogger("weightsync")
+
+MIN_CHUNK = 16 * 1024 * 1024
+MAX_CHUNKS_PER_FILE = 1024
+BUFFER_SIZE = 1024 * 1024
+HASH_BLOCK = 8 * 1024 * 1024
+STATE_VERSION = 1
+
+
+def chunk_size_for(size: int) -> int:
+    """16 MiB chunks, larger for huge files so the resume state stays small."""
+    per_chunk = -(-size // MAX_CHUNKS_PER_FILE)
+    return max(MIN_CHUNK, -(-per_chunk // (1024 * 1024)) * 1024 * 1024)
+
+
+def part_id(path: str) -> str:
+    return hashlib.sha256(path.encode()).hexdigest()[:24]
+
+
+def git_blob_sha1() -> hashlib._Hash:
+    return hashlib.sha1(usedforsecurity=False)
+
+
+class _Hashers:
+    """sha256 always (the manifest's hash); md5 / git blob sha1 only when they are the promise."""
+
+    def __init__(self, remote: RemoteFile) -> None:
+        self.sha256 = hashlib.sha256()
+        self.extra: dict[str, hashlib._Hash] = {}
+        if remote.md5 and not remote.sha256:
+            self.extra["md5"] = hashlib.md5(usedforsecurity=False)
+        if remote.git_sha1 and not remote.sha256:
+            blob = git_blob_sha1()
+            blob.update(f"blob {remote.size}\0".encode())
+            self.extra["git-sha1"] = blob
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.sha256.update(data)
+        for hasher in self.extra.values():
+            hasher.update(data)
+
+    def digests(self) -> dict[str, str]:
+        return {"sha256": self.sha256.hexdigest(), **{k: h.hexdigest() for k, h in self.extra.items()}}
+
+
+def verify_digests(remote: RemoteFile, digests: dict[str, str], untrusted: set[str]) -> None:
+    """Raise IntegrityError if any promised checksum differs from what was computed."""
+    for algorithm, expected in remote.promises().items():
+        if algorithm in untrusted or algorithm not in digests:
+            continue
+        if digests[algorithm] != expected.lower():
+            raise IntegrityError(
+                f"checksum mismatch for {remote.path}: the source promised {algorithm} {expected}, the bytes "
+                f"received hash to {digests[algorithm]}; the file was discarded and nothing was published — "
+                "rerun; if it persists the object at the source is corrupt"
+            )
+
+
+@dataclass
+class StagedFile:
+    """A file already verified in staging (from a previous run or a reuse)."""
+
+    remote: RemoteFile
+    sha256: str
+
+
+class FileDownload:
+    """One file's chunks, resume state and running hash."""
+
+    def __init__(self, remote: RemoteFile, parts_dir: Path, tree_dir: Path) -> None:
+        self.remote = remote
+        self.chunk_size = chunk_size_for(remote.size)
+        self.chunks = [(start, min(start + self.chunk_size, remote.size))
+                       for start in range(0, remote.size, self.chunk_size)]
+        ident = part_id(remote.path)
+        self.part_path = parts_dir / f"{ident}.part"
+        self.state_path = parts_dir / f"{ident}.json"
+        self.tree_dir = tree_dir
+        self.done: set[int] = set()
+        self.untrusted: set[str] = set()
+        self._fd: int | None = None
+        self._state_lock = threading.Lock()
+        self._hash_lock = threading.Lock()
+        self._hashers = _Hashers(remote)
+        self._hashed = 0
+        self._next_chunk_to_hash = 0
+
+    # -- resume state -------------------------------------------------------
+    def _state(self, complete_sha256: str | None = None) -> dict[str, object]:
+        return {"version": STATE_VERSION, "path": self.remote.path, "size": self.remote.size,
+                "etag": self.remote.etag, "chunk_size": self.chunk_size, "done": sorted(self.done),
+                "sha256": complete_sha256}
+
+    def load_state(self) -> str | None:
+        """Resume from disk. Return the sha256 if the file is already complete and verified."""
+        try:
+            state = json.loads(self.state_path.read_bytes())
+            same = (state.get("version") == STATE_VERSION and state.get("path") == self.remote.path
+                    and state.get("size") == self.remote.size and state.get("etag") == self.remote.etag
+                    and state.get("chunk_size") == self.chunk_size)
+        except (OSError, ValueError, AttributeError):
+            same = False
+            state = {}
+        if not same:
+            self.done = set()
+            return None
+        final = self.tree_dir / self.remote.path
+        sha256 = state.get("sha256")
+        if isinstance(sha256, str) and len(sha256) == 64:
+            if _is_regular_file_of_size(final, self.remote.size):
+                return sha256
+            if _is_regular_file_of_size(self.part_path, self.remote.size):
+                self._move_into_tree()
+                return sha256
+            return None
+        done = state.get("done")
+        if isinstance(done, list) and _is_regular_file_of_size(self.part_path, self.remote.size):
+            self.done = {i for i in done if isinstance(i, int) and 0 <= i < len(self.chunks)}
+        return None
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum(self.chunks[i][1] - self.chunks[i][0] for i in self.done)
+
+    def pending_chunks(self) -> list[int]:
+        return [i for i in range(len(self.chunks)) if i not in self.done]
+
+    def open(self) -> None:
+        """Open (creating and pre-sizing if needed) the part file; never through a symlink."""
+        if not self.done:
+            self.part_path.unlink(missing_ok=True)
+        fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            if os.fstat(fd).st_size != self.remote.size:
+                os.ftruncate(fd, self.remote.size)
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+        write_atomic(self.state_path, json.dumps(self._state()).encode())
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def write(self, data: memoryview, offset: int) -> None:
+        assert self._fd is not None
+        while data:
+            written = os.pwrite(self._fd, data, offset)
+            data = data[written:]
+            offset += written
+
+    def chunk_finished(self, index: int) -> bool:
+        """Record a finished chunk; return True when it was the file's last one."""
+        with self._state_lock:
+            self.done.add(index)
+            write_atomic(self.state_path, json.dumps(self._state()).encode(), durable=False)
+            return len(self.done) == len(self.chunks)
+
+    # -- hashing ------------------------------------------------------------
+    def advance_hash(self, blocking: bool) -> None:
+        """Hash the contiguous finished prefix not yet hashed (one thread at a time)."""
+        if not self._hash_lock.acquire(blocking=blocking):
+            return
+        try:
+            assert self._fd is not None
+            while True:
+                with self._state_lock:
+                    while self._next_chunk_to_hash in self.done:
+                        self._next_chunk_to_hash += 1
+                    frontier = (self.chunks[self._next_chunk_to_hash - 1][1]
+                                if self._next_chunk_to_hash else 0)
+                if self._hashed >= frontier:
+                    return
+                data = os.pread(self._fd, min(HASH_BLOCK, frontier - self._hashed), self._hashed)
+                if not data:
+                    raise IntegrityError(f"{self.part_path} is shorter than expected; rerun to resume")
+                self._hashers.update(data)
+                self._hashed += len(data)
+        finally:
+            self._hash_lock.release()
+
+    def finish(self, fsync: bool) -> str:
+        """Verify the whole file against the source's promises and move it into the tree."""
+        self.advance_hash(blocking=True)
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        if self._hashed != self.remote.size or size != self.remote.size:
+            self._discard()
+            raise IntegrityError(f"size mismatch for {self.remote.path}: expected {self.remote.size} bytes, "
+                                 f"got {size}; the file was discarded — rerun")
+        digests = self._hashers.digests()
+        try:
+            verify_digests(self.remote, digests, self.untrusted)
+        except IntegrityError:
+            self._discard()
+            raise
+        if fsync:
+            os.fsync(self._fd)
+        self.close()
+        with self._state_lock:
+            write_atomic(self.state_path, json.dumps(self._state(digests["sha256"])).encode())
+        self._move_into_tree()
+        return digests["sha256"]
+
+    def _move_into_tree(self) -> None:
+        parent = self.remote.path.rpartition("/")[0]
+        target_dir = safe_makedirs(self.tree_dir, parent) if parent else self.tree_dir
+        os.replace(self.part_path, target_dir / self.remote.path.rpartition("/")[2])
+
+    def _discard(self) -> None:
+        self.close()
+        self.part_path.unlink(missing_ok=True)
+        self.state_path.unlink(missing_ok=True)
+
+
+def _is_regular_file_of_size(path: Path, size: int) -> bool:
+    import stat
+
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == size
+
+
+class Fetcher:
+    """A bounded pool of worker threads pulling chunks from one queue across all files.
+
+    Memory is bounded by concurrency × BUFFER_SIZE (+ one HASH_BLOCK per hashing
+    thread), whatever the file or model size.
+    """
+
+    def __init__(self, source: Source, progress: Progress, concurrency: int, retry: RetryPolicy,
+                 fsync: bool = True) -> None:
+        self.source = source
+        self.progress = progress
+        self.concurrency = concurrency
+        self.retry = retry
+        self.fsync = fsync
+        self.results: dict[str, str] = {}
+        self.retries = 0
+        self._queue: queue.Queue[tuple[FileDownload, int]] = queue.Queue()
+        self._abort = threading.Event()
+        self._error: BaseException | None = None
+        self._results_lock = threading.Lock()
+
+    def run(self, downloads: list[FileDownload]) -> dict[str, str]:
+        """Download everything; return {path: sha256}. Raises the first fatal error."""
+        try:
+            for download in downloads:
+                download.open()
+                if not download.chunks:
+                    self._complete(download)
+                for index in download.pending_chunks():
+                    self._queue.put((download, index))
+                if download.chunks and not download.pending_chunks():
+                    self._complete(download)
+            workers = [threading.Thread(target=self._work, name=f"fetch-{n}", daemon=True)
+                       for n in range(min(self.concurrency, max(1, self._queue.qsize())))]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                while worker.is_alive():
+                    worker.join(0.2)
+        except OSError as exc:
+            raise _local_write_error(exc) from exc
+        finally:
+            self._abort.set()
+            for download in downloads:
+                download.close()
+        if self._error is not None:
+            raise self._error
+        return self.results
+
+    def _work(self) -> None:
+        buffer = memoryview(bytearray(BUFFER_SIZE))
+        while not self._abort.is_set():
+            try:
+                download, index = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._fetch_chunk(download, index, buffer)
+                if download.chunk_finished(index):
+                    self._complete(download)
+                else:
+                    download.advance_hash(blocking=False)
+            except BaseException as exc:
+                if isinstance(exc, OSError):
+                    exc = _local_write_error(exc)
+                if self._error is None:
+                    self._error = exc
+                self._abort.set()
+                return
+
+    def _complete(self, download: FileDownload) -> None:
+        sha256 = download.finish(self.fsync)
+        with self._results_lock:
+            self.results[download.remote.path] = sha256
+        self.progress.file_done()
+        log.debug("verified %s (sha256 %s)", download.remote.path, sha256)
+
+    def _fetch_chunk(self, download: FileDownload, index: int, buffer: memoryview) -> None:
+        start, end = download.chunks[index]
+        position = start
+
+        def attempt() -> None:
+            nonlocal position
+            reader = self.source.open_range(download.remote, position, end)
+            try:
+                if getattr(reader, "md5_untrusted", False):
+                    download.untrusted.add("md5")
+                while position < end:
+                    if self._abort.is_set():
+                        raise _Aborted()
+                    count = reader.readinto(buffer[: min(len(buffer), end - position)])
+                    if not count:
+                        from weightsync.errors import TransientError
+
+                        raise TransientError(f"connection closed early at byte {position} of {end}")
+                    download.write(buffer[:count], position)
+                    position += count
+                    self.progress.add_bytes(count)
+            finally:
+                reader.close()
+
+        def count_retry(*_: object) -> None:
+            self.retries += 1
+
+        call_with_retries(f"downloading {download.remote.path}", attempt, self.retry, count_retry)
+
+
+class _Aborted(WeightsyncError):
+    """Another worker failed; this one stops quietly."""
+
+
+def _local_write_error(exc: OSError) -> WeightsyncError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskSpaceError(f"the volume filled up while writing {exc.filename or 'a download'}: "
+                              f"{exc.strerror}; free space or grow the volume, then rerun (finished chunks "
+                              "are kept and the download resumes)")
+    return WeightsyncError(f"cannot write {exc.filename or 'to the volume'}: {exc.strerror}; check --dest")

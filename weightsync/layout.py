@@ -1,0 +1,169 @@
+"""The volume layout: where published revisions, manifests, staging and locks live.
+
+    DEST/<name>/
+      current -> revisions/<rev>     stable path, a relative symlink flipped atomically
+      revisions/<rev>/               complete, verified, immutable model files (MODEL_DIR)
+      manifests/<rev>.json           path, size and sha256 of every file of <rev>
+      refs/<branch>                  the revision a branch/tag resolved to (offline starts)
+      .staging/<rev>/tree/           verified files waiting for publish
+      .staging/<rev>/parts/          <id>.part data + <id>.json resume state
+      .locks/<rev>.lock              one downloader per (name, revision)
+
+A revision directory appears only by one rename of a complete, verified tree, so
+MODEL_DIR and `current` never show a partial model, whatever is killed when.
+Nothing here follows a symlink out of DEST: directories are checked with lstat.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote
+
+from weightsync.errors import IntegrityError, UsageError, WeightsyncError
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+MAX_PATH_BYTES = 4000
+MAX_COMPONENT_BYTES = 255
+
+
+def check_relative_path(path: str, origin: str) -> str:
+    """Refuse any source name that could land outside DEST or is not portable; return it unchanged."""
+    problem = None
+    if not path:
+        problem = "is empty"
+    elif "\0" in path or any(ord(c) < 32 for c in path):
+        problem = "contains a NUL or control character"
+    elif "\\" in path:
+        problem = "contains a backslash"
+    elif path.startswith("/"):
+        problem = "is absolute"
+    elif len(path.encode()) > MAX_PATH_BYTES:
+        problem = f"is longer than {MAX_PATH_BYTES} bytes"
+    else:
+        for part in path.split("/"):
+            if part in ("", ".", ".."):
+                problem = "contains an empty, '.' or '..' component"
+                break
+            if len(part.encode()) > MAX_COMPONENT_BYTES:
+                problem = f"has a component longer than {MAX_COMPONENT_BYTES} bytes"
+                break
+    if problem:
+        raise IntegrityError(f"refusing file {path!r} from {origin}: its name {problem}, so it could land "
+                             "outside the destination; fix or exclude it at the source (--exclude)")
+    return path
+
+
+def check_listing(paths: list[str], origin: str) -> None:
+    """Refuse a listing where one file's path is another's directory (a and a/b)."""
+    names = set(paths)
+    for path in paths:
+        check_relative_path(path, origin)
+        for parent in PurePosixPath(path).parents:
+            if str(parent) != "." and str(parent) in names:
+                raise IntegrityError(f"refusing listing from {origin}: {str(parent)!r} is both a file and the "
+                                     f"directory of {path!r}; fix the source or --exclude one of them")
+
+
+def safe_makedirs(base: Path, relative: str) -> Path:
+    """Create base/relative directory by directory, refusing any existing symlink on the way."""
+    current = base
+    for part in PurePosixPath(relative).parts:
+        current = current / part
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            try:
+                os.mkdir(current, 0o755)
+            except FileExistsError:
+                pass
+            info = os.lstat(current)
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            raise IntegrityError(f"refusing to write through {current}: it is a symlink or not a directory "
+                                 "(planted on the volume?); remove it and rerun")
+    return current
+
+
+class ModelVolume:
+    """Paths and atomic operations for one model (one --name) on the volume."""
+
+    def __init__(self, dest: Path, name: str) -> None:
+        if not SAFE_NAME.match(name):
+            raise UsageError(f"--name {name!r} must be one directory name of letters, digits, '.', '_' or '-'")
+        self.dest = dest
+        self.name = name
+        self.root = dest / name
+        self.current = self.root / "current"
+
+    def revision_dir(self, revision: str) -> Path:
+        return self.root / "revisions" / revision
+
+    def manifest_path(self, revision: str) -> Path:
+        return self.root / "manifests" / f"{revision}.json"
+
+    def staging_dir(self, revision: str) -> Path:
+        return self.root / ".staging" / revision
+
+    def lock_path(self, revision: str) -> Path:
+        return self.root / ".locks" / f"{revision}.lock"
+
+    def ref_path(self, ref: str) -> Path:
+        return self.root / "refs" / quote(ref, safe="")
+
+    def ensure(self, relative: str = "") -> Path:
+        """Create DEST/<name>/<relative> safely (no symlink followed) and return it."""
+        try:
+            self.dest.mkdir(parents=True, exist_ok=True)
+            path = safe_makedirs(self.dest, self.name)
+            if relative:
+                path = safe_makedirs(self.root, relative)
+        except OSError as exc:
+            raise WeightsyncError(f"cannot create {exc.filename or self.root}: {exc.strerror}; check that "
+                                  "--dest is a writable volume") from exc
+        return path
+
+    def current_revision(self) -> str | None:
+        try:
+            target = os.readlink(self.current)
+        except OSError:
+            return None
+        parts = PurePosixPath(target).parts
+        if len(parts) == 2 and parts[0] == "revisions" and SAFE_NAME.match(parts[1]):
+            return parts[1]
+        return None
+
+    def point_current_at(self, revision: str) -> None:
+        """Flip `current` to revisions/<revision> in one rename (readers see old or new, never none)."""
+        if self.current_revision() == revision:
+            return
+        temporary = self.root / f".current.{os.getpid()}.tmp"
+        try:
+            temporary.unlink(missing_ok=True)
+            os.symlink(f"revisions/{revision}", temporary)
+            os.replace(temporary, self.current)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise WeightsyncError(f"cannot update {self.current}: {exc.strerror}") from exc
+
+    def record_ref(self, ref: str, revision: str) -> None:
+        """Remember which revision a branch/tag resolved to, for --offline starts."""
+        from weightsync.manifest import write_atomic
+
+        if self.read_ref(ref) != revision:
+            self.ensure("refs")
+            write_atomic(self.ref_path(ref), revision.encode() + b"\n")
+
+    def read_ref(self, ref: str) -> str | None:
+        try:
+            value = self.ref_path(ref).read_text().strip()
+        except OSError:
+            return None
+        return value if SAFE_NAME.match(value) else None
+
+    def revisions(self) -> list[str]:
+        try:
+            return sorted(p.name for p in (self.root / "revisions").iterdir() if p.is_dir())
+        except OSError:
+            return []

@@ -1,0 +1,104 @@
+"""The manifest of a published revision: every file's path, size and sha256.
+
+It is what `verify` re-hashes against and what a warm start checks (sizes) without
+touching the network. A manifest that does not parse or does not match its schema
+is never trusted: the revision is treated as unpublished and re-verified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT = 1
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(Exception):
+    """The manifest file is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    path: str
+    size: int
+    sha256: str
+    etag: str | None = None
+
+
+@dataclass
+class Manifest:
+    source: str
+    revision: str
+    files: list[ManifestEntry]
+    ref: str | None = None
+    selection: dict[str, list[str]] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> bytes:
+        body = {
+            "format": FORMAT,
+            "source": self.source,
+            "revision": self.revision,
+            "ref": self.ref,
+            "selection": self.selection,
+            "created": self.created,
+            "files": [
+                {"path": f.path, "size": f.size, "sha256": f.sha256, **({"etag": f.etag} if f.etag else {})}
+                for f in sorted(self.files, key=lambda f: f.path)
+            ],
+        }
+        return json.dumps(body, indent=1, ensure_ascii=False).encode() + b"\n"
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        from weightsync.layout import check_relative_path
+
+        try:
+            body = json.loads(path.read_bytes())
+            if body.get("format") != FORMAT:
+                raise ManifestError(f"unknown manifest format {body.get('format')!r}")
+            entries = []
+            for item in body["files"]:
+                entry = ManifestEntry(path=item["path"], size=item["size"], sha256=item["sha256"],
+                                      etag=item.get("etag"))
+                if not isinstance(entry.size, int) or entry.size < 0 or not SHA256.match(entry.sha256):
+                    raise ManifestError(f"bad entry for {entry.path!r}")
+                check_relative_path(entry.path, str(path))
+                entries.append(entry)
+            return cls(source=body["source"], revision=body["revision"], files=entries, ref=body.get("ref"),
+                       selection=body.get("selection") or {}, created=float(body.get("created", 0)))
+        except FileNotFoundError as exc:
+            raise ManifestError(f"{path} is missing") from exc
+        except ManifestError:
+            raise
+        except Exception as exc:
+            raise ManifestError(f"{path} is malformed: {exc}") from exc
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """Write a small file so readers see the old or the new content, never a torn one.
+
+    `durable=False` skips the fsync: still atomic against a killed process, which is
+    all that frequently rewritten resume state needs.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)

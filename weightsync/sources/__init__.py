@@ -1,0 +1,139 @@
+"""The source interface: list files (path, size, checksum) and read a byte range.
+
+Every backend (`file`, `s3`, `hf`) implements `Source`; the engine never knows
+which one it talks to. Backends import their heavy libraries (boto3,
+huggingface_hub) lazily, so constructing a Source costs nothing and the warm
+path never pays for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from weightsync.errors import UsageError
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a model as the source describes it.
+
+    Checksums are what the source *promises*; None means it promised nothing of
+    that kind. `etag` is an opaque identity of this exact content at the source,
+    used to invalidate resume state and to reuse files across revisions.
+    """
+
+    path: str
+    size: int
+    sha256: str | None = None
+    md5: str | None = None
+    git_sha1: str | None = None
+    etag: str | None = None
+
+    def promises(self) -> dict[str, str]:
+        """The checksums the source promised, by hashlib algorithm name."""
+        found = {"sha256": self.sha256, "md5": self.md5, "git-sha1": self.git_sha1}
+        return {algo: value for algo, value in found.items() if value}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A resolved, immutable view of the source: what `revision` means right now."""
+
+    revision: str
+    files: tuple[RemoteFile, ...]
+    ref: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class RangeReader(Protocol):
+    def readinto(self, buffer: memoryview) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class Source(Protocol):
+    """What the engine needs from a backend."""
+
+    kind: str
+    uri: str
+    default_name: str
+    default_ref: str | None
+
+    def pinned_revision(self, revision: str | None) -> str | None:
+        """The revision id if `revision` names immutable content (no network needed), else None."""
+
+    def snapshot(self, revision: str | None, selection: Selection) -> Snapshot:
+        """List the source (network) and resolve `revision` to an immutable id."""
+
+    def describe(self, file: RemoteFile) -> RemoteFile:
+        """Fill in checksums that the listing alone does not give (may cost a request)."""
+
+    def open_range(self, file: RemoteFile, start: int, end: int) -> RangeReader:
+        """A stream of bytes [start, end) of `file`; raise TransientError on retryable failures."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """--include / --exclude globs; fnmatch semantics where `*` also matches `/` (as the Hub's)."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def matches(self, path: str) -> bool:
+        from fnmatch import fnmatchcase
+
+        if self.include and not any(fnmatchcase(path, pattern) for pattern in self.include):
+            return False
+        return not any(fnmatchcase(path, pattern) for pattern in self.exclude)
+
+    def key(self) -> str:
+        """A short stable id of the filter set, '' when nothing is filtered."""
+        if not self.include and not self.exclude:
+            return ""
+        text = "\n".join(["include", *self.include, "exclude", *self.exclude])
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def listing_digest(entries: list[tuple[str, int, str]]) -> str:
+    """A revision id for sources without one: digest of (path, size, identity), sorted.
+
+    An unchanged listing yields the same id; any added, removed or rewritten file a new one.
+    """
+    digest = hashlib.sha256()
+    for path, size, identity in sorted(entries):
+        digest.update(f"{path}\0{size}\0{identity}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+LISTING_DIGEST = re.compile(r"^[0-9a-f]{20}$")
+
+
+def slugify(*parts: str) -> str:
+    """A readable directory name for a source: `s3--bucket--models--llama`."""
+    text = "--".join(p.strip("/") for p in parts if p.strip("/"))
+    text = re.sub(r"[^A-Za-z0-9._-]+", "--", text.replace("/", "--")).strip("-.")
+    return text[:200] or "model"
+
+
+def open_source(uri: str, *, addressing_style: str = "auto", stall_timeout: float = 60.0,
+                concurrency: int = 8, offline: bool = False) -> Source:
+    """Pick the backend from the URI scheme: s3://, hf://, file:// or a plain path."""
+    if uri.startswith("s3://"):
+        from weightsync.sources.s3 import S3Source
+
+        return S3Source.from_uri(uri, addressing_style=addressing_style, stall_timeout=stall_timeout,
+                                 concurrency=concurrency)
+    if uri.startswith("hf://"):
+        from weightsync.sources.hf import HubSource
+
+        return HubSource.from_uri(uri, stall_timeout=stall_timeout, offline=offline)
+    if uri.startswith("file://") or "://" not in uri:
+        from weightsync.sources.file import FileSource
+
+        return FileSource.from_uri(uri)
+    scheme = uri.split("://", 1)[0]
+    raise UsageError(f"unsupported source scheme '{scheme}://' in --source {uri!r}; "
+                     "use s3://bucket/prefix, hf://owner/name, file:///abs/path or a directory")
