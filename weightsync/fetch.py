@@ -21,7 +21,7 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 from weightsync.errors import DiskSpaceError, IntegrityError, WeightsyncError
@@ -38,6 +38,8 @@ MAX_CHUNKS_PER_FILE = 1024
 BUFFER_SIZE = 1024 * 1024
 HASH_BLOCK = 8 * 1024 * 1024
 STATE_VERSION = 1
+STATE_SAVE_BYTES = 2 * 1024 * 1024
+STATE_SAVE_SECONDS = 1.0
 
 
 def chunk_size_for(size: int) -> int:
@@ -89,14 +91,6 @@ def verify_digests(remote: RemoteFile, digests: dict[str, str], untrusted: set[s
             )
 
 
-@dataclass
-class StagedFile:
-    """A file already verified in staging (from a previous run or a reuse)."""
-
-    remote: RemoteFile
-    sha256: str
-
-
 class FileDownload:
     """One file's chunks, resume state and running hash."""
 
@@ -110,7 +104,10 @@ class FileDownload:
         self.state_path = parts_dir / f"{ident}.json"
         self.tree_dir = tree_dir
         self.done: set[int] = set()
+        self.partial: dict[int, int] = {}
         self.untrusted: set[str] = set()
+        self._saved_at = 0.0
+        self._unsaved = 0
         self._fd: int | None = None
         self._state_lock = threading.Lock()
         self._hash_lock = threading.Lock()
@@ -122,6 +119,7 @@ class FileDownload:
     def _state(self, complete_sha256: str | None = None) -> dict[str, object]:
         return {"version": STATE_VERSION, "path": self.remote.path, "size": self.remote.size,
                 "etag": self.remote.etag, "chunk_size": self.chunk_size, "done": sorted(self.done),
+                "partial": {str(i): n for i, n in self.partial.items() if i not in self.done},
                 "sha256": complete_sha256}
 
     def load_state(self) -> str | None:
@@ -146,21 +144,42 @@ class FileDownload:
                 self._move_into_tree()
                 return sha256
             return None
-        done = state.get("done")
+        done, partial = state.get("done"), state.get("partial") or {}
         if isinstance(done, list) and _is_regular_file_of_size(self.part_path, self.remote.size):
             self.done = {i for i in done if isinstance(i, int) and 0 <= i < len(self.chunks)}
+            for index, count in (partial.items() if isinstance(partial, dict) else ()):
+                if str(index).isdigit() and isinstance(count, int) and int(index) < len(self.chunks):
+                    start, end = self.chunks[int(index)]
+                    if 0 < count < end - start:
+                        self.partial[int(index)] = count
         return None
 
     @property
     def bytes_on_disk(self) -> int:
-        return sum(self.chunks[i][1] - self.chunks[i][0] for i in self.done)
+        whole = sum(self.chunks[i][1] - self.chunks[i][0] for i in self.done)
+        return whole + sum(n for i, n in self.partial.items() if i not in self.done)
+
+    def resume_offset(self, index: int) -> int:
+        """Where chunk `index` continues: its start plus the bytes a previous run already wrote."""
+        return self.chunks[index][0] + self.partial.get(index, 0)
+
+    def chunk_progress(self, index: int, position: int) -> None:
+        """Note bytes written inside a chunk; saved every few MiB (or second), so a kill loses little."""
+        with self._state_lock:
+            before = self.partial.get(index, 0)
+            self.partial[index] = position - self.chunks[index][0]
+            self._unsaved += self.partial[index] - before
+            now = time.monotonic()
+            if self._unsaved >= STATE_SAVE_BYTES or now - self._saved_at >= STATE_SAVE_SECONDS:
+                self._saved_at, self._unsaved = now, 0
+                write_atomic(self.state_path, json.dumps(self._state()).encode(), durable=False)
 
     def pending_chunks(self) -> list[int]:
         return [i for i in range(len(self.chunks)) if i not in self.done]
 
     def open(self) -> None:
         """Open (creating and pre-sizing if needed) the part file; never through a symlink."""
-        if not self.done:
+        if not self.done and not self.partial:
             self.part_path.unlink(missing_ok=True)
         fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
@@ -188,6 +207,7 @@ class FileDownload:
         """Record a finished chunk; return True when it was the file's last one."""
         with self._state_lock:
             self.done.add(index)
+            self.partial.pop(index, None)
             write_atomic(self.state_path, json.dumps(self._state()).encode(), durable=False)
             return len(self.done) == len(self.chunks)
 
@@ -336,8 +356,8 @@ class Fetcher:
         log.debug("verified %s (sha256 %s)", download.remote.path, sha256)
 
     def _fetch_chunk(self, download: FileDownload, index: int, buffer: memoryview) -> None:
-        start, end = download.chunks[index]
-        position = start
+        end = download.chunks[index][1]
+        position = download.resume_offset(index)
 
         def attempt() -> None:
             nonlocal position
@@ -355,6 +375,7 @@ class Fetcher:
                         raise TransientError(f"connection closed early at byte {position} of {end}")
                     download.write(buffer[:count], position)
                     position += count
+                    download.chunk_progress(index, position)
                     self.progress.add_bytes(count)
             finally:
                 reader.close()

@@ -1,0 +1,61 @@
+"""Shared fixtures: a real S3 server (SeaweedFS) per session, a counting proxy per test, CLI runner."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.proxy import CountingProxy
+from tests.support.s3server import SeaweedS3
+
+# Test-only credentials, generated per run: never real secrets, and unique so that
+# the secret-leak tests can grep every output for them.
+TEST_ACCESS_KEY = "WSTEST" + secrets.token_hex(6).upper()
+TEST_SECRET_KEY = "wstestsecret" + secrets.token_hex(12)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"), TEST_ACCESS_KEY, TEST_SECRET_KEY)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_proxy(s3_server: SeaweedS3) -> Iterator[CountingProxy]:
+    proxy = CountingProxy("127.0.0.1", s3_server.s3_port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def bucket(s3_server: SeaweedS3) -> str:
+    name = f"models-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_env(s3_proxy: CountingProxy) -> dict[str, str]:
+    """The environment a weightsync process needs to reach the test S3 server through the proxy."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEIGHTSYNC_", "HF_"))}
+    env.update({
+        "AWS_ENDPOINT_URL": s3_proxy.url,
+        "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "WEIGHTSYNC_S3_ADDRESSING_STYLE": "path",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+@pytest.fixture
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEIGHTSYNC_", "HF_"))}

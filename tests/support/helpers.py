@@ -1,0 +1,45 @@
+"""Helpers for running the CLI as users do and comparing what lands on the volume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def weightsync(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+               check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as users do: a separate process, its own stdout/stderr."""
+    result = subprocess.run([sys.executable, "-m", "weightsync", *args], env=env, capture_output=True,
+                            text=True, timeout=timeout, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"weightsync {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def weightsync_popen(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "weightsync", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def upload_model(client: Any, bucket: str, prefix: str, files: dict[str, bytes], **extra: Any) -> None:
+    for name, data in files.items():
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{name}" if prefix else name, Body=data, **extra)
+
+
+def tree_bytes(directory: Path) -> dict[str, bytes]:
+    """Every regular file under `directory` by relative path (to compare byte-identical trees)."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one `weightsync: error:` line of a failed run (it must be the last stderr line, no traceback)."""
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("weightsync: error:")]
+    assert len(errors) == 1, f"expected exactly one error line, got:\n{result.stderr}"
+    assert lines[-1] == errors[0], f"the error line must come last:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    return errors[0]
