@@ -26,7 +26,7 @@ def redact(text: str) -> str:
     """Remove secret values known from the environment and signature-like URL parameters."""
     for name in SECRET_ENV:
         value = os.environ.get(name)
-        if value and len(value) >= 4:
+        if value and len(value) >= 8:
             text = text.replace(value, "***")
     text = SIGNED_QUERY.sub(r"\1***", text)
     return HF_TOKEN_SHAPE.sub("hf_***", text)
@@ -57,9 +57,9 @@ def human_bytes(count: float) -> str:
 
 
 def human_duration(seconds: float) -> str:
-    seconds = int(seconds)
     if seconds < 60:
-        return f"{seconds}s"
+        return f"{seconds:.1f}s"
+    seconds = int(seconds)
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

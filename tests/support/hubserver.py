@@ -990,8 +990,8 @@ class _Handler(BaseHTTPRequestHandler):
         out, seen = [], set()
         for p in paths:
             p = p.strip("/")
-            if p in seen or (p not in commit.files and p not in commit.dir_oids) or (not p and p in seen):
-                continue
+            if not p or p in seen or (p not in commit.files and p not in commit.dir_oids):
+                continue  # unknown paths are silently skipped, like the Hub
             seen.add(p)
             out.append(self._entry(repo, commit, p, expand))
         self._send_json(out)
@@ -1000,14 +1000,16 @@ class _Handler(BaseHTTPRequestHandler):
         def ref(name: str, full: str, sha: str) -> dict[str, str]:
             return {"name": name, "ref": full, "targetCommit": sha}
 
-        branches = [ref(b, f"refs/heads/{b}", s) for b, s in repo.branches.items() if not b.startswith("refs/")]
+        with self.hub._lock:  # tests may add commits concurrently
+            all_branches, all_tags = dict(repo.branches), dict(repo.tags)
+        branches = [ref(b, f"refs/heads/{b}", s) for b, s in all_branches.items() if not b.startswith("refs/")]
         data: dict[str, Any] = {
             "branches": branches,
-            "converts": [ref(b[13:], b, s) for b, s in repo.branches.items() if b.startswith("refs/convert/")],
-            "tags": [ref(t, f"refs/tags/{t}", s) for t, s in repo.tags.items()],
+            "converts": [ref(b[13:], b, s) for b, s in all_branches.items() if b.startswith("refs/convert/")],
+            "tags": [ref(t, f"refs/tags/{t}", s) for t, s in all_tags.items()],
         }
         if self._flag("include_prs"):
-            data["pullRequests"] = [ref(b[5:], b, s) for b, s in repo.branches.items() if b.startswith("refs/pr/")]
+            data["pullRequests"] = [ref(b[5:], b, s) for b, s in all_branches.items() if b.startswith("refs/pr/")]
         self._send_json(data)
 
     def _commits(self, repo: _Repo, revision: str) -> None:
