@@ -1,0 +1,231 @@
+"""Hugging Face Hub source: `hf://owner/name[@revision]` (and `hf://datasets/owner/name`).
+
+huggingface_hub does what it is good at: the endpoint (HF_ENDPOINT), auth (HF_TOKEN
+or the token file), resolving a branch/tag to its commit, the file listing with
+sizes, LFS sha256 and git blob ids, the resolve URL, its HTTP session and
+user-agent. The bytes move through weightsync's engine as ranged GETs that follow
+the Hub's 302 to its CDN, so chunking, resume, retries, locking and atomic publish
+are the same as for S3, and every file is verified: LFS files by sha256, small
+files by their git blob sha1, sizes always.
+
+Xet-backed repos are served over the same plain-HTTP resolve URLs, so hf_xet is
+not needed; Xet's chunk-level deduplication is not used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from weightsync import __version__
+from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
+from weightsync.sources import RemoteFile, Selection, Snapshot, slugify
+
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$|^[A-Za-z0-9][A-Za-z0-9._-]*$")
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+def _hub() -> Any:
+    """Import huggingface_hub lazily, with telemetry off (an init container phones nobody)."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import huggingface_hub
+
+    return huggingface_hub
+
+
+@dataclass
+class HubSource:
+    repo_id: str
+    repo_type: str = "model"
+    uri_revision: str | None = None
+    stall_timeout: float = 60.0
+    offline: bool = False
+    kind: str = "hf"
+    _commit: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_uri(cls, uri: str, *, stall_timeout: float = 60.0, offline: bool = False) -> HubSource:
+        rest = uri[len("hf://"):].strip("/")
+        repo_type = "model"
+        for prefix, kind in (("datasets/", "dataset"), ("models/", "model")):
+            if rest.startswith(prefix):
+                rest, repo_type = rest[len(prefix):], kind
+        repo_id, _, revision = rest.partition("@")
+        if not REPO_ID.match(repo_id):
+            raise UsageError(f"--source {uri!r} is not a Hub repo; use hf://owner/name[@revision] "
+                             "or hf://datasets/owner/name")
+        return cls(repo_id=repo_id, repo_type=repo_type, uri_revision=revision or None,
+                   stall_timeout=stall_timeout, offline=offline)
+
+    @property
+    def uri(self) -> str:
+        return f"hf://{'datasets/' if self.repo_type == 'dataset' else ''}{self.repo_id}"
+
+    @property
+    def default_name(self) -> str:
+        return slugify("hf", "datasets" if self.repo_type == "dataset" else "", self.repo_id)
+
+    @property
+    def default_ref(self) -> str:
+        return self.uri_revision or "main"
+
+    def pinned_revision(self, revision: str | None) -> str | None:
+        wanted = revision or self.uri_revision
+        return wanted if wanted and COMMIT.match(wanted) else None
+
+    def snapshot(self, revision: str | None, selection: Selection) -> Snapshot:
+        hub = _hub()
+        ref = revision or self.default_ref
+        api = hub.HfApi(library_name="weightsync", library_version=__version__)
+        with _hub_errors(f"resolving {self.uri}@{ref}"):
+            info = api.repo_info(self.repo_id, revision=ref, repo_type=self.repo_type)
+            commit = info.sha
+            if not commit or not COMMIT.match(commit):
+                raise SourceError(f"{self.uri}@{ref}: the Hub returned no commit id; check the revision")
+            entries = api.list_repo_tree(self.repo_id, revision=commit, repo_type=self.repo_type, recursive=True)
+            files = [self._remote_file(entry) for entry in entries if hasattr(entry, "blob_id")]
+        self._commit = commit
+        files = [f for f in files if selection.matches(f.path)]
+        if not files:
+            raise SourceError(f"{self.uri}@{ref} has no files" + (" matching --include/--exclude"
+                                                                    if selection.key() else ""))
+        return Snapshot(revision=commit, files=tuple(files), ref=None if COMMIT.match(ref) else ref)
+
+    @staticmethod
+    def _remote_file(entry: Any) -> RemoteFile:
+        lfs = getattr(entry, "lfs", None)
+        if lfs is not None:
+            return RemoteFile(path=entry.path, size=entry.size, sha256=lfs.sha256.lower(), etag=lfs.sha256.lower())
+        return RemoteFile(path=entry.path, size=entry.size, git_sha1=entry.blob_id.lower(), etag=entry.blob_id)
+
+    def describe(self, file: RemoteFile) -> RemoteFile:
+        return file
+
+    def open_range(self, file: RemoteFile, start: int, end: int) -> _HubRange:
+        if self._commit is None:
+            raise AssertionError("snapshot() must run before open_range()")
+        hub = _hub()
+        from huggingface_hub.utils import build_hf_headers, get_session
+
+        url = hub.hf_hub_url(self.repo_id, file.path, revision=quote(self._commit, safe=""),
+                             repo_type=self.repo_type)
+        headers = build_hf_headers(library_name="weightsync", library_version=__version__)
+        headers["Range"] = f"bytes={start}-{end - 1}"
+        headers["Accept-Encoding"] = "identity"
+        what = f"downloading {self.uri}/{file.path}"
+        session = get_session()
+        try:
+            import httpx2 as httpx
+        except ImportError:  # older huggingface_hub releases use plain httpx
+            import httpx
+
+        timeout = httpx.Timeout(self.stall_timeout, connect=10.0)
+        try:
+            request = session.build_request("GET", url, headers=headers, timeout=timeout)
+            response = session.send(request, stream=True, follow_redirects=True)
+        except httpx.HTTPError as exc:
+            raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        status = response.status_code
+        if status != 206 and not (status == 200 and start == 0 and end == file.size):
+            error_code = response.headers.get("X-Error-Code", "")
+            response.close()
+            if status in TRANSIENT_STATUS:
+                retry_after = response.headers.get("Retry-After", "")
+                raise TransientError(f"{what}: HTTP {status}",
+                                     float(retry_after) if retry_after.isdigit() else None)
+            if status == 200:
+                raise IntegrityError(f"{what}: the server ignored the byte range; cannot resume safely")
+            raise _status_error(status, error_code, what)
+        expected = f"bytes {start}-{end - 1}/"
+        if status == 206 and not response.headers.get("Content-Range", "").startswith(expected):
+            response.close()
+            raise TransientError(f"{what}: unexpected Content-Range {response.headers.get('Content-Range')!r}")
+        return _HubRange(response, what)
+
+
+class _HubRange:
+    """readinto over an httpx streaming response; network errors become TransientError."""
+
+    def __init__(self, response: Any, what: str) -> None:
+        self._response = response
+        self._chunks = response.iter_raw(1024 * 1024)
+        self._pending = memoryview(b"")
+        self._what = what
+
+    def readinto(self, buffer: memoryview) -> int:
+        if not self._pending:
+            try:
+                self._pending = memoryview(next(self._chunks))
+            except StopIteration:
+                return 0
+            except Exception as exc:
+                raise TransientError(f"{self._what}: {type(exc).__name__}: {exc}") from exc
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+    def close(self) -> None:
+        try:
+            self._response.close()
+        except Exception:  # closing a broken stream must not hide the real error
+            pass
+
+
+def _status_error(status: int, error_code: str, what: str) -> SourceError:
+    if error_code == "GatedRepo":
+        return SourceError(f"{what}: the repo is gated; accept its terms on the Hub and set HF_TOKEN to a token "
+                           "of an account that has access")
+    if error_code == "RepoNotFound" or (status == 401 and not error_code):
+        return SourceError(f"{what}: repo not found, private, or the token is invalid (HTTP {status}); check the "
+                           "repo id and HF_TOKEN")
+    if error_code == "RevisionNotFound":
+        return SourceError(f"{what}: revision not found; check --revision")
+    if error_code == "EntryNotFound" or status == 404:
+        return SourceError(f"{what}: file not found at that revision (HTTP {status})")
+    return SourceError(f"{what}: HTTP {status} {error_code}".strip())
+
+
+class _hub_errors:  # noqa: N801 - used as a context manager, reads like `with _hub_errors(...)`
+    """Map huggingface_hub exceptions to weightsync's exit-code classes."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, (SourceError, TransientError, IntegrityError, UsageError)):
+            return False
+        from huggingface_hub import errors
+
+        what = self.what
+        if isinstance(exc, errors.GatedRepoError):
+            raise _status_error(403, "GatedRepo", what) from exc
+        if isinstance(exc, errors.RepositoryNotFoundError):
+            raise _status_error(404, "RepoNotFound", what) from exc
+        if isinstance(exc, errors.RevisionNotFoundError):
+            raise _status_error(404, "RevisionNotFound", what) from exc
+        if isinstance(exc, errors.HfHubHTTPError):
+            response = getattr(exc, "response", None)
+            status = getattr(response, "status_code", 0) or 0
+            if status in TRANSIENT_STATUS:
+                raise TransientError(f"{what}: HTTP {status}") from exc
+            if status == 401:
+                raise SourceError(f"{what}: the Hub rejected the token (HTTP 401); check HF_TOKEN") from exc
+            raise _status_error(status, response.headers.get("X-Error-Code", "") if response is not None else "",
+                                what) from exc
+        if isinstance(exc, errors.HFValidationError):
+            raise UsageError(f"{what}: {exc}") from exc
+        try:
+            import httpx2 as httpx
+        except ImportError:
+            import httpx
+        if isinstance(exc, (httpx.HTTPError, OSError)):
+            raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        return False
