@@ -16,7 +16,7 @@ def folder_model(tmp_path: Path) -> Path:
     source = tmp_path / "src"
     (source / "sub").mkdir(parents=True)
     (source / "config.json").write_text('{"a": 1}')
-    (source / "model.safetensors").write_bytes(os.urandom(300_000))
+    (source / "weights.bin").write_bytes(os.urandom(300_000))
     (source / "sub" / "extra.txt").write_text("x")
     return source
 
@@ -46,9 +46,9 @@ def test_options_come_from_env_and_a_flag_wins(folder_model, tmp_path, clean_env
     published = Path(result.stdout.splitlines()[-1])
     assert published.parent.parent == tmp_path / "envvol" / "from-env"
     assert sorted(tree_bytes(published)) == ["config.json", "sub/extra.txt"]
-    flag = weightsync("sync", "--name", "from-flag", "--include", "*.safetensors", env=env)
+    flag = weightsync("sync", "--name", "from-flag", "--include", "*.bin", env=env)
     assert flag.returncode == 0, flag.stderr
-    assert sorted(tree_bytes(Path(flag.stdout.splitlines()[-1]))) == ["model.safetensors"]
+    assert sorted(tree_bytes(Path(flag.stdout.splitlines()[-1]))) == ["weights.bin"]
     assert "from-flag" in flag.stdout
 
 
@@ -127,14 +127,14 @@ def test_verify_passes_on_intact_and_names_each_bad_file(folder_model, tmp_path,
                                 check=True).stdout.splitlines()[-1])
     ok = weightsync("verify", "--source", str(folder_model), "--dest", dest, env=clean_env)
     assert ok.returncode == 0, ok.stderr
-    data = bytearray((published / "model.safetensors").read_bytes())
+    data = bytearray((published / "weights.bin").read_bytes())
     data[1000] ^= 0xFF
-    (published / "model.safetensors").write_bytes(bytes(data))
+    (published / "weights.bin").write_bytes(bytes(data))
     (published / "sub" / "extra.txt").unlink()
     bad = weightsync("verify", "--source", str(folder_model), "--dest", dest, env=clean_env)
     assert bad.returncode == 4
     line = error_line(bad)
-    assert "model.safetensors: sha256 mismatch" in line and "sub/extra.txt: missing" in line
+    assert "weights.bin: sha256 mismatch" in line and "sub/extra.txt: missing" in line
 
 
 def test_verify_full_on_sync_repairs_a_damaged_revision(folder_model, tmp_path, clean_env):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import error_line, tree_bytes, weightsync, weightsync_popen
+from tests.support.helpers import error_line, safetensors_bytes, tree_bytes, weightsync, weightsync_popen
 from tests.support.hubserver import HubServer
 
 MiB = 1024 * 1024
@@ -33,8 +33,8 @@ def repo_files(seed: int = 0, shard: int = 2 * MiB) -> dict[str, bytes]:
     rng = random.Random(seed)
     return {
         "config.json": b'{"model_type": "tiny", "seed": %d}' % seed,
-        "model-00001-of-00002.safetensors": rng.randbytes(shard),
-        "model-00002-of-00002.safetensors": rng.randbytes(shard // 2),
+        "model-00001-of-00002.safetensors": safetensors_bytes(rng.randbytes(shard)),
+        "model-00002-of-00002.safetensors": safetensors_bytes(rng.randbytes(shard // 2)),
         "model.safetensors.index.json": b'{"weight_map": {}}',
         "pytorch_model.bin": rng.randbytes(4096),
         "tokenizer/tokenizer.json": b'{"vocab": ["a", "b"]}',

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import error_line, tree_bytes, upload_model, weightsync, weightsync_popen
+from tests.support.helpers import error_line, safetensors_bytes, tree_bytes, upload_model, weightsync, weightsync_popen
 
 MiB = 1024 * 1024
 
@@ -19,8 +19,8 @@ def model_files(seed: int = 0, big: int = 3 * MiB) -> dict[str, bytes]:
     rng = __import__("random").Random(seed)
     return {
         "config.json": b'{"model_type": "tiny", "seed": %d}' % seed,
-        "model-00001-of-00002.safetensors": rng.randbytes(big),
-        "model-00002-of-00002.safetensors": rng.randbytes(big // 2),
+        "model-00001-of-00002.safetensors": safetensors_bytes(rng.randbytes(big)),
+        "model-00002-of-00002.safetensors": safetensors_bytes(rng.randbytes(big // 2)),
         "tokenizer/vocab.txt": b"hello\nworld\n",
         "empty.txt": b"",
     }

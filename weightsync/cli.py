@@ -12,8 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 from weightsync import __version__
@@ -73,14 +72,31 @@ def _boolean(text: str) -> bool:
     raise ValueError("must be one of 1/0, true/false, yes/no, on/off")
 
 
-SYNC_OPTIONS = (
-    Option("--source", "s3://bucket/prefix, hf://owner/name[@rev], file:///abs/path or a directory", required=True),
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a TCP port from 1 to 65535")
+    return value
+
+
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return text
+
+
+def _options(*flags: str) -> tuple[Option, ...]:
+    return tuple(ALL_OPTIONS[flag] for flag in flags)
+
+
+ALL_OPTIONS = {option.flag: option for option in (
+    Option("--source", "s3://bucket/prefix, hf://owner/name[@rev], file:///abs/path or a directory"),
     Option("--dest", "the volume (directory) models are published into", required=True),
     Option("--name", "directory name of this model under DEST (default: derived from the source)"),
     Option("--revision", "branch, tag or commit (hf), or a revision id printed by a previous sync (pin)"),
     Option("--include", "only files matching this glob (repeatable; env: comma-separated)", repeat=True),
     Option("--exclude", "skip files matching this glob (repeatable; env: comma-separated)", repeat=True),
-    Option("--verify", "warm-start check: fast = manifest + sizes, full = re-hash everything",
+    Option("--verify", "warm-start check: fast = manifest + sizes, full = re-hash everything (and repair)",
            default="fast", choices=("fast", "full")),
     Option("--concurrency", "parallel ranged downloads", _positive_int, default=8),
     Option("--lock-timeout", "give up (exit 5) after waiting this long for another process's download",
@@ -92,10 +108,40 @@ SYNC_OPTIONS = (
            default=60.0),
     Option("--progress-interval", "seconds between progress lines when stderr is not a terminal", _seconds,
            default=10.0),
+    Option("--log-format", "text lines, or one JSON object per event", default="text", choices=("text", "json")),
+    Option("--lockfile", "download exactly what this `weightsync lock` file pins; exit 4 if the source differs"),
+    Option("--termination-log", "where to write the Kubernetes termination message (default /dev/termination-log "
+           "when it exists)"),
+    Option("--metrics-textfile", "write Prometheus metrics here at the end (node_exporter textfile collector)"),
+    Option("--pushgateway", "push Prometheus metrics to this Pushgateway URL at the end, also on failure", _url),
+    Option("--metrics-port", "serve /metrics, /readyz and /healthz on this port (serve mode)", _port),
+    Option("--ready-file", "serve mode: create this file once the model is published (for probes)"),
+    Option("--recheck-interval", "serve mode: seconds between checks for a new revision (0 = never)", _seconds,
+           default=300.0),
+    Option("--skip-checks", "run: do not check safetensors shards and headers before exec", switch=True),
+    Option("--require-gpu", "run/serve: fail (exit 2) unless a CUDA device is visible", switch=True),
+    Option("--json", "status: print JSON instead of a table", switch=True),
     Option("--debug", "log details and show tracebacks", switch=True),
-)
-VERIFY_OPTIONS = tuple(o for o in SYNC_OPTIONS if o.flag in (
-    "--source", "--dest", "--name", "--revision", "--include", "--exclude", "--s3-addressing-style", "--debug"))
+)}
+SOURCE_FLAGS = ("--source", "--name", "--revision", "--include", "--exclude", "--s3-addressing-style")
+SYNC_FLAGS = (*SOURCE_FLAGS, "--dest", "--verify", "--concurrency", "--lock-timeout", "--offline",
+              "--stall-timeout", "--progress-interval", "--lockfile", "--termination-log", "--metrics-textfile",
+              "--pushgateway", "--log-format", "--debug")
+COMMANDS: dict[str, tuple[str, str, tuple[Option, ...]]] = {
+    "sync": ("sync and print the published model directory", "", _options(*SYNC_FLAGS)),
+    "run": ("sync, check the model, then exec COMMAND with MODEL_DIR set",
+            "weightsync run [options] -- COMMAND [ARGS...]", _options(*SYNC_FLAGS, "--skip-checks", "--require-gpu")),
+    "serve": ("native-sidecar mode: sync, report ready, serve metrics, pick up new revisions", "",
+              _options(*SYNC_FLAGS, "--metrics-port", "--ready-file", "--recheck-interval", "--require-gpu")),
+    "verify": ("re-hash a published model against its manifest", "",
+               _options(*SOURCE_FLAGS, "--dest", "--log-format", "--debug")),
+    "lock": ("sync once and print a lockfile pinning the revision and every file's sha256", "",
+             (*_options(*SOURCE_FLAGS, "--concurrency", "--stall-timeout", "--log-format", "--debug"),
+              replace(ALL_OPTIONS["--dest"], required=False,
+                      help="keep the synced model on this volume (default: a temporary directory)"))),
+    "status": ("the models, revisions, staging and lock holders on a volume", "",
+               _options("--dest", "--json", "--log-format", "--debug")),
+}
 
 
 def _add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
@@ -147,53 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
                      "locked, atomically published), then exec the inference server.")
     parser.add_argument("--version", action="version", version=f"weightsync {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sync = commands.add_parser("sync", help="sync and print the published model directory")
-    _add_options(sync, SYNC_OPTIONS)
-    run = commands.add_parser("run", help="sync, then exec COMMAND with MODEL_DIR set",
-                              usage="weightsync run [options] -- COMMAND [ARGS...]")
-    _add_options(run, SYNC_OPTIONS)
-    verify = commands.add_parser("verify", help="re-hash a published model against its manifest")
-    _add_options(verify, VERIFY_OPTIONS)
+    for name, (help_text, usage, options) in COMMANDS.items():
+        _add_options(commands.add_parser(name, help=help_text, usage=usage or None), options)
     return parser
 
 
-def _request(values: dict[str, Any]) -> Any:
-    from weightsync.engine import SyncRequest
-    from weightsync.sources import Selection
-
-    offline = values.get("offline") or False
-    if values["source"].startswith("hf://") and os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUE:
-        offline = True
-    return SyncRequest(
-        source=values["source"], dest=Path(values["dest"]), name=values.get("name"),
-        revision=values.get("revision"),
-        selection=Selection(include=values.get("include") or (), exclude=values.get("exclude") or ()),
-        verify=values.get("verify") or "fast", concurrency=values.get("concurrency") or 8,
-        lock_timeout=values.get("lock_timeout"), offline=offline,
-        addressing_style=values.get("s3_addressing_style") or "auto",
-        stall_timeout=values.get("stall_timeout") or 60.0,
-        progress_interval=values.get("progress_interval") if values.get("progress_interval") is not None else 10.0,
-    )
-
-
-def _sync(values: dict[str, Any]) -> Any:
-    from weightsync.engine import Engine
-
-    result = Engine(_request(values)).sync()
-    logging.getLogger("weightsync").info("%s", result.summary())
-    return result
-
-
-def _verify(values: dict[str, Any]) -> int:
-    from weightsync.engine import Engine
-    from weightsync.errors import IntegrityError
-
-    directory, problems = Engine(_request(values)).verify(values.get("revision"))
-    if problems:
-        raise IntegrityError(f"{directory} failed verification: " + "; ".join(problems))
-    logging.getLogger("weightsync").info("verified %s: every file matches its manifest sha256", directory)
-    print(directory)
-    return 0
+def _early_value(argv: list[str], flag: str) -> str | None:
+    """A flag's value before parsing, so even a parse error is logged in the chosen format."""
+    for index, arg in enumerate(argv):
+        if arg == flag and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,40 +215,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         split = argv.index("--")
         argv, command = argv[:split], argv[split + 1:]
     debug = "--debug" in argv or os.environ.get(ENV_PREFIX + "DEBUG", "").lower() in TRUE
-    from weightsync.progress import redact, setup_logging
+    from weightsync.progress import setup_logging
 
-    setup_logging(debug)
+    log_format = _early_value(argv, "--log-format") or os.environ.get(ENV_PREFIX + "LOG_FORMAT", "text")
+    setup_logging(debug, "json" if log_format == "json" else "text")
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
             build_parser().print_help(sys.stderr)
-            raise UsageError("a command is required: sync, run or verify")
-        if args.command == "verify":
-            return _verify(_resolve(args, VERIFY_OPTIONS))
-        values = _resolve(args, SYNC_OPTIONS)
-        if args.command == "run" and not command:
-            raise UsageError("run needs the server command after `--`, e.g. "
-                             "`weightsync run --source ... --dest ... -- python -m server`")
-        if args.command == "sync" and command:
-            raise UsageError("sync takes no command; use `weightsync run ... -- COMMAND` to start a server")
-        result = _sync(values)
-        if args.command == "run":
-            from weightsync.launch import exec_server
+            raise UsageError(f"a command is required: {', '.join(COMMANDS)}")
+        if command and args.command != "run":
+            raise UsageError(f"{args.command} takes no command after `--`; use `weightsync run ... -- COMMAND` "
+                             "to start a server")
+        from weightsync import commands
 
-            exec_server(command, result.path)
-        print(result.path, flush=True)
-        return 0
+        values = _resolve(args, COMMANDS[args.command][2])
+        return commands.dispatch(args.command, values, command)
     except WeightsyncError as exc:
-        if debug:
-            traceback.print_exc()
-        print(redact(f"weightsync: error: {exc}"), file=sys.stderr, flush=True)
-        return exc.exit_code
+        return _fail(f"weightsync: error: {exc}", exc.exit_code, debug, log_format)
     except KeyboardInterrupt:
-        print("weightsync: error: interrupted; rerun to resume where it stopped", file=sys.stderr)
-        return 130
+        return _fail("weightsync: error: interrupted; rerun to resume where it stopped", 130, False, log_format)
     except Exception as exc:
-        if debug:
-            traceback.print_exc()
-        print(redact(f"weightsync: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for a "
-                     "traceback and report it)"), file=sys.stderr, flush=True)
-        return 1
+        return _fail(f"weightsync: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for a "
+                     "traceback and report it)", 1, debug, log_format)
+
+
+def _fail(line: str, code: int, debug: bool, log_format: str) -> int:
+    """The one error line (or, with --log-format json, one `error` event); a traceback only under --debug."""
+    from weightsync.progress import event, redact
+
+    if debug:
+        traceback.print_exc()
+    if log_format == "json":
+        event("error", "%s", line, level=logging.ERROR, exit_code=code)
+    else:
+        print(redact(line), file=sys.stderr, flush=True)
+    return code

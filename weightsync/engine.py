@@ -21,15 +21,16 @@ import stat
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from weightsync.errors import DiskSpaceError, IntegrityError, SourceError, WeightsyncError
 from weightsync.fetch import HASH_BLOCK, Fetcher, FileDownload
 from weightsync.layout import ModelVolume, check_listing, safe_makedirs
+from weightsync.lockfile import Lockfile
 from weightsync.locking import volume_lock
 from weightsync.manifest import Manifest, ManifestEntry, ManifestError, write_atomic
-from weightsync.progress import Progress, human_bytes, human_duration
+from weightsync.progress import Progress, event, human_bytes, human_duration
 from weightsync.retry import RetryPolicy, call_with_retries
 from weightsync.sources import RemoteFile, Selection, Snapshot, Source, open_source
 
@@ -52,6 +53,7 @@ class SyncRequest:
     progress_interval: float = 10.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fsync: bool = True
+    lockfile: Lockfile | None = None
 
 
 @dataclass
@@ -60,6 +62,7 @@ class SyncResult:
     name: str
     revision: str
     source: str
+    source_revision: str
     files: int
     total_bytes: int
     bytes_fetched: int = 0
@@ -70,13 +73,27 @@ class SyncResult:
     retries: int = 0
     warm: bool = False
 
+    verification: str = "sha256"
+
     def summary(self) -> str:
         rate = self.bytes_fetched / self.seconds if self.seconds > 0 else 0.0
-        how = "already published (warm start)" if self.warm else "published"
-        return (f"{how} {self.source} revision {self.revision}: {self.files} files, "
+        if self.warm:
+            return (f"already published (warm start) {self.source} revision {self.revision}: {self.files} files, "
+                    f"{human_bytes(self.total_bytes)}, checked ({self.verification}) in "
+                    f"{human_duration(self.seconds)}; nothing downloaded")
+        return (f"published {self.source} revision {self.revision}: {self.files} files, "
                 f"{human_bytes(self.total_bytes)}; fetched {human_bytes(self.bytes_fetched)}, "
                 f"reused {human_bytes(self.bytes_reused)}, resumed {human_bytes(self.bytes_resumed)} "
-                f"in {human_duration(self.seconds)} ({human_bytes(rate)}/s), all sha256 verified")
+                f"in {human_duration(self.seconds)} (average {human_bytes(rate)}/s); verification: every file "
+                f"sha256-verified")
+
+    def fields(self) -> dict[str, object]:
+        """The summary as data, for JSON logs, the termination message and metrics."""
+        return {"source": self.source, "name": self.name, "revision": self.revision, "path": str(self.path),
+                "files": self.files, "bytes_total": self.total_bytes, "bytes_fetched": self.bytes_fetched,
+                "bytes_reused": self.bytes_reused, "bytes_resumed": self.bytes_resumed,
+                "seconds": round(self.seconds, 3), "lock_wait_seconds": round(self.lock_wait_seconds, 3),
+                "retries": self.retries, "warm": self.warm, "verification": self.verification}
 
 
 def revision_key(revision: str, selection: Selection) -> str:
@@ -103,7 +120,15 @@ class Engine:
 
     # -- public entry points ---------------------------------------------------
     def sync(self) -> SyncResult:
+        result = self._sync()
+        event("published", "%s", result.summary(), **result.fields())
+        return result
+
+    def _sync(self) -> SyncResult:
         request, source, volume = self.request, self.source, self.volume
+        event("start", "sync %s%s into %s", source.uri, f" revision {request.revision}" if request.revision else "",
+              volume.root, source=source.uri, revision=request.revision, dest=str(volume.root),
+              offline=request.offline, verify=request.verify)
         pinned = source.pinned_revision(request.revision)
         known = revision_key(pinned, request.selection) if pinned else None
         if request.offline and not known:
@@ -111,26 +136,28 @@ class Engine:
         if known:
             manifest = self.published(known)
             if manifest is not None:
-                return self._finish_warm(manifest, known, ref=None)
+                return self._finish_warm(manifest, known, ref=None, source_revision=pinned or known)
             if request.offline:
                 have = ", ".join(volume.revisions()) or "none"
                 raise SourceError(f"--offline: revision {known} of {volume.name} is not complete on {volume.root} "
                                   f"(published revisions: {have}); run once with network access")
 
         snapshot = self._resolve(request.revision)
+        if request.lockfile:
+            snapshot = replace(snapshot, files=request.lockfile.check_listing(snapshot.files))
         if pinned and snapshot.revision != pinned:
             raise IntegrityError(f"{source.uri} no longer matches the pinned revision {pinned} (it is now "
                                  f"{snapshot.revision}); pin the new revision or restore the source")
         key = revision_key(snapshot.revision, request.selection)
         manifest = self.published(key)
         if manifest is not None:
-            return self._finish_warm(manifest, key, ref=snapshot.ref)
+            return self._finish_warm(manifest, key, ref=snapshot.ref, source_revision=snapshot.revision)
 
         volume.ensure(".locks")
         with volume_lock(volume.lock_path(key), request.lock_timeout, f"{volume.name} revision {key}") as waited:
             manifest = self.published(key)
             if manifest is not None:
-                result = self._finish_warm(manifest, key, ref=snapshot.ref)
+                result = self._finish_warm(manifest, key, ref=snapshot.ref, source_revision=snapshot.revision)
             else:
                 self._quarantine_broken(key)
                 result = self._download_and_publish(snapshot, key)
@@ -145,7 +172,10 @@ class Engine:
             manifest = Manifest.load(self.volume.manifest_path(key))
         except ManifestError as exc:
             return directory, [f"manifest: {exc}"]
-        return directory, check_files(directory, manifest, full=True)
+        problems = check_files(directory, manifest, full=True)
+        if not problems:
+            mark_verified(self.volume, key)
+        return directory, problems
 
     # -- warm path ---------------------------------------------------------------
     def published(self, key: str) -> Manifest | None:
@@ -161,7 +191,12 @@ class Engine:
         except ManifestError as exc:
             log.warning("revision %s is on the volume but its manifest is unusable (%s); re-verifying", key, exc)
             return None
-        problems = check_files(directory, manifest, full=self.request.verify == "full")
+        full = self.request.verify == "full"
+        problems = check_files(directory, manifest, full=full)
+        if self.request.lockfile and not problems:
+            self.request.lockfile.check_manifest(manifest.files)
+        if full and not problems:
+            mark_verified(self.volume, key)
         if problems:
             log.warning("revision %s on the volume is damaged (%s); repairing", key, "; ".join(problems[:5]))
             if self.request.offline:
@@ -170,11 +205,13 @@ class Engine:
             return None
         return manifest
 
-    def _finish_warm(self, manifest: Manifest, key: str, ref: str | None) -> SyncResult:
+    def _finish_warm(self, manifest: Manifest, key: str, ref: str | None, source_revision: str) -> SyncResult:
         self._point_current(key, ref)
+        how = "sha256 of every file" if self.request.verify == "full" else "manifest and sizes"
         return SyncResult(path=self.volume.revision_dir(key), name=self.volume.name, revision=key,
-                          source=self.source.uri, files=len(manifest.files), total_bytes=manifest.total_bytes,
-                          seconds=time.monotonic() - self.started, warm=True)
+                          source=self.source.uri, source_revision=source_revision, files=len(manifest.files),
+                          total_bytes=manifest.total_bytes, seconds=time.monotonic() - self.started, warm=True,
+                          verification=how)
 
     def _point_current(self, key: str, ref: str | None) -> None:
         """Flip `current` and record the ref; on a read-only volume leave both as they are."""
@@ -266,7 +303,7 @@ class Engine:
                                    for f in snapshot.files])
         self._publish(manifest, staging, key, snapshot.ref)
         return SyncResult(path=volume.revision_dir(key), name=volume.name, revision=key, source=self.source.uri,
-                          files=len(snapshot.files), total_bytes=total, bytes_fetched=progress.bytes_done,
+                          source_revision=snapshot.revision, files=len(snapshot.files), total_bytes=total, bytes_fetched=progress.bytes_done,
                           bytes_reused=reused, bytes_resumed=resumed, seconds=time.monotonic() - self.started,
                           retries=fetcher.retries)
 
@@ -301,7 +338,16 @@ class Engine:
         if self.request.fsync:
             _fsync_dir(revisions)
         self._point_current(key, ref)
+        mark_verified(volume, key)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def mark_verified(volume: ModelVolume, key: str) -> None:
+    """Record when every byte of a revision was last hashed (shown by `weightsync status`)."""
+    try:
+        write_atomic(volume.root / "manifests" / f"{key}.verified", f"{time.time():.3f}\n".encode(), durable=False)
+    except OSError as exc:
+        log.debug("not recording the verification time: %s", exc.strerror)
 
 
 def check_files(directory: Path, manifest: Manifest, full: bool) -> list[str]:

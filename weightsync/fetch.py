@@ -27,7 +27,7 @@ from pathlib import Path
 from weightsync.errors import DiskSpaceError, IntegrityError, WeightsyncError
 from weightsync.layout import safe_makedirs
 from weightsync.manifest import write_atomic
-from weightsync.progress import Progress
+from weightsync.progress import Progress, event
 from weightsync.retry import RetryPolicy, call_with_retries
 from weightsync.sources import RemoteFile, Source
 
@@ -352,8 +352,9 @@ class Fetcher:
         sha256 = download.finish(self.fsync)
         with self._results_lock:
             self.results[download.remote.path] = sha256
-        self.progress.file_done()
-        log.debug("verified %s (sha256 %s)", download.remote.path, sha256)
+        self.progress.file_done(download.remote.path)
+        event("file_verified", "verified %s (%d bytes, sha256 %s)", download.remote.path, download.remote.size,
+              sha256, path=download.remote.path, size=download.remote.size, sha256=sha256)
 
     def _fetch_chunk(self, download: FileDownload, index: int, buffer: memoryview) -> None:
         end = download.chunks[index][1]
@@ -376,7 +377,7 @@ class Fetcher:
                     download.write(buffer[:count], position)
                     position += count
                     download.chunk_progress(index, position)
-                    self.progress.add_bytes(count)
+                    self.progress.add_bytes(count, download.remote.path, download.remote.size)
             finally:
                 reader.close()
 

@@ -12,9 +12,9 @@ import shlex
 from pathlib import Path
 
 from weightsync.errors import UsageError, WeightsyncError
+from weightsync.progress import event
 
 PLACEHOLDER = "{MODEL_DIR}"
-log = logging.getLogger("weightsync")
 
 
 def server_command(command: list[str], model_dir: Path) -> tuple[list[str], dict[str, str]]:
@@ -31,7 +31,7 @@ def server_command(command: list[str], model_dir: Path) -> tuple[list[str], dict
 def exec_server(command: list[str], model_dir: Path) -> None:
     """Exec the server; only returns by raising when the command cannot be started."""
     argv, env = server_command(command, model_dir)
-    log.info("exec %s (MODEL_DIR=%s)", shlex.join(argv), model_dir)
+    event("exec", "exec %s (MODEL_DIR=%s)", shlex.join(argv), model_dir, argv=argv, model_dir=str(model_dir))
     for handler in logging.getLogger("weightsync").handlers:
         handler.flush()
     try:

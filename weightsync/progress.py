@@ -1,12 +1,15 @@
 """What people see: log lines on stderr, progress a human can read in `kubectl logs`.
 
-On a TTY progress is a tqdm bar; without one (kubectl logs, docker logs, CI) it is
-one plain line every `interval` seconds. Every line passes through `redact`, so
-credentials and presigned-URL signatures never reach a log.
+On a TTY progress is a tqdm bar (overall, plus one per large file); without one
+(kubectl logs, docker logs, CI) it is one plain line every `interval` seconds.
+`--log-format json` turns every line into one JSON object with an `event` field
+(start, progress, file_verified, retry, published, exec, error). Every line passes
+through `redact`, so credentials and presigned-URL signatures never reach a log.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -32,20 +35,59 @@ def redact(text: str) -> str:
     return HF_TOKEN_SHAPE.sub("hf_***", text)
 
 
-class _RedactingFormatter(logging.Formatter):
+LARGE_FILE = 256 * 1024 * 1024
+log = logging.getLogger("weightsync")
+
+
+def event(kind: str, message: str, /, *args: object, level: int = logging.INFO, **fields: object) -> None:
+    """Log one event: a plain line in text format, an object with these fields in JSON format."""
+    log.log(level, message, *args, extra={"event": kind, "fields": fields})
+
+
+class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
 
 
-def setup_logging(debug: bool, stream: TextIO | None = None) -> None:
-    """Log to stderr as `weightsync: message` (with timestamps and levels under --debug)."""
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, event, message and the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        body: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "event": getattr(record, "event", "log"),
+            "message": record.getMessage(),
+        }
+        body.update(getattr(record, "fields", {}) or {})
+        if record.exc_info:
+            body["traceback"] = self.formatException(record.exc_info)
+        return redact(json.dumps(body, default=str, ensure_ascii=False))
+
+
+class _PerFileInText(logging.Filter):
+    """In text format a line per verified file is noise unless --debug; JSON keeps every event."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__()
+        self.debug = debug
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.debug or getattr(record, "event", None) != "file_verified"
+
+
+def setup_logging(debug: bool, log_format: str = "text", stream: TextIO | None = None) -> None:
+    """Log to stderr as `weightsync: message` (timestamps and levels under --debug) or JSON lines."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    fmt = "%(asctime)s weightsync %(levelname)s %(threadName)s: %(message)s" if debug else "weightsync: %(message)s"
-    handler.setFormatter(_RedactingFormatter(fmt))
-    logger = logging.getLogger("weightsync")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.DEBUG if debug else logging.INFO)
-    logger.propagate = False
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        fmt = "%(asctime)s weightsync %(levelname)s %(threadName)s: %(message)s" if debug else "weightsync: %(message)s"
+        handler.setFormatter(_TextFormatter(fmt))
+        handler.addFilter(_PerFileInText(debug))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
 
 
 def human_bytes(count: float) -> str:
@@ -80,6 +122,7 @@ class Progress:
         self._stop = threading.Event()
         self._stream = stream or sys.stderr
         self._bar: Any = None
+        self._file_bars: dict[str, Any] = {}
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Progress:
@@ -97,30 +140,71 @@ class Progress:
         self._stop.set()
         if self._thread:
             self._thread.join()
+        for bar in self._file_bars.values():
+            bar.close()
         if self._bar is not None:
             self._bar.close()
 
-    def add_bytes(self, count: int) -> None:
+    def add_bytes(self, count: int, path: str | None = None, file_size: int = 0) -> None:
         with self._lock:
             self.bytes_done += count
         if self._bar is not None:
             self._bar.update(count)
+            if path is not None and file_size >= LARGE_FILE:
+                self._file_bar(path, file_size).update(count)
 
-    def file_done(self) -> None:
+    def _file_bar(self, path: str, size: int) -> Any:
+        with self._lock:
+            bar = self._file_bars.get(path)
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=path[-40:],
+                           file=self._stream, dynamic_ncols=True, position=len(self._file_bars) + 1, leave=False)
+                self._file_bars[path] = bar
+            return bar
+
+    def file_done(self, path: str | None = None) -> None:
         with self._lock:
             self.files_done += 1
+            bar = self._file_bars.pop(path, None) if path else None
+        if bar is not None:
+            bar.close()
 
-    def line(self) -> str:
+    def snapshot(self) -> dict[str, float | int]:
+        """The numbers of a progress event."""
         with self._lock:
             done, files = self.bytes_done, self.files_done
         elapsed = max(time.monotonic() - self.started, 1e-6)
         rate = done / elapsed
-        percent = 100.0 * done / self.total_bytes if self.total_bytes else 100.0
-        eta = (self.total_bytes - done) / rate if rate > 0 else 0
-        return (f"progress {percent:5.1f}% {human_bytes(done)}/{human_bytes(self.total_bytes)} "
-                f"at {human_bytes(rate)}/s, ETA {human_duration(eta)}, files {files}/{self.total_files}")
+        return {"percent": round(100.0 * done / self.total_bytes, 1) if self.total_bytes else 100.0,
+                "bytes_done": done, "bytes_total": self.total_bytes, "rate_bytes_per_second": round(rate),
+                "eta_seconds": round((self.total_bytes - done) / rate) if rate > 0 else None,
+                "files_done": files, "files_total": self.total_files}
+
+    def line(self) -> str:
+        n = self.snapshot()
+        return (f"progress {n['percent']:5.1f}% {human_bytes(n['bytes_done'])}/{human_bytes(self.total_bytes)} "
+                f"at {human_bytes(n['rate_bytes_per_second'])}/s, ETA {human_duration(n['eta_seconds'] or 0)}, "
+                f"files {n['files_done']}/{self.total_files}")
 
     def _ticker(self) -> None:
-        log = logging.getLogger("weightsync")
         while not self._stop.wait(self.interval):
-            log.info("%s", self.line())
+            event("progress", "%s", self.line(), **self.snapshot())
+
+
+TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_LIMIT = 4096  # the kubelet keeps at most 4096 bytes of a termination message
+
+
+def write_termination_message(path: str | None, body: dict[str, object]) -> None:
+    """Tell `kubectl describe pod` how the init container ended (only where the file exists, unless asked)."""
+    target = path or TERMINATION_LOG
+    if path is None and not os.path.exists(target):
+        return
+    text = redact(json.dumps(body, default=str, ensure_ascii=False))[:TERMINATION_LIMIT]
+    try:
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        log.debug("could not write the termination message to %s: %s", target, exc.strerror)

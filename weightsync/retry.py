@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from weightsync.errors import NetworkError, TransientError
+from weightsync.progress import event
 
 T = TypeVar("T")
-log = logging.getLogger("weightsync")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ def call_with_retries(
                     "check the endpoint and network, then rerun to resume)"
                 ) from exc
             pause = policy.delay(attempt, exc.retry_after)
-            log.warning("retrying %s in %.1fs after: %s", what, pause, exc)
+            event("retry", "retrying %s in %.1fs after: %s", what, pause, exc, level=logging.WARNING,
+                  attempt=attempt + 1, of=policy.attempts, delay_seconds=round(pause, 2), reason=str(exc))
             if on_retry:
                 on_retry(attempt + 1, exc)
             time.sleep(pause)

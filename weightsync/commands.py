@@ -1,0 +1,187 @@
+"""What each subcommand does with its validated options: wiring between the engine and its outputs.
+
+cli.py parses; this module connects the engine to what surrounds a sync — the
+published path on stdout, metrics, the Kubernetes termination message, the
+pre-exec checks and the exec itself — without holding sync logic of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from weightsync.errors import IntegrityError, UsageError, WeightsyncError
+from weightsync.progress import event, write_termination_message
+
+TRUE = {"1", "true", "yes", "on"}
+
+
+def dispatch(command: str, values: dict[str, Any], server_command: list[str]) -> int:
+    handlers: dict[str, Callable[[dict[str, Any], list[str]], int]] = {
+        "sync": run_sync, "run": run_sync, "serve": run_serve, "verify": run_verify, "lock": run_lock,
+        "status": run_status,
+    }
+    values["command"] = command
+    return handlers[command](values, server_command)
+
+
+def build_request(values: dict[str, Any], dest: str | None = None) -> Any:
+    """A SyncRequest from options; a --lockfile supplies source, revision and filters."""
+    from weightsync.engine import SyncRequest
+    from weightsync.lockfile import Lockfile
+    from weightsync.sources import Selection
+
+    lockfile = Lockfile.load(values["lockfile"]) if values.get("lockfile") else None
+    source = values.get("source")
+    revision, include, exclude = values.get("revision"), values.get("include") or (), values.get("exclude") or ()
+    if lockfile:
+        if source and source.rstrip("/") != lockfile.source.rstrip("/"):
+            raise UsageError(f"--source {source} differs from the source pinned in --lockfile {lockfile.origin} "
+                             f"({lockfile.source}); drop --source or regenerate the lockfile")
+        if revision and revision != lockfile.revision:
+            raise UsageError(f"--revision {revision} differs from --lockfile {lockfile.origin} "
+                             f"({lockfile.revision}); drop --revision")
+        source, revision, include, exclude = lockfile.source, lockfile.revision, lockfile.include, lockfile.exclude
+    if not source:
+        raise UsageError("--source is required (or set WEIGHTSYNC_SOURCE, or pass --lockfile)")
+    offline = bool(values.get("offline"))
+    if source.startswith("hf://") and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE:
+        offline = True
+    return SyncRequest(
+        source=source, dest=Path(dest or values["dest"]), name=values.get("name"), revision=revision,
+        selection=Selection(include=tuple(include), exclude=tuple(exclude)),
+        verify=values.get("verify") or "fast", concurrency=values.get("concurrency") or 8,
+        lock_timeout=values.get("lock_timeout"), offline=offline,
+        addressing_style=values.get("s3_addressing_style") or "auto",
+        stall_timeout=values.get("stall_timeout") or 60.0,
+        progress_interval=values["progress_interval"] if values.get("progress_interval") is not None else 10.0,
+        lockfile=lockfile,
+    )
+
+
+class Reporter:
+    """Metrics and the termination message around one sync, on success and on failure."""
+
+    def __init__(self, values: dict[str, Any], engine: Any) -> None:
+        from weightsync.metrics import MetricsOptions
+
+        self.options = MetricsOptions(textfile=values.get("metrics_textfile"),
+                                      pushgateway=values.get("pushgateway"), port=values.get("metrics_port"))
+        self.termination_log = values.get("termination_log")
+        self.metrics = None
+        if self.options.wanted:
+            from weightsync.metrics import SyncMetrics
+
+            self.metrics = SyncMetrics(engine.source.kind, engine.volume.name)
+
+    def sync(self, engine: Any) -> Any:
+        started = time.monotonic()
+        try:
+            result = engine.sync()
+        except BaseException as exc:
+            self.failure(exc, time.monotonic() - started)
+            raise
+        if self.metrics:
+            self.metrics.record_success(result)
+            self.metrics.export(self.options)
+        write_termination_message(self.termination_log, {"result": "success", **result.fields()})
+        return result
+
+    def failure(self, exc: BaseException, seconds: float) -> None:
+        if self.metrics:
+            self.metrics.record_failure(exc, seconds)
+            self.metrics.export(self.options)
+        code = exc.exit_code if isinstance(exc, WeightsyncError) else 1
+        write_termination_message(self.termination_log, {"result": "error", "exit_code": code,
+                                                         "error": f"weightsync: error: {exc}"})
+
+
+def run_sync(values: dict[str, Any], server_command: list[str]) -> int:
+    """`sync` prints the published directory; `run` checks it and execs the server on it."""
+    from weightsync.engine import Engine
+
+    running = values["command"] == "run"
+    if running and not server_command:
+        raise UsageError("run needs the server command after `--`, e.g. "
+                         "`weightsync run --source ... --dest ... -- python -m server`")
+    engine = Engine(build_request(values))
+    reporter = Reporter(values, engine)
+    if running and values.get("require_gpu"):
+        _guarded(reporter, _require_gpu)
+    result = reporter.sync(engine)
+    if running:
+        from weightsync.launch import exec_server
+
+        if not values.get("skip_checks"):
+            from weightsync.checks import check_model
+
+            _guarded(reporter, lambda: check_model(result.path))
+        exec_server(server_command, result.path)
+    print(result.path, flush=True)
+    return 0
+
+
+def _require_gpu() -> None:
+    from weightsync.checks import require_gpu
+
+    require_gpu()
+
+
+def _guarded(reporter: Reporter, check: Callable[[], None]) -> None:
+    try:
+        check()
+    except WeightsyncError as exc:
+        reporter.failure(exc, 0.0)
+        raise
+
+
+def run_verify(values: dict[str, Any], _: list[str]) -> int:
+    from weightsync.engine import Engine
+
+    directory, problems = Engine(build_request(values)).verify(values.get("revision"))
+    if problems:
+        raise IntegrityError(f"{directory} failed verification: " + "; ".join(problems))
+    event("verified", "verified %s: every file matches its manifest sha256", directory, path=str(directory))
+    print(directory)
+    return 0
+
+
+def run_lock(values: dict[str, Any], _: list[str]) -> int:
+    """Sync once (into a throwaway directory unless --dest is given) and print the lockfile."""
+    from weightsync.engine import Engine
+    from weightsync.lockfile import Lockfile
+    from weightsync.manifest import Manifest
+
+    with tempfile.TemporaryDirectory(prefix="weightsync-lock-") as scratch:
+        request = build_request(values, dest=values.get("dest") or scratch)
+        engine = Engine(request)
+        result = engine.sync()
+        manifest = Manifest.load(engine.volume.manifest_path(result.revision))
+    lockfile = Lockfile(source=request.source, revision=result.source_revision, files=tuple(manifest.files),
+                        include=request.selection.include, exclude=request.selection.exclude)
+    sys.stdout.write(lockfile.to_json())
+    return 0
+
+
+def run_status(values: dict[str, Any], _: list[str]) -> int:
+    from weightsync.status import format_table, volume_status
+
+    report = volume_status(Path(values["dest"]))
+    print(json.dumps(report, indent=1) if values.get("json") else format_table(report))
+    return 0
+
+
+def run_serve(values: dict[str, Any], _: list[str]) -> int:
+    from weightsync.engine import Engine
+    from weightsync.serve import serve
+
+    if values.get("require_gpu"):
+        _require_gpu()
+    engine = Engine(build_request(values))
+    return serve(engine, Reporter(values, engine), values)

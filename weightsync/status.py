@@ -1,0 +1,122 @@
+"""`weightsync status`: what is on a volume — models, revisions, current, sizes, staging, lock holders.
+
+Read-only: works on a read-only mount, takes no lock, never changes anything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from weightsync.errors import SourceError
+from weightsync.layout import ModelVolume
+from weightsync.manifest import Manifest, ManifestError
+from weightsync.progress import human_bytes, human_duration
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _held(lock_path: Path) -> bool:
+    """Whether some process holds the flock now (probed without taking it for longer than a moment)."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def model_status(volume: ModelVolume) -> dict[str, Any]:
+    current = volume.current_revision()
+    revisions = []
+    for revision in volume.revisions():
+        entry: dict[str, Any] = {"revision": revision, "current": revision == current,
+                                 "path": str(volume.revision_dir(revision))}
+        try:
+            manifest = Manifest.load(volume.manifest_path(revision))
+            entry.update(files=len(manifest.files), bytes=manifest.total_bytes, source=manifest.source,
+                         published=manifest.created)
+        except ManifestError as exc:
+            entry["problem"] = str(exc)
+        try:
+            entry["last_verified"] = float((volume.root / "manifests" / f"{revision}.verified").read_text())
+        except (OSError, ValueError):
+            entry["last_verified"] = None
+        revisions.append(entry)
+    staging = []
+    for directory in sorted((volume.root / ".staging").glob("*")):
+        if directory.is_dir() and not directory.is_symlink():
+            staging.append({"revision": directory.name, "bytes_on_disk": _tree_bytes(directory),
+                            "age_seconds": round(time.time() - directory.stat().st_mtime)})
+    locks = []
+    for lock in sorted((volume.root / ".locks").glob("*.lock")):
+        held = _held(lock)
+        holder = None
+        if held:
+            try:
+                holder = json.loads(lock.with_name(lock.name + ".holder").read_text())
+            except (OSError, ValueError):
+                holder = None
+        if held:
+            locks.append({"revision": lock.name[: -len(".lock")], "holder": holder})
+    return {"name": volume.name, "current": current, "revisions": revisions, "staging": staging,
+            "lock_holders": locks}
+
+
+def volume_status(dest: Path) -> dict[str, Any]:
+    if not dest.is_dir():
+        raise SourceError(f"--dest {dest} does not exist or is not a directory")
+    models = []
+    for child in sorted(dest.iterdir()):
+        is_model = (child / "revisions").is_dir() or (child / ".staging").is_dir()
+        if child.is_dir() and not child.is_symlink() and is_model:
+            try:
+                models.append(model_status(ModelVolume(dest, child.name)))
+            except Exception as exc:  # one odd directory must not hide the others
+                models.append({"name": child.name, "problem": str(exc)})
+    return {"dest": str(dest.absolute()), "models": models}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    now = time.time()
+    lines = [f"volume {report['dest']}"]
+    if not report["models"]:
+        lines.append("  no models")
+    for model in report["models"]:
+        lines.append(f"model {model['name']}  (current: {model.get('current') or '-'})")
+        lines.append(f"  {'':2}{'REVISION':<42} {'FILES':>6} {'SIZE':>10}  {'PUBLISHED':<12} {'VERIFIED':<12}")
+        for rev in model.get("revisions", []):
+            mark = "*" if rev["current"] else " "
+            published = human_duration(now - rev["published"]) + " ago" if rev.get("published") else "-"
+            verified = human_duration(now - rev["last_verified"]) + " ago" if rev.get("last_verified") else "never"
+            if "problem" in rev:
+                lines.append(f"  {mark} {rev['revision']:<42} damaged: {rev['problem']}")
+                continue
+            lines.append(f"  {mark} {rev['revision']:<42} {rev['files']:>6} {human_bytes(rev['bytes']):>10}  "
+                         f"{published:<12} {verified:<12}")
+        for stage in model.get("staging", []):
+            lines.append(f"  staging {stage['revision']}: {human_bytes(stage['bytes_on_disk'])} on disk, "
+                         f"idle {human_duration(stage['age_seconds'])}")
+        for lock in model.get("lock_holders", []):
+            holder = lock["holder"] or {}
+            lines.append(f"  locked {lock['revision']}: host {holder.get('host', '?')} pid {holder.get('pid', '?')}")
+    return "\n".join(lines)
