@@ -25,7 +25,7 @@ TRUE = {"1", "true", "yes", "on"}
 def dispatch(command: str, values: dict[str, Any], server_command: list[str]) -> int:
     handlers: dict[str, Callable[[dict[str, Any], list[str]], int]] = {
         "sync": run_sync, "run": run_sync, "serve": run_serve, "verify": run_verify, "lock": run_lock,
-        "status": run_status,
+        "status": run_status, "gc": run_gc,
     }
     values["command"] = command
     return handlers[command](values, server_command)
@@ -35,13 +35,14 @@ def build_request(values: dict[str, Any], dest: str | None = None) -> Any:
     """A SyncRequest from options; a --lockfile supplies source, revision and filters."""
     from weightsync.engine import SyncRequest
     from weightsync.lockfile import Lockfile
-    from weightsync.sources import Selection
+    from weightsync.retry import RetryPolicy
+    from weightsync.sources import Selection, open_source
 
     lockfile = Lockfile.load(values["lockfile"]) if values.get("lockfile") else None
     source = values.get("source")
     revision, include, exclude = values.get("revision"), values.get("include") or (), values.get("exclude") or ()
     if lockfile:
-        if source and source.rstrip("/") != lockfile.source.rstrip("/"):
+        if source and open_source(source).uri != open_source(lockfile.source).uri:
             raise UsageError(f"--source {source} differs from the source pinned in --lockfile {lockfile.origin} "
                              f"({lockfile.source}); drop --source or regenerate the lockfile")
         if revision and revision != lockfile.revision:
@@ -62,6 +63,9 @@ def build_request(values: dict[str, Any], dest: str | None = None) -> Any:
         stall_timeout=values.get("stall_timeout") or 60.0,
         progress_interval=values["progress_interval"] if values.get("progress_interval") is not None else 10.0,
         lockfile=lockfile,
+        lock_mode=values.get("lock_mode") or "auto", lease_timeout=values.get("lease_timeout") or 60.0,
+        retry=RetryPolicy(attempts=values.get("retries") or 6,
+                          base_delay=values["retry_base"] if values.get("retry_base") is not None else 0.5),
     )
 
 
@@ -163,10 +167,18 @@ def run_lock(values: dict[str, Any], _: list[str]) -> int:
         engine = Engine(request)
         result = engine.sync()
         manifest = Manifest.load(engine.volume.manifest_path(result.revision))
-    lockfile = Lockfile(source=request.source, revision=result.source_revision, files=tuple(manifest.files),
+    lockfile = Lockfile(source=engine.source.uri, revision=result.source_revision, files=tuple(manifest.files),
                         include=request.selection.include, exclude=request.selection.exclude)
     sys.stdout.write(lockfile.to_json())
     return 0
+
+
+def run_gc(values: dict[str, Any], _: list[str]) -> int:
+    from weightsync.gc import collect
+
+    return collect(Path(values["dest"]), keep=values["keep"], staging_older_than=values["staging_older_than"],
+                   name=values.get("name"), lock_mode=values.get("lock_mode") or "auto",
+                   lease_timeout=values.get("lease_timeout") or 60.0)
 
 
 def run_status(values: dict[str, Any], _: list[str]) -> int:
