@@ -33,8 +33,9 @@ class SyncMetrics:
     """The metrics of this process, in a registry of their own."""
 
     def __init__(self, source_kind: str, model: str) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge
+        from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
+        disable_created_metrics()  # *_created series only add noise to a textfile or a push
         self.registry = CollectorRegistry()
         self.labels = {"source_kind": source_kind, "model": model}
         names = list(self.labels)
