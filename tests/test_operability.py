@@ -277,3 +277,34 @@ def test_serve_reports_ready_serves_metrics_and_picks_up_a_new_revision(model, t
         out, err = process.communicate(timeout=20)
     assert process.returncode == 0, err
     assert "new revision" in err
+
+
+def test_on_a_tty_progress_is_a_tqdm_bar_with_one_bar_per_large_file(tmp_path, clean_env):
+    import pty
+
+    source = tmp_path / "big"
+    source.mkdir()
+    with open(source / "large.bin", "wb") as handle:
+        handle.truncate(300 * MiB)
+    (source / "config.json").write_text("{}")
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "weightsync", "sync", "--source", str(source), "--dest",
+                                str(tmp_path / "v")], stdout=subprocess.PIPE, stderr=follower, env=clean_env,
+                               cwd=ROOT)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    process.wait(timeout=120)
+    os.close(leader)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert process.returncode == 0, screen
+    assert "weightsync:" in screen and "300M" in screen, screen[-2000:]
+    assert "large.bin" in screen, "a file of 256 MiB or more gets a bar of its own"
+    assert "progress " not in screen, "no plain progress lines on a TTY"

@@ -130,7 +130,7 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc="weightsync", file=self._stream, dynamic_ncols=True)
+                             desc="weightsync", file=self._stream, **self._screen())
         elif self.interval > 0:
             self._thread = threading.Thread(target=self._ticker, name="progress", daemon=True)
             self._thread.start()
@@ -160,9 +160,18 @@ class Progress:
                 from tqdm import tqdm
 
                 bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=path[-40:],
-                           file=self._stream, dynamic_ncols=True, position=len(self._file_bars) + 1, leave=False)
+                           file=self._stream, position=len(self._file_bars) + 1, leave=False, **self._screen())
                 self._file_bars[path] = bar
             return bar
+
+    def _screen(self) -> dict[str, int]:
+        """The terminal's size; a pty that reports 0×0 (some `kubectl exec -t`) would hide every bar."""
+        try:
+            size = os.get_terminal_size(self._stream.fileno())
+            columns, lines = size.columns, size.lines
+        except (OSError, ValueError, AttributeError):
+            columns, lines = 0, 0
+        return {"ncols": columns or 100, "nrows": lines or 24}
 
     def file_done(self, path: str | None = None) -> None:
         with self._lock:

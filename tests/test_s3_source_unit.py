@@ -1,0 +1,127 @@
+"""S3 source unit tests with moto: listing, checksums it promises, revisions, error mapping."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from weightsync.errors import SourceError, UsageError
+from weightsync.sources import Selection
+from weightsync.sources.s3 import S3Source
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-moto-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-moto-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="bkt")
+        yield client
+
+
+def source(uri: str = "s3://bkt/models/tiny") -> S3Source:
+    return S3Source.from_uri(uri)
+
+
+def test_listing_is_relative_to_the_prefix_and_skips_directory_markers(s3):
+    s3.put_object(Bucket="bkt", Key="models/tiny/config.json", Body=b"{}")
+    s3.put_object(Bucket="bkt", Key="models/tiny/sub/", Body=b"")
+    s3.put_object(Bucket="bkt", Key="models/tiny/sub/w.bin", Body=b"abc")
+    s3.put_object(Bucket="bkt", Key="models/tiny2/other.bin", Body=b"not me")
+    snapshot = source().snapshot(None, Selection())
+    assert sorted(f.path for f in snapshot.files) == ["config.json", "sub/w.bin"]
+
+
+def test_single_part_etag_is_promised_as_md5(s3):
+    s3.put_object(Bucket="bkt", Key="models/tiny/w.bin", Body=b"abc")
+    [file] = source().snapshot(None, Selection()).files
+    assert file.md5 == hashlib.md5(b"abc").hexdigest() and file.sha256 is None
+
+
+def test_multipart_etag_is_not_an_md5_and_describe_finds_the_sha256_metadata(s3):
+    data = os.urandom(6 * 1024 * 1024)
+    upload = s3.create_multipart_upload(Bucket="bkt", Key="models/tiny/big.bin",
+                                        Metadata={"sha256": hashlib.sha256(data).hexdigest()})
+    parts = []
+    for number, start in enumerate(range(0, len(data), 5 * 1024 * 1024), 1):
+        part = s3.upload_part(Bucket="bkt", Key="models/tiny/big.bin", UploadId=upload["UploadId"],
+                              PartNumber=number, Body=data[start:start + 5 * 1024 * 1024])
+        parts.append({"ETag": part["ETag"], "PartNumber": number})
+    s3.complete_multipart_upload(Bucket="bkt", Key="models/tiny/big.bin", UploadId=upload["UploadId"],
+                                 MultipartUpload={"Parts": parts})
+    src = source()
+    [file] = src.snapshot(None, Selection()).files
+    assert "-" in file.etag and file.md5 is None
+    assert src.describe(file).sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_checksum_sha256_of_the_object_is_promised(s3):
+    data = b"weights" * 1000
+    s3.put_object(Bucket="bkt", Key="models/tiny/w.bin", Body=data, ChecksumAlgorithm="SHA256",
+                  ChecksumSHA256=base64.b64encode(hashlib.sha256(data).digest()).decode())
+    s3.put_object(Bucket="bkt", Key="models/tiny/rclone.bin", Body=b"x",
+                  Metadata={"md5chksum": base64.b64encode(hashlib.md5(b"x").digest()).decode()})
+    src = source()
+    files = {f.path: f for f in src.snapshot(None, Selection()).files}
+    described = src.describe(type(files["w.bin"])(path="w.bin", size=len(data), etag="abc-2"))
+    assert described.sha256 == hashlib.sha256(data).hexdigest()
+    rclone = src.describe(type(files["rclone.bin"])(path="rclone.bin", size=1, etag="abc-2"))
+    assert rclone.md5 == hashlib.md5(b"x").hexdigest()
+
+
+def test_listing_of_more_than_1000_keys_is_paginated(s3):
+    for i in range(1005):
+        s3.put_object(Bucket="bkt", Key=f"models/tiny/f{i:04d}", Body=b"x")
+    assert len(source().snapshot(None, Selection()).files) == 1005
+
+
+def test_revision_is_stable_for_an_unchanged_prefix_and_changes_with_content(s3):
+    s3.put_object(Bucket="bkt", Key="models/tiny/a", Body=b"1")
+    first = source().snapshot(None, Selection()).revision
+    assert source().snapshot(None, Selection()).revision == first
+    assert source().pinned_revision(first) == first
+    s3.put_object(Bucket="bkt", Key="models/tiny/a", Body=b"2")
+    assert source().snapshot(None, Selection()).revision != first
+    filtered = source().snapshot(None, Selection(exclude=("b*",))).revision
+    assert len(filtered) == 20
+
+
+def test_single_object_uri(s3):
+    s3.put_object(Bucket="bkt", Key="models/model.gguf", Body=b"GGUF")
+    src = source("s3://bkt/models/model.gguf")
+    [file] = src.snapshot(None, Selection()).files
+    assert file.path == "model.gguf" and src._key(file) == "models/model.gguf"
+
+
+def test_missing_bucket_and_empty_prefix_are_source_errors(s3):
+    with pytest.raises(SourceError, match="not found"):
+        source("s3://no-such-bucket/x").snapshot(None, Selection())
+    with pytest.raises(SourceError, match="no objects under"):
+        source("s3://bkt/empty").snapshot(None, Selection())
+
+
+def test_bad_uri_and_bad_revision_are_usage_errors():
+    with pytest.raises(UsageError):
+        S3Source.from_uri("s3:///prefix")
+    with pytest.raises(UsageError, match="not an S3 revision"):
+        source().pinned_revision("main")
+
+
+def test_ranged_read_is_pinned_to_the_listed_etag(s3):
+    s3.put_object(Bucket="bkt", Key="models/tiny/w.bin", Body=b"0123456789")
+    src = source()
+    [file] = src.snapshot(None, Selection()).files
+    reader = src.open_range(file, 2, 6)
+    buffer = memoryview(bytearray(16))
+    count = reader.readinto(buffer)
+    reader.close()
+    assert bytes(buffer[:count]) == b"2345"
