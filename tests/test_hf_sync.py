@@ -217,3 +217,16 @@ def test_datasets_uri(hub, hub_env, tmp_path):
     result = weightsync("sync", "--source", "hf://datasets/acme/corpus", "--dest", str(tmp_path), env=hub_env)
     assert result.returncode == 0, result.stderr
     assert tree_bytes(Path(result.stdout.splitlines()[-1])) == files
+
+
+def test_hub_unreachable_starts_with_the_last_published_revision_of_the_branch(hub, hub_env, tmp_path):
+    commit = hub.add_commit("acme/tiny", repo_files(10))
+    assert weightsync("sync", "--source", "hf://acme/tiny", "--dest", str(tmp_path), env=hub_env).returncode == 0
+    hub.stop()
+    env = {**hub_env, "WEIGHTSYNC_RETRIES": "2", "WEIGHTSYNC_RETRY_BASE": "0.01"}
+    result = weightsync("sync", "--source", "hf://acme/tiny", "--dest", str(tmp_path), env=env)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.splitlines()[-1]).name == commit
+    assert "unreachable" in result.stderr and "last published revision" in result.stderr
+    never = weightsync("sync", "--source", "hf://acme/tiny", "--revision", "v9", "--dest", str(tmp_path), env=env)
+    assert never.returncode == 7, never.stderr
