@@ -59,9 +59,62 @@ def _positive_int(text: str) -> int:
 
 def _seconds(text: str) -> float:
     value = float(text)
-    if value < 0 or value != value:
-        raise ValueError("must be a number of seconds >= 0")
+    if not 0 <= value < float("inf"):  # also refuses nan and inf
+        raise ValueError("must be a finite number of seconds >= 0")
     return value
+
+
+# -- hardening (issue 5): lock mode, lease, retries, stall timeout, gc, unknown env vars --------------------
+def _timeout(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 86400:  # also refuses nan and inf
+        raise ValueError("must be a number of seconds above 0 and at most 86400")
+    return value
+
+
+def _attempts(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise ValueError("must be an integer from 1 to 100")
+    return value
+
+
+def _keep(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 10000:
+        raise ValueError("must be an integer from 0 to 10000")
+    return value
+
+
+TEST_ENV = ("WEIGHTSYNC_TEST_PAUSE_AT", "WEIGHTSYNC_TEST_PAUSE_SECONDS")  # see weightsync/testhooks.py
+
+
+def _check_env() -> None:
+    """A WEIGHTSYNC_* variable that no option reads is a typo that would silently do nothing: refuse it."""
+    import difflib
+
+    known = {option.env for option in ALL_OPTIONS.values()} | set(TEST_ENV)
+    for name in sorted(os.environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UsageError(f"unknown environment variable {name}{hint} (see `weightsync COMMAND --help` for "
+                             "the [env ...] of each option)")
+
+
+HARDENING_OPTIONS = (
+    Option("--lock-mode", "auto = flock where it excludes other processes, else a lease file; lease = always "
+           "the lease (set it on every pod of a FUSE/object-store volume)", default="auto",
+           choices=("auto", "flock", "lease")),
+    Option("--lease-timeout", "lease mode: take over a lease whose heartbeat stopped this many seconds ago",
+           _timeout, default=60.0),
+    Option("--retries", "attempts per network request before exit 7", _attempts, default=6),
+    Option("--retry-base", "first retry delay in seconds (doubles each retry, full jitter)", _seconds, default=0.5),
+    Option("--keep", "gc: keep the N newest revisions of each model (`current`, refs/ and locked ones are "
+           "always kept)", _keep, required=True),
+    Option("--staging-older-than", "gc: remove abandoned staging untouched for this many seconds", _seconds,
+           default=86400.0),
+)
 
 
 def _boolean(text: str) -> bool:
@@ -104,7 +157,7 @@ ALL_OPTIONS = {option.flag: option for option in (
     Option("--offline", "make no network request: use what is already published", switch=True),
     Option("--s3-addressing-style", "S3 URL style for S3-compatible servers", default="auto",
            choices=("auto", "path", "virtual")),
-    Option("--stall-timeout", "retry a connection that sends nothing for this many seconds", _seconds,
+    Option("--stall-timeout", "retry a connection that sends nothing for this many seconds", _timeout,
            default=60.0),
     Option("--progress-interval", "seconds between progress lines when stderr is not a terminal", _seconds,
            default=10.0),
@@ -122,11 +175,13 @@ ALL_OPTIONS = {option.flag: option for option in (
     Option("--require-gpu", "run/serve: fail (exit 2) unless a CUDA device is visible", switch=True),
     Option("--json", "status: print JSON instead of a table", switch=True),
     Option("--debug", "log details and show tracebacks", switch=True),
+    *HARDENING_OPTIONS,
 )}
 SOURCE_FLAGS = ("--source", "--name", "--revision", "--include", "--exclude", "--s3-addressing-style")
 SYNC_FLAGS = (*SOURCE_FLAGS, "--dest", "--verify", "--concurrency", "--lock-timeout", "--offline",
               "--stall-timeout", "--progress-interval", "--lockfile", "--termination-log", "--metrics-textfile",
-              "--pushgateway", "--log-format", "--debug")
+              "--pushgateway", "--log-format", "--debug", "--lock-mode", "--lease-timeout", "--retries",
+              "--retry-base")
 COMMANDS: dict[str, tuple[str, str, tuple[Option, ...]]] = {
     "sync": ("sync and print the published model directory", "", _options(*SYNC_FLAGS)),
     "run": ("sync, check the model, then exec COMMAND with MODEL_DIR set",
@@ -141,6 +196,9 @@ COMMANDS: dict[str, tuple[str, str, tuple[Option, ...]]] = {
                       help="keep the synced model on this volume (default: a temporary directory)"))),
     "status": ("the models, revisions, staging and lock holders on a volume", "",
                _options("--dest", "--json", "--log-format", "--debug")),
+    "gc": ("remove old revisions nothing points at and abandoned staging (never `current` or a locked one)", "",
+           _options("--dest", "--name", "--keep", "--staging-older-than", "--lock-mode", "--lease-timeout",
+                    "--log-format", "--debug")),
 }
 
 
@@ -220,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_format = _early_value(argv, "--log-format") or os.environ.get(ENV_PREFIX + "LOG_FORMAT", "text")
     setup_logging(debug, "json" if log_format == "json" else "text")
     try:
+        _check_env()
         args = build_parser().parse_args(argv)
         if args.command is None:
             build_parser().print_help(sys.stderr)
@@ -245,7 +304,7 @@ def _fail(line: str, code: int, debug: bool, log_format: str) -> int:
     from weightsync.progress import event, redact
 
     if debug:
-        traceback.print_exc()
+        print(redact(traceback.format_exc()), end="", file=sys.stderr)
     if log_format == "json":
         event("error", "%s", line, level=logging.ERROR, exit_code=code)
     else:

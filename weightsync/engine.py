@@ -13,6 +13,7 @@ complete, verified revision.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -24,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from weightsync.errors import DiskSpaceError, IntegrityError, SourceError, WeightsyncError
+from weightsync import testhooks
+from weightsync.errors import DiskSpaceError, IntegrityError, NetworkError, SourceError, WeightsyncError
 from weightsync.fetch import HASH_BLOCK, Fetcher, FileDownload
 from weightsync.layout import ModelVolume, check_listing, safe_makedirs
 from weightsync.lockfile import Lockfile
@@ -54,6 +56,8 @@ class SyncRequest:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fsync: bool = True
     lockfile: Lockfile | None = None
+    lock_mode: str = "auto"
+    lease_timeout: float = 60.0
 
 
 @dataclass
@@ -142,7 +146,10 @@ class Engine:
                 raise SourceError(f"--offline: revision {known} of {volume.name} is not complete on {volume.root} "
                                   f"(published revisions: {have}); run once with network access")
 
-        snapshot = self._resolve(request.revision)
+        try:
+            snapshot = self._resolve(request.revision)
+        except NetworkError as unreachable:
+            return self._last_published_instead(unreachable, pinned)
         if request.lockfile:
             snapshot = replace(snapshot, files=request.lockfile.check_listing(snapshot.files))
         if pinned and snapshot.revision != pinned:
@@ -154,7 +161,9 @@ class Engine:
             return self._finish_warm(manifest, key, ref=snapshot.ref, source_revision=snapshot.revision)
 
         volume.ensure(".locks")
-        with volume_lock(volume.lock_path(key), request.lock_timeout, f"{volume.name} revision {key}") as waited:
+        with volume_lock(volume.lock_path(key), request.lock_timeout, f"{volume.name} revision {key}",
+                         mode=request.lock_mode, lease_timeout=request.lease_timeout) as waited:
+            testhooks.pause("locked")
             manifest = self.published(key)
             if manifest is not None:
                 result = self._finish_warm(manifest, key, ref=snapshot.ref, source_revision=snapshot.revision)
@@ -181,10 +190,7 @@ class Engine:
     def published(self, key: str) -> Manifest | None:
         """The manifest if revision `key` is published and intact (sizes, or hashes with --verify full)."""
         directory = self.volume.revision_dir(key)
-        try:
-            if not stat.S_ISDIR(os.lstat(directory).st_mode):
-                return None
-        except OSError:
+        if not self.volume.is_real_revision(key):  # no symlink anywhere on the way: never hand out a path outside
             return None
         try:
             manifest = Manifest.load(self.volume.manifest_path(key))
@@ -222,12 +228,30 @@ class Engine:
         except (WeightsyncError, OSError) as exc:
             log.debug("not updating %s: %s", self.volume.current, exc)
 
+    def _last_published_instead(self, unreachable: NetworkError, pinned: str | None) -> SyncResult:
+        """The source is unreachable: serve what the last sync of this ref published, loudly, or fail."""
+        if pinned or self.request.lockfile:
+            raise unreachable
+        try:
+            known = self._offline_revision()
+        except SourceError:
+            raise unreachable from None
+        manifest = self.published(known) if known else None
+        if manifest is None or known is None:
+            raise unreachable
+        event("source_unreachable", "%s is unreachable (%s); starting with the last published revision %s",
+              self.source.uri, unreachable, known, level=logging.WARNING, revision=known, error=str(unreachable))
+        return self._finish_warm(manifest, known, ref=None, source_revision=known)
+
     def _offline_revision(self) -> str | None:
         ref = self.request.revision or self.source.default_ref
         if ref:
             found = self.volume.read_ref(_ref_key(ref, self.request.selection))
             if found:
                 return found
+            raise SourceError(f"--offline: {self.source.uri} revision {ref} was never synced onto "
+                              f"{self.volume.root}; run once with network access, or pin a revision that is "
+                              "on the volume")
         current = self.volume.current_revision()
         variant = self.request.selection.key()
         if current and (not variant or current.endswith(f"-{variant}")):
@@ -257,6 +281,7 @@ class Engine:
 
     def _quarantine_broken(self, key: str) -> None:
         """Move a damaged or manifest-less revision out of the way before re-syncing it."""
+        self.volume.ensure("revisions")  # refuses a planted symlink: never move or delete anything outside DEST
         directory = self.volume.revision_dir(key)
         if not os.path.lexists(directory):
             return
@@ -273,7 +298,7 @@ class Engine:
         reused = 0
         reuse = ReuseIndex.build(volume, exclude=key)
         for remote in snapshot.files:
-            sha256 = FileDownload(remote, parts, tree).load_state()
+            sha256 = _recheck_staged(FileDownload(remote, parts, tree), remote, tree)
             if sha256 is None and (sha256 := reuse.link_into(remote, tree, full=request.verify == "full")):
                 reused += remote.size
             if sha256 is not None:
@@ -286,15 +311,34 @@ class Engine:
             download.load_state()
         resumed = sum(d.bytes_on_disk for d in downloads)
         needed = sum(d.remote.size for d in downloads) - resumed
-        self._check_free_space(staging, needed)
+        self._check_free_space(staging, sum(_space_still_needed(d) for d in downloads))
 
         total = sum(f.size for f in snapshot.files)
-        log.info("syncing %s revision %s: %d files, %s (%s to download, %s resumed, %s reused) into %s",
-                 self.source.uri, key, len(snapshot.files), human_bytes(total), human_bytes(needed),
-                 human_bytes(resumed), human_bytes(reused), volume.root)
+        event("plan", "syncing %s revision %s: %d files, %s (%s to download, %s resumed, %s reused) into %s",
+              self.source.uri, key, len(snapshot.files), human_bytes(total), human_bytes(needed),
+              human_bytes(resumed), human_bytes(reused), volume.root, revision=key, files=len(snapshot.files),
+              bytes_total=total, bytes_to_download=needed, bytes_resumed=resumed, bytes_reused=reused)
         with Progress(needed, len(downloads), interval=request.progress_interval) as progress:
             fetcher = Fetcher(self.source, progress, request.concurrency, request.retry, fsync=request.fsync)
-            staged.update(fetcher.run(downloads))
+            try:
+                staged.update(fetcher.run(downloads))
+            except IntegrityError as exc:
+                if not resumed:
+                    raise
+                # Resumed bytes from an earlier run failed verification (tampered or torn resume state):
+                # the bad file was discarded, so fetch it again from scratch once instead of failing.
+                log.warning("data resumed from an earlier run failed verification (%s); re-downloading it", exc)
+                resumed = 0
+                retry = []
+                for remote in (d.remote for d in downloads):
+                    download = FileDownload(remote, parts, tree)
+                    if (sha256 := download.load_state()) is not None:
+                        staged[remote.path] = sha256
+                    else:
+                        retry.append(download)
+                downloads = retry
+                fetcher = Fetcher(self.source, progress, request.concurrency, request.retry, fsync=request.fsync)
+                staged.update(fetcher.run(downloads))
 
         manifest = Manifest(source=self.source.uri, revision=key, ref=snapshot.ref,
                             selection={"include": list(request.selection.include),
@@ -329,14 +373,24 @@ class Engine:
     def _publish(self, manifest: Manifest, staging: Path, key: str, ref: str | None) -> None:
         """Manifest first, then one rename of the verified tree; `current` flips last."""
         volume = self.volume
-        write_atomic(volume.ensure("manifests") / f"{key}.json", manifest.to_json())
-        tree = staging / "tree"
-        if self.request.fsync:
-            _fsync_tree(tree)
-        revisions = volume.ensure("revisions")
-        os.rename(tree, volume.revision_dir(key))
-        if self.request.fsync:
-            _fsync_dir(revisions)
+        testhooks.pause("before-publish")
+        try:
+            write_atomic(volume.ensure("manifests") / f"{key}.json", manifest.to_json())
+            testhooks.pause("manifest-written")
+            tree = staging / "tree"
+            if self.request.fsync:
+                _fsync_tree(tree)
+            revisions = volume.ensure("revisions")
+            os.rename(tree, volume.revision_dir(key))
+            if self.request.fsync:
+                _fsync_dir(revisions)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskSpaceError(f"the volume filled up while publishing {key}: {exc.strerror}; nothing was "
+                                     "published and the verified files stay in staging — free space and rerun"
+                                     ) from exc
+            raise
+        testhooks.pause("renamed")
         self._point_current(key, ref)
         mark_verified(volume, key)
         shutil.rmtree(staging, ignore_errors=True)
@@ -348,6 +402,42 @@ def mark_verified(volume: ModelVolume, key: str) -> None:
         write_atomic(volume.root / "manifests" / f"{key}.verified", f"{time.time():.3f}\n".encode(), durable=False)
     except OSError as exc:
         log.debug("not recording the verification time: %s", exc.strerror)
+
+
+def _space_still_needed(download: FileDownload) -> int:
+    """Bytes the volume must still provide for one file: what staging already holds (written, or preallocated
+    by an earlier run) does not count twice."""
+    try:
+        info = os.lstat(download.part_path)
+        held = info.st_blocks * 512 if stat.S_ISREG(info.st_mode) else 0
+    except OSError:
+        held = 0
+    return max(0, download.remote.size - max(held, download.bytes_on_disk))
+
+
+def _recheck_staged(download: FileDownload, remote: RemoteFile, tree: Path) -> str | None:
+    """A file an earlier run finished in staging, re-hashed before it is trusted; None to fetch it again."""
+    sha256 = download.load_state()
+    if sha256 is None:
+        return None
+    from weightsync.fetch import _Hashers, verify_digests
+
+    final = tree / remote.path
+    hashers = _Hashers(remote)
+    try:
+        with open(final, "rb", buffering=0) as handle:
+            while chunk := handle.read(HASH_BLOCK):
+                hashers.update(chunk)
+        digests = hashers.digests()
+        if digests["sha256"] != sha256:
+            raise IntegrityError(f"{remote.path}: sha256 {digests['sha256']} differs from the resume state")
+        verify_digests(remote, digests, untrusted={"md5"})  # an ETag is not an MD5 under SSE-KMS
+    except (OSError, IntegrityError) as exc:
+        log.warning("staged %s failed re-verification (%s); downloading it again", remote.path, exc)
+        final.unlink(missing_ok=True)
+        download.state_path.unlink(missing_ok=True)
+        return None
+    return sha256
 
 
 def check_files(directory: Path, manifest: Manifest, full: bool) -> list[str]:

@@ -5,11 +5,18 @@ with pwrite at chunk offsets) and its resume state `<id>.json` records which
 chunks are on disk. A killed process loses at most the chunks in flight: the next
 run re-reads the state and fetches only what is missing.
 
-Hashing runs over the contiguous prefix of finished chunks, reading them back
-while they are still in the page cache, so there is no second pass over the file
-at the end and no hash state has to survive a crash (a resumed file is re-hashed
-from disk up to where it stopped). Only when every byte is verified against
-what the source promised does the file move into `.staging/<rev>/tree/`.
+Hashing runs over the contiguous prefix of written bytes: the worker whose data
+is next in order hashes it straight from its buffer, and bytes that landed ahead
+of the frontier are hashed later through a read-only mmap of the page cache (no
+copy), so there is no second pass over the file at the end and no hash state has
+to survive a crash (a resumed file is re-hashed from disk up to where it stopped).
+Only when every byte is verified against what the source promised does the file
+move into `.staging/<rev>/tree/`.
+
+Where the time goes, and why the knobs below are what they are, is measured in
+benchmarks/README.md: on a small machine the client CPU is the bottleneck, so the
+hot loop is one `readinto` of the socket straight into a reused buffer, one
+`pwrite` into a preallocated file, and sha256 over each byte exactly once.
 """
 
 from __future__ import annotations
@@ -18,11 +25,13 @@ import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import queue
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from weightsync.errors import DiskSpaceError, IntegrityError, WeightsyncError
 from weightsync.layout import safe_makedirs
@@ -33,19 +42,68 @@ from weightsync.sources import RemoteFile, Source
 
 log = logging.getLogger("weightsync")
 
-MIN_CHUNK = 16 * 1024 * 1024
+MIN_CHUNK = 64 * 1024 * 1024
 MAX_CHUNKS_PER_FILE = 1024
 BUFFER_SIZE = 1024 * 1024
+MIN_BUFFER_SIZE = 256 * 1024
 HASH_BLOCK = 8 * 1024 * 1024
 STATE_VERSION = 1
 STATE_SAVE_BYTES = 1024 * 1024
+STATE_SAVE_INTERVAL = 0.1
 STATE_SAVE_SECONDS = 1.0
 
 
 def chunk_size_for(size: int) -> int:
-    """16 MiB chunks, larger for huge files so the resume state stays small."""
+    """64 MiB chunks (one ranged GET each), larger for huge files so the resume state stays small."""
     per_chunk = -(-size // MAX_CHUNKS_PER_FILE)
     return max(MIN_CHUNK, -(-per_chunk // (1024 * 1024)) * 1024 * 1024)
+
+
+def _libc() -> Any:
+    """The C library through ctypes (imported only on the cold path), or None where there is none."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        except (OSError, ImportError):
+            _LIBC = False
+    return _LIBC or None
+
+
+_LIBC: Any = None
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks with fallocate(2): a full volume fails now, not half way through, and
+    concurrent pwrites into allocated extents cost a fraction of writes into a sparse file's holes
+    (ext4: about a quarter of the system time). A filesystem without fallocate keeps the sparse file."""
+    libc = _libc()
+    fallocate = getattr(libc, "fallocate", None) if libc is not None else None
+    if size <= 0 or fallocate is None:
+        return
+    import ctypes
+
+    if fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(size)) != 0:
+        code = ctypes.get_errno()
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(code, os.strerror(code))
+
+
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range to the device (sync_file_range(2), asynchronous): the
+    final fsync then waits for what is left instead of the whole file. Best effort; a no-op elsewhere."""
+    libc = _libc()
+    sync_file_range = getattr(libc, "sync_file_range", None) if libc is not None else None
+    if sync_file_range is None or length <= 0:
+        return
+    import ctypes
+
+    sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), ctypes.c_uint(SYNC_FILE_RANGE_WRITE))
 
 
 def part_id(path: str) -> str:
@@ -110,10 +168,12 @@ class FileDownload:
         self._unsaved = 0
         self._fd: int | None = None
         self._state_lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self._hash_lock = threading.Lock()
         self._hashers = _Hashers(remote)
         self._hashed = 0
         self._next_chunk_to_hash = 0
+        self._scratch: memoryview | None = None
 
     # -- resume state -------------------------------------------------------
     def _state(self, complete_sha256: str | None = None) -> dict[str, object]:
@@ -164,15 +224,27 @@ class FileDownload:
         return self.chunks[index][0] + self.partial.get(index, 0)
 
     def chunk_progress(self, index: int, position: int) -> None:
-        """Note bytes written inside a chunk; saved every few MiB (or second), so a kill loses little."""
+        """Note bytes written inside a chunk; saved at most every STATE_SAVE_INTERVAL, so a kill loses little.
+
+        The state is serialised under the lock but written outside it, by one thread at a
+        time: other workers never wait for a save. A save that loses the race to a newer
+        one may land after it; that only under-reports progress, which is always safe.
+        """
         with self._state_lock:
             before = self.partial.get(index, 0)
             self.partial[index] = position - self.chunks[index][0]
             self._unsaved += self.partial[index] - before
             now = time.monotonic()
-            if self._unsaved >= STATE_SAVE_BYTES or now - self._saved_at >= STATE_SAVE_SECONDS:
-                self._saved_at, self._unsaved = now, 0
-                write_atomic(self.state_path, json.dumps(self._state()).encode(), durable=False)
+            due = now - self._saved_at >= (STATE_SAVE_INTERVAL if self._unsaved >= STATE_SAVE_BYTES
+                                           else STATE_SAVE_SECONDS)
+            if not due or not self._save_lock.acquire(blocking=False):
+                return
+            self._saved_at, self._unsaved = now, 0
+            state = json.dumps(self._state()).encode()
+        try:
+            write_atomic(self.state_path, state, durable=False)
+        finally:
+            self._save_lock.release()
 
     def pending_chunks(self) -> list[int]:
         return [i for i in range(len(self.chunks)) if i not in self.done]
@@ -185,11 +257,12 @@ class FileDownload:
         try:
             if os.fstat(fd).st_size != self.remote.size:
                 os.ftruncate(fd, self.remote.size)
+            preallocate(fd, self.remote.size)
         except OSError:
             os.close(fd)
             raise
         self._fd = fd
-        write_atomic(self.state_path, json.dumps(self._state()).encode())
+        write_atomic(self.state_path, json.dumps(self._state()).encode(), durable=False)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -211,28 +284,77 @@ class FileDownload:
             write_atomic(self.state_path, json.dumps(self._state()).encode(), durable=False)
             return len(self.done) == len(self.chunks)
 
+    def start_writeback(self, index: int) -> None:
+        """Start writing a finished chunk to the device now, so the fsync before publish has little left."""
+        if self._fd is not None:
+            start, end = self.chunks[index]
+            start_writeback(self._fd, start, end - start)
+
     # -- hashing ------------------------------------------------------------
-    def advance_hash(self, blocking: bool) -> None:
-        """Hash the contiguous finished prefix not yet hashed (one thread at a time)."""
-        if not self._hash_lock.acquire(blocking=blocking):
+    def hash_inline(self, data: memoryview, offset: int) -> None:
+        """Hash bytes just written at `offset` from the buffer itself, when they are next in order.
+
+        Catches up from disk first if the hash is behind but the bytes before `offset` are
+        written. Never waits: if another thread is hashing, the bytes are hashed later from
+        the page cache instead.
+        """
+        if self._hashed > offset or not self._hash_lock.acquire(blocking=False):
             return
         try:
-            assert self._fd is not None
-            while True:
-                with self._state_lock:
-                    while self._next_chunk_to_hash in self.done:
-                        self._next_chunk_to_hash += 1
-                    frontier = (self.chunks[self._next_chunk_to_hash - 1][1]
-                                if self._next_chunk_to_hash else 0)
-                if self._hashed >= frontier:
-                    return
-                data = os.pread(self._fd, min(HASH_BLOCK, frontier - self._hashed), self._hashed)
-                if not data:
-                    raise IntegrityError(f"{self.part_path} is shorter than expected; rerun to resume")
+            if self._hashed < offset:
+                self._catch_up()
+            if self._hashed == offset:
                 self._hashers.update(data)
                 self._hashed += len(data)
         finally:
             self._hash_lock.release()
+
+    def advance_hash(self, blocking: bool) -> None:
+        """Hash the contiguous written prefix not yet hashed (one thread at a time)."""
+        if not self._hash_lock.acquire(blocking=blocking):
+            return
+        try:
+            self._catch_up()
+        finally:
+            self._hash_lock.release()
+
+    def _frontier(self) -> int:
+        """End of the contiguous prefix of bytes on disk: finished chunks, then the next one's written part."""
+        with self._state_lock:
+            while self._next_chunk_to_hash in self.done:
+                self._next_chunk_to_hash += 1
+            if self._next_chunk_to_hash == len(self.chunks):
+                return self.remote.size
+            return self.chunks[self._next_chunk_to_hash][0] + self.partial.get(self._next_chunk_to_hash, 0)
+
+    def _catch_up(self) -> None:
+        """With the hash lock held: hash [hashed, frontier) from the page cache."""
+        assert self._fd is not None
+        while (frontier := self._frontier()) > self._hashed:
+            length = min(HASH_BLOCK, frontier - self._hashed)
+            self._hash_from_disk(self._hashed, length)
+            self._hashed += length
+
+    def _hash_from_disk(self, offset: int, length: int) -> None:
+        """Hash `length` bytes at `offset` through a read-only mapping (no copy), else a read into a buffer."""
+        assert self._fd is not None
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            with mmap.mmap(self._fd, offset + length - base, prot=mmap.PROT_READ, offset=base) as mapped, \
+                    memoryview(mapped) as view, view[offset - base:] as data:
+                self._hashers.update(data)
+            return
+        except (OSError, ValueError):  # a filesystem without mmap: read it instead
+            pass
+        if self._scratch is None or len(self._scratch) < length:
+            self._scratch = memoryview(bytearray(HASH_BLOCK))
+        done = 0
+        while done < length:
+            count = os.preadv(self._fd, [self._scratch[done:length]], offset + done)
+            if not count:
+                raise IntegrityError(f"{self.part_path} is shorter than expected; rerun to resume")
+            done += count
+        self._hashers.update(self._scratch[:length])
 
     def finish(self, fsync: bool) -> str:
         """Verify the whole file against the source's promises and move it into the tree."""
@@ -253,7 +375,8 @@ class FileDownload:
             os.fsync(self._fd)
         self.close()
         with self._state_lock:
-            write_atomic(self.state_path, json.dumps(self._state(digests["sha256"])).encode())
+            # Not fsynced: the data is (when asked), and a lost state file only means re-downloading.
+            write_atomic(self.state_path, json.dumps(self._state(digests["sha256"])).encode(), durable=False)
         self._move_into_tree()
         return digests["sha256"]
 
@@ -281,15 +404,16 @@ def _is_regular_file_of_size(path: Path, size: int) -> bool:
 class Fetcher:
     """A bounded pool of worker threads pulling chunks from one queue across all files.
 
-    Memory is bounded by concurrency × BUFFER_SIZE (+ one HASH_BLOCK per hashing
-    thread), whatever the file or model size.
+    Memory is bounded by concurrency × buffer size (+ one HASH_BLOCK where a filesystem
+    cannot be mapped), whatever the file or model size; both shrink to fit a cgroup
+    memory limit (see `worker_plan`).
     """
 
     def __init__(self, source: Source, progress: Progress, concurrency: int, retry: RetryPolicy,
                  fsync: bool = True) -> None:
         self.source = source
         self.progress = progress
-        self.concurrency = concurrency
+        self.concurrency, self.buffer_size = worker_plan(concurrency)
         self.retry = retry
         self.fsync = fsync
         self.results: dict[str, str] = {}
@@ -328,7 +452,7 @@ class Fetcher:
         return self.results
 
     def _work(self) -> None:
-        buffer = memoryview(bytearray(BUFFER_SIZE))
+        buffer = memoryview(bytearray(self.buffer_size))
         while not self._abort.is_set():
             try:
                 download, index = self._queue.get_nowait()
@@ -339,6 +463,8 @@ class Fetcher:
                 if download.chunk_finished(index):
                     self._complete(download)
                 else:
+                    if self.fsync:
+                        download.start_writeback(index)
                     download.advance_hash(blocking=False)
             except BaseException as exc:
                 if isinstance(exc, OSError):
@@ -375,6 +501,7 @@ class Fetcher:
 
                         raise TransientError(f"connection closed early at byte {position} of {end}")
                     download.write(buffer[:count], position)
+                    download.hash_inline(buffer[:count], position)
                     position += count
                     download.chunk_progress(index, position)
                     self.progress.add_bytes(count, download.remote.path, download.remote.size)
@@ -385,6 +512,63 @@ class Fetcher:
             self.retries += 1
 
         call_with_retries(f"downloading {download.remote.path}", attempt, self.retry, count_retry)
+
+
+def cgroup_limits() -> tuple[float | None, int | None]:
+    """(CPUs, memory bytes) this process's cgroup allows (v2, else v1); None for unlimited or unknown."""
+    cpus: float | None = None
+    memory: int | None = None
+    try:
+        line = next(x for x in Path("/proc/self/cgroup").read_text().splitlines() if x.startswith("0::"))
+        own = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+    except (OSError, StopIteration):
+        own = Path("/sys/fs/cgroup")
+    for directory in dict.fromkeys((own, Path("/sys/fs/cgroup"))):
+        try:
+            quota, period = (directory / "cpu.max").read_text().split()[:2]
+            if quota != "max" and cpus is None:
+                cpus = int(quota) / int(period)
+        except (OSError, ValueError):
+            pass
+        try:
+            value = (directory / "memory.max").read_text().strip()
+            if value != "max" and memory is None:
+                memory = int(value)
+        except (OSError, ValueError):
+            pass
+    if cpus is None:
+        try:
+            quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            if quota_us > 0:
+                cpus = quota_us / int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        except (OSError, ValueError, ZeroDivisionError):
+            pass
+    if memory is None:
+        try:
+            limit = int(Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").read_text())
+            memory = limit if limit < 1 << 60 else None
+        except (OSError, ValueError):
+            pass
+    return cpus, memory
+
+
+def worker_plan(requested: int, limits: tuple[float | None, int | None] | None = None) -> tuple[int, int]:
+    """(workers, buffer bytes) for `requested` concurrent ranges within the cgroup's limits.
+
+    Buffers may take 1/16 of a memory limit (the interpreter, boto3 and the kernel's
+    dirty page cache need the rest): buffers shrink first, down to MIN_BUFFER_SIZE, then
+    the number of workers. A CPU quota below one core halves the default eight streams:
+    on a throttled core more streams only add scheduling and per-request overhead.
+    """
+    cpus, memory = limits if limits is not None else cgroup_limits()
+    workers, buffer = max(1, requested), BUFFER_SIZE
+    if cpus is not None and cpus < 1:
+        workers = min(workers, 4)
+    if memory is not None:
+        budget = max(MIN_BUFFER_SIZE, memory // 16)
+        workers = min(workers, max(1, budget // MIN_BUFFER_SIZE))
+        buffer = max(MIN_BUFFER_SIZE, min(BUFFER_SIZE, budget // workers // (64 * 1024) * 64 * 1024))
+    return workers, buffer
 
 
 class _Aborted(WeightsyncError):

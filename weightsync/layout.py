@@ -16,6 +16,7 @@ Nothing here follows a symlink out of DEST: directories are checked with lstat.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -75,10 +76,8 @@ def safe_makedirs(base: Path, relative: str) -> Path:
         try:
             info = os.lstat(current)
         except FileNotFoundError:
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.mkdir(current, 0o755)
-            except FileExistsError:
-                pass
             info = os.lstat(current)
         if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
             raise IntegrityError(f"refusing to write through {current}: it is a symlink or not a directory "
@@ -115,7 +114,7 @@ class ModelVolume:
     def ensure(self, relative: str = "") -> Path:
         """Create DEST/<name>/<relative> safely (no symlink followed) and return it."""
         try:
-            self.dest.mkdir(parents=True, exist_ok=True)
+            self.dest.mkdir(mode=0o755, parents=True, exist_ok=True)
             path = safe_makedirs(self.dest, self.name)
             if relative:
                 path = safe_makedirs(self.root, relative)
@@ -123,6 +122,16 @@ class ModelVolume:
             raise WeightsyncError(f"cannot create {exc.filename or self.root}: {exc.strerror}; check that "
                                   "--dest is a writable volume") from exc
         return path
+
+    def is_real_revision(self, revision: str) -> bool:
+        """revisions/<revision> is a directory reached without any symlink (DEST/<name>, revisions, itself)."""
+        for path in (self.root, self.root / "revisions", self.revision_dir(revision), self.root / "manifests"):
+            try:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    return False
+            except OSError:
+                return False
+        return True
 
     def current_revision(self) -> str | None:
         try:
@@ -156,8 +165,10 @@ class ModelVolume:
             write_atomic(self.ref_path(ref), revision.encode() + b"\n")
 
     def read_ref(self, ref: str) -> str | None:
+        from weightsync.manifest import read_nofollow
+
         try:
-            value = self.ref_path(ref).read_text().strip()
+            value = read_nofollow(self.ref_path(ref), limit=4096).decode("utf-8", "replace").strip()
         except OSError:
             return None
         return value if SAFE_NAME.match(value) else None

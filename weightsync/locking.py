@@ -1,47 +1,198 @@
 """One downloader per (model, revision) on a shared volume.
 
-The lock is a `filelock.FileLock` (flock(2)) on a file inside DEST, so it works
-across processes and across pods sharing an RWX volume whose filesystem supports
-flock: local disks, NFSv4 (Linux maps flock to NFS byte-range locks), CephFS.
-The kernel drops the lock when its holder dies (even by SIGKILL), so a crashed
-pod never blocks the next. The holder writes its identity next to the lock so a
-waiter can say who it is waiting for.
+Two mechanisms, chosen per volume (`--lock-mode auto|flock|lease`, default auto):
+
+* flock: a `filelock.FileLock` (flock(2)) on `.locks/<rev>.lock`. It works across
+  processes and pods whose filesystem really implements flock: local disks, NFSv4
+  (the Linux client maps flock to NFS byte-range locks), CephFS. The kernel drops
+  the lock when its holder dies (even by SIGKILL), so a crashed pod never blocks
+  the next. The holder writes its identity to `<rev>.lock.holder` so a waiter can
+  say who it is waiting for.
+* lease: `.locks/<rev>.lease`, created with O_EXCL (atomic on local disks, NFSv3+,
+  and object-store FUSE mounts that do not implement locks at all), holding the
+  holder's host, pid and a heartbeat counter that a thread bumps every
+  lease-timeout/4 seconds. A waiter that sees the counter unchanged for
+  `--lease-timeout` seconds (measured on its own monotonic clock, so clock skew
+  between nodes does not matter) takes the lease over and logs the old holder's
+  host and pid. A holder that finds its lease taken over (it was frozen longer
+  than the timeout) exits at once, before it can publish anything.
+
+`auto` probes the volume once per process: it flocks a probe file and lets a
+forked child try to flock it too. If the child gets it, flock does not exclude
+on this filesystem (some FUSE / object-store mounts grant every lock) and the
+lease is used instead. A FUSE mount whose locks are node-local passes the probe
+on one node but does not exclude pods on other nodes: set `--lock-mode lease`
+on every pod that shares such a volume (see docs/guarantees.md).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
+import secrets
 import socket
+import stat
+import sys
+import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from weightsync.errors import LockTimeoutError, WeightsyncError
+from weightsync.errors import LockTimeoutError, UsageError, WeightsyncError
 
 log = logging.getLogger("weightsync")
 WAIT_LOG_INTERVAL = 10.0
+LOCK_MODES = ("auto", "flock", "lease")
+DEFAULT_LEASE_TIMEOUT = 60.0
+MIN_FILELOCK = (3, 20, 1)  # CVE-2025-68146 / CVE-2026-22701: lock files opened without following symlinks
+LEASE_RECORD_BYTES = 512
+_probe_cache: dict[int, bool] = {}
 
 
 def _holder_path(lock_path: Path) -> Path:
     return lock_path.with_name(lock_path.name + ".holder")
 
 
+def lease_path(lock_path: Path) -> Path:
+    return lock_path.with_suffix(".lease")
+
+
 def describe_holder(lock_path: Path) -> str:
     """Who holds the lock, as the holder recorded it (best effort)."""
+    record = _read_json(_holder_path(lock_path)) or _read_json(lease_path(lock_path))
+    return _describe(record)
+
+
+def _describe(record: dict | None) -> str:
     try:
-        info = json.loads(_holder_path(lock_path).read_text())
-        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info["since"]))
-        return f"host {info['host']} pid {info['pid']} since {since}"
+        assert record is not None
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(record["since"])))
+        return f"host {record['host']} pid {record['pid']} since {since}"
     except Exception:
         return "an unknown process"
 
 
+def _read_bytes(path: Path) -> bytes | None:
+    """A small file's content, never through a symlink; None if absent or unreadable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO planted here would block a reader forever
+            return b"<not a regular file>"
+        return os.read(fd, 64 * 1024)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> dict | None:
+    data = _read_bytes(path)
+    try:
+        value = json.loads(data) if data else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def check_filelock_version() -> None:
+    """Refuse a filelock that follows symlinks when it opens lock files (< 3.20.1)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("filelock")
+    except PackageNotFoundError:
+        return
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    if tuple(parts) < MIN_FILELOCK:
+        raise WeightsyncError(f"filelock {text} is too old: it follows symlinks when opening lock files "
+                              "(CVE-2025-68146, CVE-2026-22701); install filelock>=3.20.1")
+
+
+def flock_excludes(directory: Path) -> bool:
+    """Whether flock(2) on `directory`'s filesystem stops a second process (probed once per filesystem)."""
+    try:
+        device = os.stat(directory).st_dev
+    except OSError:
+        device = -1
+    if device in _probe_cache:
+        return _probe_cache[device]
+    result = _probe_flock(directory / ".flock-probe")
+    _probe_cache[device] = result
+    if not result:
+        log.warning("file locks do not exclude other processes on %s (FUSE or object-store mount?); using a "
+                    "lease file with heartbeat instead", directory)
+    return result
+
+
+def _probe_flock(probe: Path) -> bool:
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise WeightsyncError(f"cannot create lock probe {probe}: {exc.strerror}; check that --dest is writable"
+                              ) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # another process is probing right now, and it excluded us
+        except OSError:
+            return False  # ENOLCK, EOPNOTSUPP...: no working locks here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: the child only flocks
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 3
+            try:
+                child = os.open(probe, os.O_RDWR | os.O_NOFOLLOW)
+                try:
+                    fcntl.flock(child, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    code = 0
+                except BlockingIOError:
+                    code = 1
+                except OSError:
+                    code = 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) == 1
+    finally:
+        os.close(fd)
+
+
+def _choose_mode(mode: str, directory: Path) -> str:
+    if mode not in LOCK_MODES:
+        raise UsageError(f"--lock-mode {mode!r} must be one of {', '.join(LOCK_MODES)}")
+    if mode == "auto":
+        return "flock" if flock_excludes(directory) else "lease"
+    return mode
+
+
 @contextmanager
-def volume_lock(lock_path: Path, timeout: float | None, what: str) -> Iterator[float]:
+def volume_lock(lock_path: Path, timeout: float | None, what: str, mode: str = "auto",
+                lease_timeout: float = DEFAULT_LEASE_TIMEOUT) -> Iterator[float]:
     """Hold the lock for `what`; yield the seconds spent waiting. None waits forever."""
+    if _choose_mode(mode, lock_path.parent) == "lease":
+        with _lease_lock(lease_path(lock_path), timeout, what, lease_timeout) as waited:
+            yield waited
+        return
+    with _flock_lock(lock_path, timeout, what) as waited:
+        yield waited
+
+
+@contextmanager
+def _flock_lock(lock_path: Path, timeout: float | None, what: str) -> Iterator[float]:
+    check_filelock_version()
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(lock_path), mode=0o644, is_singleton=False)
@@ -62,14 +213,182 @@ def volume_lock(lock_path: Path, timeout: float | None, what: str) -> Iterator[f
             log.info("waiting for %s: another process is downloading it (%s)", what, holder)
         except OSError as exc:
             raise WeightsyncError(f"cannot create lock file {lock_path}: {exc.strerror}; check that --dest "
-                                  "is writable") from exc
+                                  "is writable and that it is not a symlink") from exc
     waited = time.monotonic() - started
     try:
         from weightsync.manifest import write_atomic
 
-        identity = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        identity = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "mode": "flock"}
         write_atomic(_holder_path(lock_path), json.dumps(identity).encode())
         yield waited
     finally:
         _holder_path(lock_path).unlink(missing_ok=True)
         lock.release()
+
+
+@contextmanager
+def try_lock(lock_path: Path, mode: str = "auto",
+             lease_timeout: float = DEFAULT_LEASE_TIMEOUT) -> Iterator[bool]:
+    """Take the lock only if nobody holds it now; yield whether it was taken (for `weightsync gc`)."""
+    if not lock_path.parent.is_dir():
+        yield True
+        return
+    if _choose_mode(mode, lock_path.parent) == "lease":
+        lease = _Lease(lease_path(lock_path), lease_timeout)
+        if not lease.try_acquire():
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lease.release()
+        return
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def lease_is_live(path: Path, lease_timeout: float) -> bool:
+    """A lease whose file was touched within the timeout (wall clock; for gc and status only)."""
+    try:
+        return time.time() - os.lstat(path).st_mtime < lease_timeout
+    except OSError:
+        return False
+
+
+class _Lease:
+    """A lease file: O_EXCL create, heartbeat counter rewritten in place, released by unlink."""
+
+    def __init__(self, path: Path, lease_timeout: float) -> None:
+        self.path = path
+        self.timeout = lease_timeout
+        self.token = secrets.token_hex(8)
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
+                       "token": self.token, "beat": 0, "mode": "lease"}
+        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _encode(self) -> bytes:
+        data = json.dumps(self.record).encode()
+        return data + b" " * max(0, LEASE_RECORD_BYTES - 1 - len(data)) + b"\n"
+
+    def try_acquire(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise WeightsyncError(f"cannot create lease file {self.path}: {exc.strerror}; check that --dest is "
+                                  "writable") from exc
+        self._fd = fd
+        os.pwrite(fd, self._encode(), 0)
+        os.fsync(fd)
+        self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+        return True
+
+    def _heartbeat(self) -> None:
+        interval = min(10.0, max(0.05, self.timeout / 4))
+        while not self._stop.wait(interval):
+            content = _read_bytes(self.path)
+            current = _parse(content) if content is not None else None
+            gone = content is None and not os.path.lexists(self.path)  # None alone may be a transient I/O error
+            if gone or (content is not None and (current or {}).get("token") != self.token):
+                sys.stderr.write(
+                    f"weightsync: error: lost the lease {self.path} to {_describe(current)} (this process was "
+                    f"stalled for longer than --lease-timeout {self.timeout:g}s); exiting without publishing, "
+                    "the new holder finishes the download\n")
+                sys.stderr.flush()
+                os._exit(5)
+            self.record["beat"] = int(self.record["beat"]) + 1
+            try:
+                assert self._fd is not None
+                os.pwrite(self._fd, self._encode(), 0)
+            except OSError as exc:
+                log.warning("cannot renew the lease %s: %s", self.path, exc.strerror)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        current = _read_json(self.path)
+        if current and current.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@contextmanager
+def _lease_lock(path: Path, timeout: float | None, what: str, lease_timeout: float) -> Iterator[float]:
+    lease = _Lease(path, lease_timeout)
+    started = time.monotonic()
+    seen: bytes | None = None
+    seen_since = started
+    logged = started
+    while not lease.try_acquire():
+        now = time.monotonic()
+        content = _read_bytes(path) if not path.is_symlink() else b"<symlink>"
+        if content is None:  # released meanwhile (or unreadable): try again shortly
+            seen = None
+            time.sleep(0.01)
+            continue
+        if content != seen:
+            seen, seen_since = content, now
+        elif now - seen_since >= lease_timeout:
+            _take_over(path, content, now - seen_since)
+            seen = None
+            continue
+        holder = _describe(_parse(content))
+        if timeout is not None and now - started >= timeout:
+            raise LockTimeoutError(f"{what}: still locked by {holder} after {timeout:g}s (lease file {path}); "
+                                   "raise --lock-timeout, or check that process")
+        if now - logged >= WAIT_LOG_INTERVAL:
+            logged = now
+            log.info("waiting for %s: another process is downloading it (%s)", what, holder)
+        time.sleep(min(0.1, lease_timeout / 10))
+    try:
+        yield time.monotonic() - started
+    finally:
+        lease.release()
+
+
+def _parse(content: bytes) -> dict | None:
+    try:
+        value = json.loads(content)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _take_over(path: Path, content: bytes, silent_for: float) -> None:
+    """Move a stale lease aside, unless it changed at the last moment (then put it back)."""
+    aside = path.with_name(f"{path.name}.stale.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    moved = _read_bytes(aside) if not aside.is_symlink() else b"<symlink>"
+    if moved != content:
+        try:  # a new holder renewed or re-created it just now: restore it
+            os.link(aside, path)
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                log.debug("could not restore lease %s: %s", path, exc)
+        aside.unlink(missing_ok=True)
+        return
+    aside.unlink(missing_ok=True)
+    log.warning("took over the stale lease %s of %s: no heartbeat for %.1fs (--lease-timeout)", path,
+                _describe(_parse(content)), silent_for)

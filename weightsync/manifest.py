@@ -64,16 +64,24 @@ class Manifest:
         from weightsync.layout import check_relative_path
 
         try:
-            body = json.loads(path.read_bytes())
+            body = json.loads(read_nofollow(path))
             if body.get("format") != FORMAT:
                 raise ManifestError(f"unknown manifest format {body.get('format')!r}")
+            if path.name.endswith(".json") and body["revision"] != path.name[: -len(".json")]:
+                raise ManifestError(f"it describes revision {body['revision']!r}, not {path.name[:-5]!r} "
+                                    "(copied or tampered with?)")
             entries = []
+            seen: set[str] = set()
             for item in body["files"]:
                 entry = ManifestEntry(path=item["path"], size=item["size"], sha256=item["sha256"],
                                       etag=item.get("etag"))
-                if not isinstance(entry.size, int) or entry.size < 0 or not SHA256.match(entry.sha256):
+                if (not isinstance(entry.size, int) or isinstance(entry.size, bool) or entry.size < 0
+                        or not isinstance(entry.sha256, str) or not SHA256.match(entry.sha256)):
                     raise ManifestError(f"bad entry for {entry.path!r}")
+                if not isinstance(entry.path, str) or entry.path in seen:
+                    raise ManifestError(f"bad or duplicate entry for {entry.path!r}")
                 check_relative_path(entry.path, str(path))
+                seen.add(entry.path)
                 entries.append(entry)
             return cls(source=body["source"], revision=body["revision"], files=entries, ref=body.get("ref"),
                        selection=body.get("selection") or {}, created=float(body.get("created", 0)))
@@ -83,6 +91,18 @@ class Manifest:
             raise
         except Exception as exc:
             raise ManifestError(f"{path} is malformed: {exc}") from exc
+
+
+def read_nofollow(path: Path, limit: int = 256 * 1024 * 1024) -> bytes:
+    """A regular file's bytes, refusing a symlink (ELOOP) or a FIFO/device planted in its place, which would
+    otherwise be followed or block the reader forever."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return handle.read(limit)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:

@@ -14,6 +14,7 @@ not needed; Xet's chunk-level deduplication is not used.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -81,8 +82,9 @@ class HubSource:
         hub = _hub()
         ref = revision or self.default_ref
         api = hub.HfApi(library_name="weightsync", library_version=__version__)
+        _bound_listing_timeouts(self.stall_timeout)
         with _hub_errors(f"resolving {self.uri}@{ref}"):
-            info = api.repo_info(self.repo_id, revision=ref, repo_type=self.repo_type)
+            info = api.repo_info(self.repo_id, revision=ref, repo_type=self.repo_type, timeout=self.stall_timeout)
             commit = info.sha
             if not commit or not COMMIT.match(commit):
                 raise SourceError(f"{self.uri}@{ref}: the Hub returned no commit id; check the revision")
@@ -170,10 +172,35 @@ class _HubRange:
         return count
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing a broken stream must not hide the real error
             self._response.close()
-        except Exception:  # closing a broken stream must not hide the real error
-            pass
+
+
+def _bound_listing_timeouts(stall_timeout: float) -> None:
+    """huggingface_hub's shared client has no timeout and its listing pagination passes none: a Hub that
+    accepts and never answers would hang the sync forever. Give every request without one our stall timeout."""
+    from huggingface_hub.utils import get_session
+
+    def fill_timeouts(request: Any) -> None:
+        timeout = request.extensions.get("timeout") or {}
+        if all(value is None for value in timeout.values()):
+            request.extensions["timeout"] = {"connect": 10.0, "read": stall_timeout, "write": stall_timeout,
+                                             "pool": stall_timeout}
+
+    fill_timeouts.weightsync = True  # type: ignore[attr-defined]
+    session = get_session()
+    hooks = [hook for hook in session.event_hooks.get("request", []) if not getattr(hook, "weightsync", False)]
+    session.event_hooks = {**session.event_hooks, "request": [*hooks, fill_timeouts]}
+
+
+def _retry_after(response: Any) -> float | None:
+    """Retry-After in seconds (delta form; the HTTP-date form is ignored), or None."""
+    value = (response.headers.get("Retry-After", "") if response is not None else "").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < float("inf") else None
 
 
 def _status_error(status: int, error_code: str, what: str) -> SourceError:
@@ -190,7 +217,7 @@ def _status_error(status: int, error_code: str, what: str) -> SourceError:
     return SourceError(f"{what}: HTTP {status} {error_code}".strip())
 
 
-class _hub_errors:  # noqa: N801 - used as a context manager, reads like `with _hub_errors(...)`
+class _hub_errors:
     """Map huggingface_hub exceptions to weightsync's exit-code classes."""
 
     def __init__(self, what: str) -> None:
@@ -215,7 +242,7 @@ class _hub_errors:  # noqa: N801 - used as a context manager, reads like `with _
             response = getattr(exc, "response", None)
             status = getattr(response, "status_code", 0) or 0
             if status in TRANSIENT_STATUS:
-                raise TransientError(f"{what}: HTTP {status}") from exc
+                raise TransientError(f"{what}: HTTP {status}", _retry_after(response)) from exc
             if status == 401:
                 raise SourceError(f"{what}: the Hub rejected the token (HTTP 401); check HF_TOKEN") from exc
             raise _status_error(status, response.headers.get("X-Error-Code", "") if response is not None else "",

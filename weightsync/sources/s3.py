@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
 import threading
 from dataclasses import dataclass, field
@@ -79,7 +80,10 @@ class S3Source:
 
         config = Config(
             s3={"addressing_style": self.addressing_style},
-            retries={"mode": "standard", "max_attempts": 3},
+            # One attempt per call: weightsync's own retry loop (retry.py) retries, honouring Retry-After on
+            # 503 SlowDown, with --retries as the one bound (botocore's retries would multiply it and ignore
+            # Retry-After).
+            retries={"mode": "standard", "total_max_attempts": 1},
             connect_timeout=10,
             read_timeout=self.stall_timeout,
             max_pool_connections=self.concurrency + 4,
@@ -192,24 +196,51 @@ class _S3Range:
     """A GET body whose read errors become TransientError, so the engine resumes the range.
 
     `md5_untrusted` is set for SSE-KMS / SSE-C objects, whose ETag is not an MD5.
+
+    The bytes are read with http.client's `readinto` straight from the socket into the
+    caller's buffer. botocore's StreamingBody.readinto goes through urllib3 2.x, whose
+    `readinto` is `read()` plus a copy: a fresh bytes object and a second memcpy for
+    every buffer, about a quarter of the client's CPU per byte (benchmarks/README.md).
+    The plain path stays for any body that is not exactly that stack.
     """
 
     def __init__(self, body: Any, errors: _S3ErrorMapper, md5_untrusted: bool) -> None:
         self._body = body
         self._errors = errors
         self.md5_untrusted = md5_untrusted
+        self._raw, self._socket_response = _direct_stream(body)
 
     def readinto(self, buffer: memoryview) -> int:
         try:
-            return self._body.readinto(buffer)
+            if self._socket_response is None:
+                return self._body.readinto(buffer)
+            count = self._socket_response.readinto(buffer)
+            if self._socket_response.isclosed():  # the whole body is read: the connection goes back to the pool
+                self._raw.release_conn()
+                self._socket_response = None
+            return count
         except Exception as exc:
             raise TransientError(f"{self._errors.what}: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing a broken connection must not mask the real error
             self._body.close()
-        except Exception:  # closing a broken connection must not mask the real error
-            pass
+
+
+def _direct_stream(body: Any) -> tuple[Any, Any]:
+    """(urllib3 response, http.client response) under a plain botocore StreamingBody, else (None, None)."""
+    import http.client
+
+    from botocore.response import StreamingBody
+
+    if type(body) is not StreamingBody:
+        return None, None
+    raw = getattr(body, "_raw_stream", None)
+    response = getattr(raw, "_fp", None)
+    if (not isinstance(response, http.client.HTTPResponse) or not hasattr(raw, "release_conn")
+            or getattr(raw, "_decoder", None) is not None or response.isclosed()):
+        return None, None
+    return raw, response
 
 
 class _S3ErrorMapper:
