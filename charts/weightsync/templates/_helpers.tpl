@@ -1,0 +1,172 @@
+{{/* Chart name, truncated to the 63 characters a DNS label allows. */}}
+{{- define "weightsync.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "weightsync.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "weightsync.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "weightsync.labels" -}}
+helm.sh/chart: {{ include "weightsync.chart" . }}
+{{ include "weightsync.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "weightsync.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "weightsync.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "weightsync.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "weightsync.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "weightsync.claimName" -}}
+{{- default (printf "%s-models" (include "weightsync.fullname" .)) .Values.persistence.existingClaim }}
+{{- end }}
+
+{{- define "weightsync.secretName" -}}
+{{- if .Values.credentials.existingSecret }}
+{{- .Values.credentials.existingSecret }}
+{{- else if .Values.credentials.create }}
+{{- printf "%s-credentials" (include "weightsync.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "weightsync.modelDir" -}}
+{{- printf "%s/%s/current" (trimSuffix "/" .Values.persistence.mountPath) .Values.weightsync.name }}
+{{- end }}
+
+{{- define "weightsync.image" -}}
+{{- printf "%s:%s" .repository (toString .tag) }}
+{{- end }}
+
+{{/* The weightsync container; initContainer or native sidecar by weightsync.mode. */}}
+{{- define "weightsync.agentContainer" -}}
+{{- $w := .Values.weightsync -}}
+{{- $sidecar := eq $w.mode "sidecar" -}}
+- name: weightsync
+  image: {{ include "weightsync.image" $w.image | quote }}
+  imagePullPolicy: {{ $w.image.pullPolicy }}
+  {{- if $sidecar }}
+  restartPolicy: Always
+  {{- end }}
+  args:
+    - {{ ternary "serve" "sync" $sidecar }}
+    - --source={{ $w.source }}
+    - --dest={{ .Values.persistence.mountPath }}
+    - --name={{ $w.name }}
+    {{- with $w.revision }}
+    - --revision={{ . }}
+    {{- end }}
+    {{- range $w.include }}
+    - --include={{ . }}
+    {{- end }}
+    {{- range $w.exclude }}
+    - --exclude={{ . }}
+    {{- end }}
+    - --verify={{ $w.verify }}
+    - --concurrency={{ $w.concurrency }}
+    - --lock-timeout={{ $w.lockTimeout }}
+    {{- if $w.lockfile }}
+    - --lockfile=/etc/weightsync/weightsync.lock
+    {{- end }}
+    {{- with $w.s3.addressingStyle }}
+    - --s3-addressing-style={{ . }}
+    {{- end }}
+    {{- if $w.offline }}
+    - --offline
+    {{- end }}
+    {{- if .Values.metrics.textfile.enabled }}
+    - --metrics-textfile=/var/lib/weightsync-metrics/weightsync-{{ include "weightsync.fullname" . }}.prom
+    {{- end }}
+    {{- with .Values.metrics.pushgateway.url }}
+    - --pushgateway={{ . }}
+    {{- end }}
+    {{- if $sidecar }}
+    - --metrics-port={{ .Values.metrics.port }}
+    - --recheck-interval={{ $w.sidecar.recheckInterval }}
+    {{- if .Values.gpu.enabled }}
+    - --require-gpu
+    {{- end }}
+    {{- end }}
+    {{- range $w.extraArgs }}
+    - {{ . | quote }}
+    {{- end }}
+  env:
+    {{- with $w.s3.endpoint }}
+    - name: AWS_ENDPOINT_URL
+      value: {{ . | quote }}
+    {{- end }}
+    {{- with $w.s3.region }}
+    - name: AWS_REGION
+      value: {{ . | quote }}
+    {{- end }}
+    {{- with $w.hf.endpoint }}
+    - name: HF_ENDPOINT
+      value: {{ . | quote }}
+    {{- end }}
+    - name: WEIGHTSYNC_LOG_FORMAT
+      value: json
+    {{- with $w.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with (include "weightsync.secretName" .) }}
+  envFrom:
+    - secretRef:
+        name: {{ . }}
+  {{- end }}
+  {{- if $sidecar }}
+  ports:
+    - name: metrics
+      containerPort: {{ .Values.metrics.port }}
+  startupProbe:
+    httpGet: {path: /readyz, port: metrics}
+    periodSeconds: 5
+    failureThreshold: {{ $w.sidecar.startupFailureThreshold }}
+  readinessProbe:
+    httpGet: {path: /readyz, port: metrics}
+    periodSeconds: 10
+  livenessProbe:
+    httpGet: {path: /healthz, port: metrics}
+    periodSeconds: 20
+  {{- end }}
+  volumeMounts:
+    - name: models
+      mountPath: {{ .Values.persistence.mountPath }}
+    - name: tmp
+      mountPath: /tmp
+    {{- if $w.lockfile }}
+    - name: lockfile
+      mountPath: /etc/weightsync
+      readOnly: true
+    {{- end }}
+    {{- if .Values.metrics.textfile.enabled }}
+    - name: metrics-textfile
+      mountPath: /var/lib/weightsync-metrics
+    {{- end }}
+  resources:
+    {{- toYaml $w.resources | nindent 4 }}
+  terminationMessagePolicy: FallbackToLogsOnError
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+{{- end }}
