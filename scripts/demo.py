@@ -81,7 +81,8 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 12
 def main() -> int:
     # Demo-only credentials for the throwaway local endpoint; never real secrets.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEIGHTSYNC_"))}
-    env.update({"AWS_ACCESS_KEY_ID": "demo-access-key", "AWS_SECRET_ACCESS_KEY": "demo-secret-key", "AWS_REGION": "us-east-1",
+    env.update({"AWS_ACCESS_KEY_ID": "demo-access-key", "AWS_SECRET_ACCESS_KEY": "demo-secret-key",
+                "AWS_REGION": "us-east-1",
                 "AWS_EC2_METADATA_DISABLED": "true", "PYTHONUNBUFFERED": "1"})
     s3, endpoint = start_s3()
     try:

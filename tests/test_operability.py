@@ -144,7 +144,7 @@ class _PushReceiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            do_PUT = do_POST = _record  # noqa: N815
+            do_PUT = do_POST = _record
 
             def log_message(self, *args: object) -> None:
                 return
@@ -274,7 +274,7 @@ def test_serve_reports_ready_serves_metrics_and_picks_up_a_new_revision(model, t
         assert (dest / "tiny" / second / "config.json").read_text().endswith('"v": 2}')
     finally:
         process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=20)
+        _, err = process.communicate(timeout=20)
     assert process.returncode == 0, err
     assert "new revision" in err
 

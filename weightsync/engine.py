@@ -347,7 +347,8 @@ class Engine:
                                    for f in snapshot.files])
         self._publish(manifest, staging, key, snapshot.ref)
         return SyncResult(path=volume.revision_dir(key), name=volume.name, revision=key, source=self.source.uri,
-                          source_revision=snapshot.revision, files=len(snapshot.files), total_bytes=total, bytes_fetched=progress.bytes_done,
+                          source_revision=snapshot.revision, files=len(snapshot.files), total_bytes=total,
+                          bytes_fetched=progress.bytes_done,
                           bytes_reused=reused, bytes_resumed=resumed, seconds=time.monotonic() - self.started,
                           retries=fetcher.retries)
 

@@ -5,6 +5,7 @@ Read-only: works on a read-only mount, takes no lock, never changes anything.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -22,10 +23,8 @@ def _tree_bytes(path: Path) -> int:
     total = 0
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-            except OSError:
-                pass
     return total
 
 

@@ -8,6 +8,7 @@ byte in a response body, a dropped connection.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -124,8 +125,6 @@ class CountingProxy:
 
 
 def _close(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     sock.close()
