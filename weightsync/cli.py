@@ -50,11 +50,21 @@ class Option:
         return ENV_PREFIX + self.dest.upper()
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 512:
-        raise ValueError("must be an integer from 1 to 512")
-    return value
+def _int_between(low: int, high: int, what: str = "an integer") -> Callable[[str], int]:
+    """A validator for an integer option within [low, high]."""
+    def convert(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"must be {what} from {low} to {high}")
+        return value
+
+    return convert
+
+
+_positive_int = _int_between(1, 512)
+_attempts = _int_between(1, 100)
+_keep = _int_between(0, 10000)
+_port = _int_between(1, 65535, "a TCP port")
 
 
 def _seconds(text: str) -> float:
@@ -69,20 +79,6 @@ def _timeout(text: str) -> float:
     value = float(text)
     if not 0 < value <= 86400:  # also refuses nan and inf
         raise ValueError("must be a number of seconds above 0 and at most 86400")
-    return value
-
-
-def _attempts(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 100:
-        raise ValueError("must be an integer from 1 to 100")
-    return value
-
-
-def _keep(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 10000:
-        raise ValueError("must be an integer from 0 to 10000")
     return value
 
 
@@ -123,13 +119,6 @@ def _boolean(text: str) -> bool:
     if text.strip().lower() in FALSE:
         return False
     raise ValueError("must be one of 1/0, true/false, yes/no, on/off")
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise ValueError("must be a TCP port from 1 to 65535")
-    return value
 
 
 def _url(text: str) -> str:
