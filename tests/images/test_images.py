@@ -305,7 +305,7 @@ def test_python_less_runtime_base_gets_python_from_the_distribution(
     tag = f"localhost/weightsync-example:test-nopython-{uuid.uuid4().hex[:6]}"
     try:
         built = build_image("docker/example-server/Dockerfile", tag, pip_secrets, runtime_base=BASE_NO_PYTHON)
-        assert "python3.11" in built.log and "Python 3.11" in built.log
+        # The apt step may come from the layer cache on a rerun, so the proof is the running image, not the log.
         out = podman("run", "--rm", "--no-healthcheck", "--read-only", "--entrypoint", "python", tag, "-c",
                      "import sys, numpy, safetensors, weightsync; print(sys.executable, sys.version_info[:2])").stdout
         assert "(3, 11)" in out
