@@ -5,13 +5,12 @@ with pwrite at chunk offsets) and its resume state `<id>.json` records which
 chunks are on disk. A killed process loses at most the chunks in flight: the next
 run re-reads the state and fetches only what is missing.
 
-Hashing runs over the contiguous prefix of written bytes: the worker whose data
-is next in order hashes it straight from its buffer, and bytes that landed ahead
-of the frontier are hashed later through a read-only mmap of the page cache (no
-copy), so there is no second pass over the file at the end and no hash state has
-to survive a crash (a resumed file is re-hashed from disk up to where it stopped).
-Only when every byte is verified against what the source promised does the file
-move into `.staging/<rev>/tree/`.
+Hashing follows the contiguous prefix of written bytes (finished chunks, then the
+written part of the next one), a few MiB behind the writers, through a read-only
+mmap of the page cache (no copy), so there is no second pass over the file at the
+end and no hash state has to survive a crash (a resumed file is re-hashed from
+disk up to where it stopped). Only when every byte is verified against what the
+source promised does the file move into `.staging/<rev>/tree/`.
 
 Where the time goes, and why the knobs below are what they are, is measured in
 benchmarks/README.md: on a small machine the client CPU is the bottleneck, so the
@@ -44,9 +43,13 @@ log = logging.getLogger("weightsync")
 
 MIN_CHUNK = 64 * 1024 * 1024
 MAX_CHUNKS_PER_FILE = 1024
-BUFFER_SIZE = 1024 * 1024
-MIN_BUFFER_SIZE = 256 * 1024
+# Small enough to stay in a core's L2 between the socket read, the pwrite and the sha256
+# (1 MiB buffers cost ~50% more CPU per byte on this project's 1 MiB-L2 machines).
+BUFFER_SIZE = 256 * 1024
+MIN_BUFFER_SIZE = 64 * 1024
 HASH_BLOCK = 8 * 1024 * 1024
+HASH_WINDOW = 2 * 1024 * 1024
+CATCH_UP_EVERY = 8 * 1024 * 1024
 STATE_VERSION = 1
 STATE_SAVE_BYTES = 1024 * 1024
 STATE_SAVE_INTERVAL = 0.1
@@ -291,24 +294,6 @@ class FileDownload:
             start_writeback(self._fd, start, end - start)
 
     # -- hashing ------------------------------------------------------------
-    def hash_inline(self, data: memoryview, offset: int) -> None:
-        """Hash bytes just written at `offset` from the buffer itself, when they are next in order.
-
-        Catches up from disk first if the hash is behind but the bytes before `offset` are
-        written. Never waits: if another thread is hashing, the bytes are hashed later from
-        the page cache instead.
-        """
-        if self._hashed > offset or not self._hash_lock.acquire(blocking=False):
-            return
-        try:
-            if self._hashed < offset:
-                self._catch_up()
-            if self._hashed == offset:
-                self._hashers.update(data)
-                self._hashed += len(data)
-        finally:
-            self._hash_lock.release()
-
     def advance_hash(self, blocking: bool) -> None:
         """Hash the contiguous written prefix not yet hashed (one thread at a time)."""
         if not self._hash_lock.acquire(blocking=blocking):
@@ -331,7 +316,7 @@ class FileDownload:
         """With the hash lock held: hash [hashed, frontier) from the page cache."""
         assert self._fd is not None
         while (frontier := self._frontier()) > self._hashed:
-            length = min(HASH_BLOCK, frontier - self._hashed)
+            length = min(HASH_WINDOW, frontier - self._hashed)
             self._hash_from_disk(self._hashed, length)
             self._hashed += length
 
@@ -347,7 +332,7 @@ class FileDownload:
         except (OSError, ValueError):  # a filesystem without mmap: read it instead
             pass
         if self._scratch is None or len(self._scratch) < length:
-            self._scratch = memoryview(bytearray(HASH_BLOCK))
+            self._scratch = memoryview(bytearray(HASH_WINDOW))
         done = 0
         while done < length:
             count = os.preadv(self._fd, [self._scratch[done:length]], offset + done)
@@ -413,7 +398,8 @@ class Fetcher:
                  fsync: bool = True) -> None:
         self.source = source
         self.progress = progress
-        self.concurrency, self.buffer_size = worker_plan(concurrency)
+        self.concurrency, self.buffer_size = worker_plan(concurrency,
+                                                         streams_per_cpu=getattr(source, "streams_per_cpu", None))
         self.retry = retry
         self.fsync = fsync
         self.results: dict[str, str] = {}
@@ -489,6 +475,7 @@ class Fetcher:
         def attempt() -> None:
             nonlocal position
             reader = self.source.open_range(download.remote, position, end)
+            unhashed = 0
             try:
                 if getattr(reader, "md5_untrusted", False):
                     download.untrusted.add("md5")
@@ -501,10 +488,13 @@ class Fetcher:
 
                         raise TransientError(f"connection closed early at byte {position} of {end}")
                     download.write(buffer[:count], position)
-                    download.hash_inline(buffer[:count], position)
                     position += count
                     download.chunk_progress(index, position)
                     self.progress.add_bytes(count, download.remote.path, download.remote.size)
+                    unhashed += count
+                    if CATCH_UP_EVERY and unhashed >= CATCH_UP_EVERY:
+                        unhashed = 0
+                        download.advance_hash(blocking=False)
             finally:
                 reader.close()
 
@@ -514,56 +504,81 @@ class Fetcher:
         call_with_retries(f"downloading {download.remote.path}", attempt, self.retry, count_retry)
 
 
-def cgroup_limits() -> tuple[float | None, int | None]:
-    """(CPUs, memory bytes) this process's cgroup allows (v2, else v1); None for unlimited or unknown."""
-    cpus: float | None = None
-    memory: int | None = None
+def cgroup_limits(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+                  ) -> tuple[float | None, int | None]:
+    """(CPUs, memory bytes) this process's cgroups allow, v2 or v1, the tightest along the path up to
+    the root; None for unlimited or unknown."""
+    paths: dict[str, str] = {}
     try:
-        line = next(x for x in Path("/proc/self/cgroup").read_text().splitlines() if x.startswith("0::"))
-        own = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
-    except (OSError, StopIteration):
-        own = Path("/sys/fs/cgroup")
-    for directory in dict.fromkeys((own, Path("/sys/fs/cgroup"))):
-        try:
-            quota, period = (directory / "cpu.max").read_text().split()[:2]
-            if quota != "max" and cpus is None:
-                cpus = int(quota) / int(period)
-        except (OSError, ValueError):
-            pass
-        try:
-            value = (directory / "memory.max").read_text().strip()
-            if value != "max" and memory is None:
-                memory = int(value)
-        except (OSError, ValueError):
-            pass
+        for line in membership.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for controller in controllers.split(",") if controllers else [""]:
+                paths[controller] = path.strip("/")
+    except (OSError, ValueError):
+        pass
+
+    def tightest(base: Path, controller: str, read: Any) -> Any:
+        found = None
+        relative = Path(paths.get(controller, ""))
+        for directory in dict.fromkeys([base / relative, *(base / parent for parent in relative.parents)]):
+            try:
+                value = read(directory)
+            except (OSError, ValueError, ZeroDivisionError, IndexError):
+                continue
+            if value is not None and (found is None or value < found):
+                found = value
+        return found
+
+    def cpu_v2(directory: Path) -> float | None:
+        quota, period = (directory / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+
+    def memory_v2(directory: Path) -> int | None:
+        value = (directory / "memory.max").read_text().strip()
+        return None if value == "max" else int(value)
+
+    def cpu_v1(directory: Path) -> float | None:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        return quota / int((directory / "cpu.cfs_period_us").read_text()) if quota > 0 else None
+
+    def memory_v1(directory: Path) -> int | None:
+        value = int((directory / "memory.limit_in_bytes").read_text())
+        return value if value < 1 << 60 else None
+
+    cpus = tightest(root, "", cpu_v2)
+    memory = tightest(root, "", memory_v2)
     if cpus is None:
-        try:
-            quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-            if quota_us > 0:
-                cpus = quota_us / int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-        except (OSError, ValueError, ZeroDivisionError):
-            pass
+        cpus = tightest(root / "cpu", "cpu", cpu_v1)
     if memory is None:
-        try:
-            limit = int(Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").read_text())
-            memory = limit if limit < 1 << 60 else None
-        except (OSError, ValueError):
-            pass
+        memory = tightest(root / "memory", "memory", memory_v1)
     return cpus, memory
 
 
-def worker_plan(requested: int, limits: tuple[float | None, int | None] | None = None) -> tuple[int, int]:
+def usable_cpus(limits: tuple[float | None, int | None] | None = None) -> float:
+    """CPUs this process may use: its affinity mask, within the cgroup's CPU quota."""
+    cpus = (limits if limits is not None else cgroup_limits())[0]
+    try:
+        available = float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        available = float(os.cpu_count() or 1)
+    return min(available, cpus) if cpus else available
+
+
+def worker_plan(requested: int, limits: tuple[float | None, int | None] | None = None,
+                streams_per_cpu: int | None = None) -> tuple[int, int]:
     """(workers, buffer bytes) for `requested` concurrent ranges within the cgroup's limits.
 
     Buffers may take 1/16 of a memory limit (the interpreter, boto3 and the kernel's
     dirty page cache need the rest): buffers shrink first, down to MIN_BUFFER_SIZE, then
-    the number of workers. A CPU quota below one core halves the default eight streams:
-    on a throttled core more streams only add scheduling and per-request overhead.
+    the number of workers. A source whose reader parses HTTP in Python under the GIL
+    (the Hub's httpx) sets `streams_per_cpu`: past that many streams per usable CPU,
+    each stream only adds GIL contention (on 2 CPUs, 8 streams took 20-25% longer than 4).
     """
-    cpus, memory = limits if limits is not None else cgroup_limits()
+    limits = limits if limits is not None else cgroup_limits()
+    memory = limits[1]
     workers, buffer = max(1, requested), BUFFER_SIZE
-    if cpus is not None and cpus < 1:
-        workers = min(workers, 4)
+    if streams_per_cpu:
+        workers = min(workers, max(2, int(streams_per_cpu * usable_cpus(limits))))
     if memory is not None:
         budget = max(MIN_BUFFER_SIZE, memory // 16)
         workers = min(workers, max(1, budget // MIN_BUFFER_SIZE))

@@ -18,7 +18,7 @@ import contextlib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 from weightsync import __version__
@@ -46,6 +46,9 @@ class HubSource:
     stall_timeout: float = 60.0
     offline: bool = False
     kind: str = "hf"
+    # httpx/h11 parse every response in Python under the GIL: more than two streams per CPU only
+    # contend for it (fetch.worker_plan caps the workers; measured in benchmarks/README.md).
+    streams_per_cpu: ClassVar[int] = 2
     _commit: str | None = field(default=None, repr=False)
 
     @classmethod
@@ -120,6 +123,7 @@ class HubSource:
         headers["Accept-Encoding"] = "identity"
         what = f"downloading {self.uri}/{file.path}"
         session = get_session()
+        _larger_socket_reads()
         try:
             import httpx2 as httpx
         except ImportError:  # older huggingface_hub releases use plain httpx
@@ -150,30 +154,66 @@ class HubSource:
 
 
 class _HubRange:
-    """readinto over an httpx streaming response; network errors become TransientError."""
+    """readinto over an httpx streaming response; network errors become TransientError.
+
+    The body arrives as the pieces the connection read from the socket (`iter_raw()`
+    without a chunk size: httpx's ByteChunker would copy every byte twice more to cut
+    fixed-size chunks), copied into the caller's buffer until it is full. An error after
+    some bytes were copied is raised on the next call, so those bytes are kept.
+    """
 
     def __init__(self, response: Any, what: str) -> None:
         self._response = response
-        self._chunks = response.iter_raw(1024 * 1024)
+        self._pieces = response.iter_raw()
         self._pending = memoryview(b"")
         self._what = what
+        self._error: TransientError | None = None
 
     def readinto(self, buffer: memoryview) -> int:
-        if not self._pending:
-            try:
-                self._pending = memoryview(next(self._chunks))
-            except StopIteration:
-                return 0
-            except Exception as exc:
-                raise TransientError(f"{self._what}: {type(exc).__name__}: {exc}") from exc
-        count = min(len(buffer), len(self._pending))
-        buffer[:count] = self._pending[:count]
-        self._pending = self._pending[count:]
-        return count
+        if self._error is not None:
+            raise self._error
+        filled, wanted = 0, len(buffer)
+        while filled < wanted:
+            if not self._pending:
+                try:
+                    self._pending = memoryview(next(self._pieces))
+                except StopIteration:
+                    break
+                except Exception as exc:
+                    error = TransientError(f"{self._what}: {type(exc).__name__}: {exc}")
+                    error.__cause__ = exc
+                    if not filled:
+                        raise error from exc
+                    self._error = error
+                    break
+            count = min(wanted - filled, len(self._pending))
+            buffer[filled:filled + count] = self._pending[:count]
+            self._pending = self._pending[count:]
+            filled += count
+        return filled
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a broken stream must not hide the real error
             self._response.close()
+
+
+SOCKET_READ = 256 * 1024
+
+
+def _larger_socket_reads() -> None:
+    """Let httpcore read responses 256 KiB at a time instead of 64 KiB.
+
+    Each read is a trip through h11's pure-Python parser with two copies, under the GIL,
+    so on a small machine the Hub path is client-CPU bound: 256 KiB reads take ~15% off
+    its CPU and wall time (benchmarks/README.md). Best effort: a release that renamed
+    the constant keeps its own read size.
+    """
+    import sys
+
+    for name in ("httpcore2._sync.http11", "httpcore._sync.http11"):
+        connection = getattr(sys.modules.get(name), "HTTP11Connection", None)
+        if connection is not None and getattr(connection, "READ_NUM_BYTES", SOCKET_READ) < SOCKET_READ:
+            connection.READ_NUM_BYTES = SOCKET_READ
 
 
 def _bound_listing_timeouts(stall_timeout: float) -> None:
