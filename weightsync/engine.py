@@ -24,10 +24,10 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from weightsync import testhooks
 from weightsync.errors import DiskSpaceError, IntegrityError, NetworkError, SourceError, WeightsyncError
-from weightsync.fetch import HASH_BLOCK, Fetcher, FileDownload
 from weightsync.layout import ModelVolume, check_listing, safe_makedirs
 from weightsync.lockfile import Lockfile
 from weightsync.locking import volume_lock
@@ -35,6 +35,9 @@ from weightsync.manifest import Manifest, ManifestEntry, ManifestError, write_at
 from weightsync.progress import Progress, event, human_bytes, human_duration
 from weightsync.retry import RetryPolicy, call_with_retries
 from weightsync.sources import RemoteFile, Selection, Snapshot, Source, open_source
+
+if TYPE_CHECKING:  # the transfer machinery is imported on the cold path only: warm starts stay fast
+    from weightsync.fetch import FileDownload
 
 log = logging.getLogger("weightsync")
 
@@ -290,6 +293,8 @@ class Engine:
         shutil.rmtree(trash, ignore_errors=True)
 
     def _download_and_publish(self, snapshot: Snapshot, key: str) -> SyncResult:
+        from weightsync.fetch import Fetcher, FileDownload
+
         request, volume = self.request, self.volume
         staging = volume.ensure(f".staging/{key}")
         parts, tree = volume.ensure(f".staging/{key}/parts"), volume.ensure(f".staging/{key}/tree")
@@ -421,7 +426,7 @@ def _recheck_staged(download: FileDownload, remote: RemoteFile, tree: Path) -> s
     sha256 = download.load_state()
     if sha256 is None:
         return None
-    from weightsync.fetch import _Hashers, verify_digests
+    from weightsync.fetch import HASH_BLOCK, _Hashers, verify_digests
 
     final = tree / remote.path
     hashers = _Hashers(remote)
@@ -461,6 +466,8 @@ def check_files(directory: Path, manifest: Manifest, full: bool) -> list[str]:
 
 
 def hash_file(path: Path) -> str:
+    from weightsync.fetch import HASH_BLOCK
+
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as handle:
         while chunk := handle.read(HASH_BLOCK):

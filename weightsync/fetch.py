@@ -34,7 +34,7 @@ from typing import Any
 
 from weightsync.errors import DiskSpaceError, IntegrityError, WeightsyncError
 from weightsync.layout import safe_makedirs
-from weightsync.manifest import write_atomic
+from weightsync.manifest import read_nofollow, write_atomic
 from weightsync.progress import Progress, event
 from weightsync.retry import RetryPolicy, call_with_retries
 from weightsync.sources import RemoteFile, Source
@@ -188,7 +188,7 @@ class FileDownload:
     def load_state(self) -> str | None:
         """Resume from disk. Return the sha256 if the file is already complete and verified."""
         try:
-            state = json.loads(self.state_path.read_bytes())
+            state = json.loads(read_nofollow(self.state_path, limit=1 << 20))
             same = (state.get("version") == STATE_VERSION and state.get("path") == self.remote.path
                     and state.get("size") == self.remote.size and state.get("etag") == self.remote.etag
                     and state.get("chunk_size") == self.chunk_size)
