@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from weightsync.errors import UsageError
+from weightsync.errors import TransientError, UsageError, WeightsyncError
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,31 @@ class Selection:
             return ""
         text = "\n".join(["include", *self.include, "exclude", *self.exclude])
         return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+class ErrorTranslator:
+    """`with Translator(what):` re-raises a backend library's exception as the weightsync error of its exit code.
+
+    One place per backend decides what is "not found", "denied", "retry" or "bad input"; weightsync's own
+    errors pass through untouched, and anything `translate` does not know (None) propagates as it is.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or isinstance(exc, (WeightsyncError, TransientError)):
+            return False
+        translated = self.translate(exc)
+        if translated is None:
+            return False
+        raise translated from exc
+
+    def translate(self, exc: BaseException) -> Exception | None:
+        raise NotImplementedError
 
 
 def listing_digest(entries: list[tuple[str, int, str]]) -> str:

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from weightsync import __version__
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
-from weightsync.sources import RemoteFile, Selection, Snapshot, slugify
+from weightsync.sources import ErrorTranslator, RemoteFile, Selection, Snapshot, slugify
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$|^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -257,42 +257,34 @@ def _status_error(status: int, error_code: str, what: str) -> SourceError:
     return SourceError(f"{what}: HTTP {status} {error_code}".strip())
 
 
-class _hub_errors:
+class _hub_errors(ErrorTranslator):
     """Map huggingface_hub exceptions to weightsync's exit-code classes."""
 
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None or isinstance(exc, (SourceError, TransientError, IntegrityError, UsageError)):
-            return False
+    def translate(self, exc: BaseException) -> Exception | None:
         from huggingface_hub import errors
 
         what = self.what
         if isinstance(exc, errors.GatedRepoError):
-            raise _status_error(403, "GatedRepo", what) from exc
+            return _status_error(403, "GatedRepo", what)
         if isinstance(exc, errors.RepositoryNotFoundError):
-            raise _status_error(404, "RepoNotFound", what) from exc
+            return _status_error(404, "RepoNotFound", what)
         if isinstance(exc, errors.RevisionNotFoundError):
-            raise _status_error(404, "RevisionNotFound", what) from exc
+            return _status_error(404, "RevisionNotFound", what)
         if isinstance(exc, errors.HfHubHTTPError):
             response = getattr(exc, "response", None)
             status = getattr(response, "status_code", 0) or 0
             if status in TRANSIENT_STATUS:
-                raise TransientError(f"{what}: HTTP {status}", _retry_after(response)) from exc
+                return TransientError(f"{what}: HTTP {status}", _retry_after(response))
             if status == 401:
-                raise SourceError(f"{what}: the Hub rejected the token (HTTP 401); check HF_TOKEN") from exc
-            raise _status_error(status, response.headers.get("X-Error-Code", "") if response is not None else "",
-                                what) from exc
+                return SourceError(f"{what}: the Hub rejected the token (HTTP 401); check HF_TOKEN")
+            return _status_error(status, response.headers.get("X-Error-Code", "") if response is not None else "",
+                                 what)
         if isinstance(exc, errors.HFValidationError):
-            raise UsageError(f"{what}: {exc}") from exc
+            return UsageError(f"{what}: {exc}")
         try:
             import httpx2 as httpx
         except ImportError:
             import httpx
         if isinstance(exc, (httpx.HTTPError, OSError)):
-            raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from exc
-        return False
+            return TransientError(f"{what}: {type(exc).__name__}: {exc}")
+        return None

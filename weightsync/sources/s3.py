@@ -19,7 +19,7 @@ from typing import Any
 
 from weightsync import __version__
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
-from weightsync.sources import LISTING_DIGEST, RemoteFile, Selection, Snapshot, listing_digest, slugify
+from weightsync.sources import LISTING_DIGEST, ErrorTranslator, RemoteFile, Selection, Snapshot, listing_digest, slugify
 
 MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 NOT_FOUND = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
@@ -189,7 +189,7 @@ class S3Source:
         return str(exc.response.get("Error", {}).get("Code", "")) if hasattr(exc, "response") else ""
 
     def _errors(self, what: str) -> _S3ErrorMapper:
-        return _S3ErrorMapper(self, what)
+        return _S3ErrorMapper(what)
 
 
 class _S3Range:
@@ -243,48 +243,39 @@ def _direct_stream(body: Any) -> tuple[Any, Any]:
     return raw, response
 
 
-class _S3ErrorMapper:
+class _S3ErrorMapper(ErrorTranslator):
     """Translate botocore exceptions into weightsync's exit-code classes, in one place."""
 
-    def __init__(self, source: S3Source, what: str) -> None:
-        self.source = source
-        self.what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None or isinstance(exc, (SourceError, IntegrityError, TransientError, UsageError)):
-            return False
+    def translate(self, exc: BaseException) -> Exception | None:
         from botocore import exceptions as bx
 
         what = self.what
         if isinstance(exc, bx.NoCredentialsError):
-            raise SourceError(f"{what}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                              "AWS_PROFILE, or use an IAM role (IRSA)") from exc
+            return SourceError(f"{what}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                               "AWS_PROFILE, or use an IAM role (IRSA)")
         if isinstance(exc, bx.ClientError):
             code = S3Source._code(exc)
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if code in NOT_FOUND or status == 404:
-                raise SourceError(f"{what}: not found ({code}); check the bucket and prefix in --source") from exc
+                return SourceError(f"{what}: not found ({code}); check the bucket and prefix in --source")
             if code in DENIED or status in (401, 403):
-                raise SourceError(f"{what}: access denied ({code}); check the credentials and the bucket "
-                                  "policy") from exc
+                return SourceError(f"{what}: access denied ({code}); check the credentials and the bucket "
+                                   "policy")
             if code in ("PreconditionFailed", "412") or status == 412:
-                raise IntegrityError(f"{what}: the object changed at the source during the sync; rerun to "
-                                     "sync the new revision") from exc
+                return IntegrityError(f"{what}: the object changed at the source during the sync; rerun to "
+                                      "sync the new revision")
             if code in THROTTLED or status >= 500 or status == 429:
                 retry_after = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("retry-after")
-                raise TransientError(f"{what}: {code or status}",
-                                     float(retry_after) if retry_after and retry_after.isdigit() else None
-                                     ) from exc
-            raise SourceError(f"{what}: {code or status}: {exc.response.get('Error', {}).get('Message', '')}"
-                              ) from exc
+                return TransientError(f"{what}: {code or status}",
+                                      float(retry_after) if retry_after and retry_after.isdigit() else None
+                                      )
+            return SourceError(f"{what}: {code or status}: {exc.response.get('Error', {}).get('Message', '')}"
+                               )
         if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
                             bx.ConnectTimeoutError, bx.ResponseStreamingError, bx.IncompleteReadError)):
-            raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from exc
+            return TransientError(f"{what}: {type(exc).__name__}: {exc}")
         if isinstance(exc, bx.ParamValidationError):
-            raise UsageError(f"{what}: {exc}") from exc
+            return UsageError(f"{what}: {exc}")
         if isinstance(exc, (bx.BotoCoreError, OSError)):
-            raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from exc
-        return False
+            return TransientError(f"{what}: {type(exc).__name__}: {exc}")
+        return None
