@@ -20,7 +20,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -426,14 +426,12 @@ def _recheck_staged(download: FileDownload, remote: RemoteFile, tree: Path) -> s
     sha256 = download.load_state()
     if sha256 is None:
         return None
-    from weightsync.fetch import HASH_BLOCK, _Hashers, verify_digests
+    from weightsync.fetch import _Hashers, verify_digests
 
     final = tree / remote.path
     hashers = _Hashers(remote)
     try:
-        with open(final, "rb", buffering=0) as handle:
-            while chunk := handle.read(HASH_BLOCK):
-                hashers.update(chunk)
+        _read_into(final, hashers.update)
         digests = hashers.digests()
         if digests["sha256"] != sha256:
             raise IntegrityError(f"{remote.path}: sha256 {digests['sha256']} differs from the resume state")
@@ -466,13 +464,18 @@ def check_files(directory: Path, manifest: Manifest, full: bool) -> list[str]:
 
 
 def hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    _read_into(path, digest.update)
+    return digest.hexdigest()
+
+
+def _read_into(path: Path, update: Callable[[bytes], object]) -> None:
+    """Feed a file to a hash in large blocks (one loop for every re-hash from disk)."""
     from weightsync.fetch import HASH_BLOCK
 
-    digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as handle:
         while chunk := handle.read(HASH_BLOCK):
-            digest.update(chunk)
-    return digest.hexdigest()
+            update(chunk)
 
 
 def _fsync_dir(path: Path) -> None:
