@@ -512,7 +512,7 @@ def warm(servers: Servers, env: dict[str, str], files: int, runs: int, log: Call
 # ----------------------------------------------------------------------------- profile
 
 CATEGORIES = (
-    ("sha256 (hashing every byte)", re.compile(r"_Hashers\.update|_hash_from_disk|_catch_up|advance_hash")),
+    ("sha256 (hashing every byte)", re.compile(r"Verifier\.update|_hash_from_disk|_catch_up|advance_hash")),
     ("socket -> buffer (recv)", re.compile(r"readinto|recv|_S3Range|_HubRange|iter_raw|_safe_read")),
     ("buffer -> page cache (pwrite)", re.compile(r"FileDownload\.write")),
     ("resume state (json, rename)", re.compile(r"write_atomic|chunk_progress|chunk_finished|json")),

@@ -44,7 +44,9 @@ def test_listing_is_relative_to_the_prefix_and_skips_directory_markers(s3):
 def test_single_part_etag_is_promised_as_md5(s3):
     s3.put_object(Bucket="bkt", Key="models/tiny/w.bin", Body=b"abc")
     [file] = source().snapshot(None, Selection()).files
-    assert file.md5 == hashlib.md5(b"abc").hexdigest() and file.sha256 is None
+    [promise] = file.promises
+    assert (promise.algorithm, promise.value, promise.parts) == ("md5", hashlib.md5(b"abc").hexdigest(), 0)
+    assert file.sha256 is None and file.evidence.label == "md5 (source)"
 
 
 def test_multipart_etag_is_not_an_md5_and_describe_finds_the_sha256_metadata(s3):
@@ -60,8 +62,10 @@ def test_multipart_etag_is_not_an_md5_and_describe_finds_the_sha256_metadata(s3)
                                  MultipartUpload={"Parts": parts})
     src = source()
     [file] = src.snapshot(None, Selection()).files
-    assert "-" in file.etag and file.md5 is None
-    assert src.describe(file).sha256 == hashlib.sha256(data).hexdigest()
+    assert "-" in file.etag and file.evidence.promise is None, "a multipart ETag is no MD5 of the object"
+    described = src.describe(file)
+    assert described.sha256 == hashlib.sha256(data).hexdigest()
+    assert described.evidence.promise.field == "x-amz-meta-sha256"
 
 
 def test_checksum_sha256_of_the_object_is_promised(s3):
@@ -72,10 +76,13 @@ def test_checksum_sha256_of_the_object_is_promised(s3):
                   Metadata={"md5chksum": base64.b64encode(hashlib.md5(b"x").digest()).decode()})
     src = source()
     files = {f.path: f for f in src.snapshot(None, Selection()).files}
-    described = src.describe(type(files["w.bin"])(path="w.bin", size=len(data), etag="abc-2"))
-    assert described.sha256 == hashlib.sha256(data).hexdigest()
-    rclone = src.describe(type(files["rclone.bin"])(path="rclone.bin", size=1, etag="abc-2"))
-    assert rclone.md5 == hashlib.md5(b"x").hexdigest()
+    assert src.describe(files["w.bin"]) == files["w.bin"], "a small object's MD5 ETag needs no HEAD"
+    described = src.describe(files["w.bin"], thorough=True)
+    assert described.sha256 == hashlib.sha256(data).hexdigest() and described.metadata_requests == 1
+    assert described.evidence.label == "sha256 (source)", "a free sha256 beats the MD5 ETag"
+    rclone = src.describe(files["rclone.bin"], thorough=True)
+    assert [(p.algorithm, p.value) for p in rclone.promises if p.field == "x-amz-meta-md5chksum"] == [
+        ("md5", hashlib.md5(b"x").hexdigest())]
 
 
 def test_listing_of_more_than_1000_keys_is_paginated(s3):

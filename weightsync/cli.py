@@ -144,6 +144,8 @@ ALL_OPTIONS = {option.flag: option for option in (
     Option("--lock-timeout", "give up (exit 5) after waiting this long for another process's download",
            _seconds),
     Option("--offline", "make no network request: use what is already published", switch=True),
+    Option("--require-checksum", "refuse (exit 4, before downloading) any file the source promises no usable "
+           "checksum for, instead of checking its size only", switch=True),
     Option("--s3-addressing-style", "S3 URL style for S3-compatible servers", default="auto",
            choices=("auto", "path", "virtual")),
     Option("--stall-timeout", "retry a connection that sends nothing for this many seconds", _timeout,
@@ -167,7 +169,7 @@ ALL_OPTIONS = {option.flag: option for option in (
     *HARDENING_OPTIONS,
 )}
 SOURCE_FLAGS = ("--source", "--name", "--revision", "--include", "--exclude", "--s3-addressing-style")
-SYNC_FLAGS = (*SOURCE_FLAGS, "--dest", "--verify", "--concurrency", "--lock-timeout", "--offline",
+SYNC_FLAGS = (*SOURCE_FLAGS, "--dest", "--verify", "--concurrency", "--lock-timeout", "--offline", "--require-checksum",
               "--stall-timeout", "--progress-interval", "--lockfile", "--termination-log", "--metrics-textfile",
               "--pushgateway", "--log-format", "--debug", "--lock-mode", "--lease-timeout", "--retries",
               "--retry-base")
@@ -180,7 +182,8 @@ COMMANDS: dict[str, tuple[str, str, tuple[Option, ...]]] = {
     "verify": ("re-hash a published model against its manifest", "",
                _options(*SOURCE_FLAGS, "--dest", "--log-format", "--debug")),
     "lock": ("sync once and print a lockfile pinning the revision and every file's sha256", "",
-             (*_options(*SOURCE_FLAGS, "--concurrency", "--stall-timeout", "--log-format", "--debug"),
+             (*_options(*SOURCE_FLAGS, "--concurrency", "--stall-timeout", "--require-checksum", "--log-format",
+                        "--debug"),
               replace(ALL_OPTIONS["--dest"], required=False,
                       help="keep the synced model on this volume (default: a temporary directory)"))),
     "status": ("the models, revisions, staging and lock holders on a volume", "",

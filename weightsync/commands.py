@@ -64,6 +64,7 @@ def build_request(values: dict[str, Any], dest: str | None = None) -> Any:
         progress_interval=values["progress_interval"] if values.get("progress_interval") is not None else 10.0,
         lockfile=lockfile,
         lock_mode=values.get("lock_mode") or "auto", lease_timeout=values.get("lease_timeout") or 60.0,
+        require_checksum=bool(values.get("require_checksum")),
         retry=RetryPolicy(attempts=values.get("retries") or 6,
                           base_delay=values["retry_base"] if values.get("retry_base") is not None else 0.5),
     )
@@ -151,7 +152,8 @@ def run_verify(values: dict[str, Any], _: list[str]) -> int:
     directory, problems = Engine(build_request(values)).verify(values.get("revision"))
     if problems:
         raise IntegrityError(f"{directory} failed verification: " + "; ".join(problems))
-    event("verified", "verified %s: every file matches its manifest sha256", directory, path=str(directory))
+    event("verified", "verified %s: every file matches the sha256 its manifest recorded when it was published",
+          directory, path=str(directory))
     print(directory)
     return 0
 

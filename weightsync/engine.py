@@ -20,13 +20,14 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weightsync import testhooks
+from weightsync.checksums import Evidence, Verified, describe_tally, feed_file, tally
 from weightsync.errors import DiskSpaceError, IntegrityError, NetworkError, SourceError, WeightsyncError
 from weightsync.layout import ModelVolume, check_listing, safe_makedirs
 from weightsync.lockfile import Lockfile
@@ -61,6 +62,7 @@ class SyncRequest:
     lockfile: Lockfile | None = None
     lock_mode: str = "auto"
     lease_timeout: float = 60.0
+    require_checksum: bool = False
 
 
 @dataclass
@@ -80,19 +82,38 @@ class SyncResult:
     retries: int = 0
     warm: bool = False
 
-    verification: str = "sha256"
+    checked: str = ""
+    file_evidence: tuple[Evidence | None, ...] = ()  # per file, None where an older manifest did not record it
+
+    @property
+    def evidence(self) -> dict[str, int]:
+        return tally(self.file_evidence)
+
+    @property
+    def evidence_kinds(self) -> dict[str, int]:
+        """Files by the bounded evidence kind (`crc32-composite`, `size-only`, ...): the metrics label."""
+        kinds: dict[str, int] = {}
+        for item in self.file_evidence:
+            kind = item.kind if item else "unrecorded"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return kinds
+
+    @property
+    def verification(self) -> str:
+        """What every file was verified by, e.g. `2 files crc64nvme (source), 1 file md5 (source)`."""
+        return describe_tally(self.evidence)
 
     def summary(self) -> str:
         rate = self.bytes_fetched / self.seconds if self.seconds > 0 else 0.0
         if self.warm:
             return (f"already published (warm start) {self.source} revision {self.revision}: {self.files} files, "
-                    f"{human_bytes(self.total_bytes)}, checked ({self.verification}) in "
-                    f"{human_duration(self.seconds)}; nothing downloaded")
+                    f"{human_bytes(self.total_bytes)}, checked ({self.checked}) in "
+                    f"{human_duration(self.seconds)}; nothing downloaded; verified when published: "
+                    f"{self.verification}")
         return (f"published {self.source} revision {self.revision}: {self.files} files, "
                 f"{human_bytes(self.total_bytes)}; fetched {human_bytes(self.bytes_fetched)}, "
                 f"reused {human_bytes(self.bytes_reused)}, resumed {human_bytes(self.bytes_resumed)} "
-                f"in {human_duration(self.seconds)} (average {human_bytes(rate)}/s); verification: every file "
-                f"sha256-verified")
+                f"in {human_duration(self.seconds)} (average {human_bytes(rate)}/s); verified: {self.verification}")
 
     def fields(self) -> dict[str, object]:
         """The summary as data, for JSON logs, the termination message and metrics."""
@@ -100,7 +121,8 @@ class SyncResult:
                 "files": self.files, "bytes_total": self.total_bytes, "bytes_fetched": self.bytes_fetched,
                 "bytes_reused": self.bytes_reused, "bytes_resumed": self.bytes_resumed,
                 "seconds": round(self.seconds, 3), "lock_wait_seconds": round(self.lock_wait_seconds, 3),
-                "retries": self.retries, "warm": self.warm, "verification": self.verification}
+                "retries": self.retries, "warm": self.warm, "verification": self.verification,
+                "evidence": self.evidence, **({"checked": self.checked} if self.warm else {})}
 
 
 def revision_key(revision: str, selection: Selection) -> str:
@@ -216,11 +238,11 @@ class Engine:
 
     def _finish_warm(self, manifest: Manifest, key: str, ref: str | None, source_revision: str) -> SyncResult:
         self._point_current(key, ref)
-        how = "sha256 of every file" if self.request.verify == "full" else "manifest and sizes"
+        how = "sha256 of every file against the manifest" if self.request.verify == "full" else "manifest and sizes"
         return SyncResult(path=self.volume.revision_dir(key), name=self.volume.name, revision=key,
                           source=self.source.uri, source_revision=source_revision, files=len(manifest.files),
                           total_bytes=manifest.total_bytes, seconds=time.monotonic() - self.started, warm=True,
-                          verification=how)
+                          checked=how, file_evidence=tuple(entry.evidence for entry in manifest.files))
 
     def _point_current(self, key: str, ref: str | None) -> None:
         """Flip `current` and record the ref; on a read-only volume leave both as they are."""
@@ -293,25 +315,35 @@ class Engine:
         shutil.rmtree(trash, ignore_errors=True)
 
     def _download_and_publish(self, snapshot: Snapshot, key: str) -> SyncResult:
-        from weightsync.fetch import Fetcher, FileDownload
+        """Plan (reuse, describe, staged, resume), fetch and verify what is missing, then publish."""
+        from weightsync.fetch import Fetcher, FileDownload, recheck_staged, report_verified
 
         request, volume = self.request, self.volume
         staging = volume.ensure(f".staging/{key}")
         parts, tree = volume.ensure(f".staging/{key}/parts"), volume.ensure(f".staging/{key}/tree")
-        staged: dict[str, str] = {}
-        to_fetch: list[RemoteFile] = []
+        verified: dict[str, Verified] = {}
+        pending: list[RemoteFile] = []
         reused = 0
         reuse = ReuseIndex.build(volume, exclude=key)
         for remote in snapshot.files:
-            sha256 = _recheck_staged(FileDownload(remote, parts, tree), remote, tree)
-            if sha256 is None and (sha256 := reuse.link_into(remote, tree, full=request.verify == "full")):
-                reused += remote.size
-            if sha256 is not None:
-                staged[remote.path] = sha256
-            else:
-                to_fetch.append(remote)
+            found = reuse.link_into(remote, tree, full=request.verify == "full")
+            if found is None:
+                pending.append(remote)
+                continue
+            verified[remote.path] = found
+            reused += remote.size
+            report_verified(remote.path, remote.size, found, how="reused")
 
-        downloads = [FileDownload(remote, parts, tree) for remote in self._describe(to_fetch)]
+        described = self._describe(pending)
+        self._check_promises(described, verified)
+        downloads: list[FileDownload] = []
+        for remote in described:
+            download = FileDownload(remote, parts, tree)
+            staged = recheck_staged(download)
+            if staged is not None:
+                verified[remote.path] = staged
+            else:
+                downloads.append(download)
         for download in downloads:
             download.load_state()
         resumed = sum(d.bytes_on_disk for d in downloads)
@@ -319,54 +351,76 @@ class Engine:
         self._check_free_space(staging, sum(_space_still_needed(d) for d in downloads))
 
         total = sum(f.size for f in snapshot.files)
-        event("plan", "syncing %s revision %s: %d files, %s (%s to download, %s resumed, %s reused) into %s",
-              self.source.uri, key, len(snapshot.files), human_bytes(total), human_bytes(needed),
-              human_bytes(resumed), human_bytes(reused), volume.root, revision=key, files=len(snapshot.files),
-              bytes_total=total, bytes_to_download=needed, bytes_resumed=resumed, bytes_reused=reused)
+        requests = sum(f.metadata_requests for f in described)
+        event("plan", "syncing %s revision %s: %d files, %s (%s to download, %s resumed, %s reused; %d metadata "
+              "requests) into %s", self.source.uri, key, len(snapshot.files), human_bytes(total),
+              human_bytes(needed), human_bytes(resumed), human_bytes(reused), requests, volume.root, revision=key,
+              files=len(snapshot.files), bytes_total=total, bytes_to_download=needed, bytes_resumed=resumed,
+              bytes_reused=reused, metadata_requests=requests)
         with Progress(needed, len(downloads), interval=request.progress_interval) as progress:
             fetcher = Fetcher(self.source, progress, request.concurrency, request.retry, fsync=request.fsync)
             try:
-                staged.update(fetcher.run(downloads))
+                verified.update(fetcher.run(downloads))
             except IntegrityError as exc:
                 if not resumed:
                     raise
                 # Resumed bytes from an earlier run failed verification (tampered or torn resume state):
-                # the bad file was discarded, so fetch it again from scratch once instead of failing.
+                # the bad file was discarded, so fetch what is still missing again, from scratch, once.
                 log.warning("data resumed from an earlier run failed verification (%s); re-downloading it", exc)
                 resumed = 0
-                retry = []
-                for remote in (d.remote for d in downloads):
-                    download = FileDownload(remote, parts, tree)
-                    if (sha256 := download.load_state()) is not None:
-                        staged[remote.path] = sha256
-                    else:
-                        retry.append(download)
-                downloads = retry
+                verified.update(fetcher.results)
+                downloads = [FileDownload(d.remote, parts, tree) for d in downloads if d.remote.path not in verified]
+                for download in downloads:
+                    download.load_state()
                 fetcher = Fetcher(self.source, progress, request.concurrency, request.retry, fsync=request.fsync)
-                staged.update(fetcher.run(downloads))
+                verified.update(fetcher.run(downloads))
 
         manifest = Manifest(source=self.source.uri, revision=key, ref=snapshot.ref,
                             selection={"include": list(request.selection.include),
                                        "exclude": list(request.selection.exclude)},
-                            files=[ManifestEntry(path=f.path, size=f.size, sha256=staged[f.path], etag=f.etag)
-                                   for f in snapshot.files])
+                            files=[ManifestEntry(path=f.path, size=f.size, sha256=verified[f.path].sha256, etag=f.etag,
+                                                 evidence=verified[f.path].evidence) for f in snapshot.files])
         self._publish(manifest, staging, key, snapshot.ref)
         return SyncResult(path=volume.revision_dir(key), name=volume.name, revision=key, source=self.source.uri,
                           source_revision=snapshot.revision, files=len(snapshot.files), total_bytes=total,
                           bytes_fetched=progress.bytes_done,
                           bytes_reused=reused, bytes_resumed=resumed, seconds=time.monotonic() - self.started,
-                          retries=fetcher.retries)
+                          retries=fetcher.retries, file_evidence=tuple(entry.evidence for entry in manifest.files))
 
     def _describe(self, files: list[RemoteFile]) -> list[RemoteFile]:
-        """Ask the source for checksums the listing lacks, a few requests at a time."""
+        """Ask the source for the promises the listing lacks, a few files at a time.
+
+        `thorough` where the listing's promise is not enough for the request: --require-checksum wants
+        every promise the source can give, and a lockfile's recorded promise must be compared with the
+        source's current one.
+        """
+        lockfile = self.request.lockfile
+
         def describe(remote: RemoteFile) -> RemoteFile:
-            return call_with_retries(f"describing {remote.path}", lambda: self.source.describe(remote),
+            thorough = self.request.require_checksum or bool(lockfile and lockfile.needs_describe(remote))
+            return call_with_retries(f"describing {remote.path}", lambda: self.source.describe(remote, thorough),
                                      self.request.retry)
 
         if len(files) <= 1:
             return [describe(f) for f in files]
         with ThreadPoolExecutor(max_workers=min(self.request.concurrency, len(files))) as pool:
             return list(pool.map(describe, files))
+
+    def _check_promises(self, described: list[RemoteFile], verified: dict[str, Verified]) -> None:
+        """Before any byte moves: the lockfile's recorded promises, and --require-checksum."""
+        if self.request.lockfile:
+            self.request.lockfile.check_promises(described)
+        if not self.request.require_checksum:
+            return
+        unverifiable = [(f.path, f.evidence.reason) for f in described if f.evidence.promise is None]
+        unverifiable += [(path, v.evidence.reason) for path, v in verified.items() if v.evidence.promise is None]
+        if unverifiable:
+            path, reason = unverifiable[0]
+            more = f" (and {len(unverifiable) - 1} more files)" if len(unverifiable) > 1 else ""
+            raise IntegrityError(
+                f"--require-checksum: {path}{more} has no checksum to verify it by ({reason}); nothing was "
+                "downloaded — upload it with a checksum (aws s3 cp --checksum-algorithm CRC64NVME, or boto3's "
+                "default CRC32), pin it with a lockfile (`weightsync lock`), or drop --require-checksum")
 
     @staticmethod
     def _check_free_space(staging: Path, needed: int) -> None:
@@ -421,29 +475,6 @@ def _space_still_needed(download: FileDownload) -> int:
     return max(0, download.remote.size - max(held, download.bytes_on_disk))
 
 
-def _recheck_staged(download: FileDownload, remote: RemoteFile, tree: Path) -> str | None:
-    """A file an earlier run finished in staging, re-hashed before it is trusted; None to fetch it again."""
-    sha256 = download.load_state()
-    if sha256 is None:
-        return None
-    from weightsync.fetch import _Hashers, verify_digests
-
-    final = tree / remote.path
-    hashers = _Hashers(remote)
-    try:
-        _read_into(final, hashers.update)
-        digests = hashers.digests()
-        if digests["sha256"] != sha256:
-            raise IntegrityError(f"{remote.path}: sha256 {digests['sha256']} differs from the resume state")
-        verify_digests(remote, digests, untrusted={"md5"})  # an ETag is not an MD5 under SSE-KMS
-    except (OSError, IntegrityError) as exc:
-        log.warning("staged %s failed re-verification (%s); downloading it again", remote.path, exc)
-        final.unlink(missing_ok=True)
-        download.state_path.unlink(missing_ok=True)
-        return None
-    return sha256
-
-
 def check_files(directory: Path, manifest: Manifest, full: bool) -> list[str]:
     """Compare a revision directory with its manifest: sizes always, sha256 when `full`."""
     problems = []
@@ -465,17 +496,8 @@ def check_files(directory: Path, manifest: Manifest, full: bool) -> list[str]:
 
 def hash_file(path: Path) -> str:
     digest = hashlib.sha256()
-    _read_into(path, digest.update)
+    feed_file(path, digest.update)
     return digest.hexdigest()
-
-
-def _read_into(path: Path, update: Callable[[bytes], object]) -> None:
-    """Feed a file to a hash in large blocks (one loop for every re-hash from disk)."""
-    from weightsync.fetch import HASH_BLOCK
-
-    with open(path, "rb", buffering=0) as handle:
-        while chunk := handle.read(HASH_BLOCK):
-            update(chunk)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -496,7 +518,7 @@ class ReuseIndex:
 
     def __init__(self) -> None:
         self.by_sha256: dict[tuple[str, int], Path] = {}
-        self.by_identity: dict[tuple[str, int, str], tuple[Path, str]] = {}
+        self.by_identity: dict[tuple[str, int, str], tuple[Path, ManifestEntry]] = {}
 
     @classmethod
     def build(cls, volume: ModelVolume, exclude: str) -> ReuseIndex:
@@ -514,24 +536,33 @@ class ReuseIndex:
     def add(self, directory: Path, entries: Iterable[ManifestEntry]) -> None:
         for entry in entries:
             self.by_sha256[(entry.sha256, entry.size)] = directory / entry.path
-            if entry.etag:
-                self.by_identity[(entry.path, entry.size, entry.etag)] = (directory / entry.path, entry.sha256)
+            if entry.etag and entry.evidence is not None:
+                self.by_identity[(entry.path, entry.size, entry.etag)] = (directory / entry.path, entry)
 
-    def link_into(self, remote: RemoteFile, tree: Path, full: bool) -> str | None:
-        """Hardlink a matching published file into the staging tree; return its sha256."""
-        candidate: tuple[Path, str] | None = None
-        if remote.sha256 and (remote.sha256, remote.size) in self.by_sha256:
-            candidate = (self.by_sha256[(remote.sha256, remote.size)], remote.sha256)
+    def link_into(self, remote: RemoteFile, tree: Path, full: bool) -> Verified | None:
+        """Hardlink a matching published file into the staging tree; return what it is verified by.
+
+        A file is reused only under the promise it would be downloaded against: the sha256 the source (or
+        a lockfile) promises, matched by the sha256 computed when it was published; or, for the same
+        object at the source (path, size, ETag), the evidence it was verified by then.
+        """
+        candidate: tuple[Path, Verified] | None = None
+        promised = remote.sha256
+        if promised and (promised, remote.size) in self.by_sha256:
+            promise = next(p for p in remote.promises if p.algorithm == "sha256" and p.value == promised)
+            candidate = (self.by_sha256[(promised, remote.size)], Verified(promised, Evidence(promise)))
         elif remote.etag and (remote.path, remote.size, remote.etag) in self.by_identity:
-            candidate = self.by_identity[(remote.path, remote.size, remote.etag)]
+            path, entry = self.by_identity[(remote.path, remote.size, remote.etag)]
+            assert entry.evidence is not None
+            candidate = (path, Verified(entry.sha256, entry.evidence))
         if candidate is None:
             return None
-        source_path, sha256 = candidate
+        source_path, verified = candidate
         try:
             info = os.lstat(source_path)
             if not stat.S_ISREG(info.st_mode) or info.st_size != remote.size:
                 return None
-            if full and hash_file(source_path) != sha256:
+            if full and hash_file(source_path) != verified.sha256:
                 return None
             parent, _, name = remote.path.rpartition("/")
             target = (safe_makedirs(tree, parent) if parent else tree) / name
@@ -543,4 +574,4 @@ class ReuseIndex:
         except OSError:
             return None
         log.debug("reused %s from %s", remote.path, source_path)
-        return sha256
+        return verified

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from weightsync.checksums import Verified, Verifier, verify_path
 from weightsync.errors import DiskSpaceError, IntegrityError, WeightsyncError
 from weightsync.layout import safe_makedirs
 from weightsync.manifest import read_nofollow, write_atomic
@@ -47,7 +48,6 @@ MAX_CHUNKS_PER_FILE = 1024
 # (1 MiB buffers cost ~50% more CPU per byte on this project's 1 MiB-L2 machines).
 BUFFER_SIZE = 256 * 1024
 MIN_BUFFER_SIZE = 64 * 1024
-HASH_BLOCK = 8 * 1024 * 1024
 HASH_WINDOW = 2 * 1024 * 1024
 CATCH_UP_EVERY = 8 * 1024 * 1024
 STATE_VERSION = 1
@@ -113,45 +113,6 @@ def part_id(path: str) -> str:
     return hashlib.sha256(path.encode()).hexdigest()[:24]
 
 
-def git_blob_sha1() -> hashlib._Hash:
-    return hashlib.sha1(usedforsecurity=False)
-
-
-class _Hashers:
-    """sha256 always (the manifest's hash); md5 / git blob sha1 only when they are the promise."""
-
-    def __init__(self, remote: RemoteFile) -> None:
-        self.sha256 = hashlib.sha256()
-        self.extra: dict[str, hashlib._Hash] = {}
-        if remote.md5 and not remote.sha256:
-            self.extra["md5"] = hashlib.md5(usedforsecurity=False)
-        if remote.git_sha1 and not remote.sha256:
-            blob = git_blob_sha1()
-            blob.update(f"blob {remote.size}\0".encode())
-            self.extra["git-sha1"] = blob
-
-    def update(self, data: bytes | memoryview) -> None:
-        self.sha256.update(data)
-        for hasher in self.extra.values():
-            hasher.update(data)
-
-    def digests(self) -> dict[str, str]:
-        return {"sha256": self.sha256.hexdigest(), **{k: h.hexdigest() for k, h in self.extra.items()}}
-
-
-def verify_digests(remote: RemoteFile, digests: dict[str, str], untrusted: set[str]) -> None:
-    """Raise IntegrityError if any promised checksum differs from what was computed."""
-    for algorithm, expected in remote.promises().items():
-        if algorithm in untrusted or algorithm not in digests:
-            continue
-        if digests[algorithm] != expected.lower():
-            raise IntegrityError(
-                f"checksum mismatch for {remote.path}: the source promised {algorithm} {expected}, the bytes "
-                f"received hash to {digests[algorithm]}; the file was discarded and nothing was published — "
-                "rerun; if it persists the object at the source is corrupt"
-            )
-
-
 class FileDownload:
     """One file's chunks, resume state and running hash."""
 
@@ -166,14 +127,13 @@ class FileDownload:
         self.tree_dir = tree_dir
         self.done: set[int] = set()
         self.partial: dict[int, int] = {}
-        self.untrusted: set[str] = set()
         self._saved_at = 0.0
         self._unsaved = 0
         self._fd: int | None = None
         self._state_lock = threading.Lock()
         self._save_lock = threading.Lock()
         self._hash_lock = threading.Lock()
-        self._hashers = _Hashers(remote)
+        self.verifier = Verifier(remote.path, remote.size, remote.evidence)
         self._hashed = 0
         self._next_chunk_to_hash = 0
         self._scratch: memoryview | None = None
@@ -327,7 +287,7 @@ class FileDownload:
         try:
             with mmap.mmap(self._fd, offset + length - base, prot=mmap.PROT_READ, offset=base) as mapped, \
                     memoryview(mapped) as view, view[offset - base:] as data:
-                self._hashers.update(data)
+                self.verifier.update(data)
             return
         except (OSError, ValueError):  # a filesystem without mmap: read it instead
             pass
@@ -339,10 +299,28 @@ class FileDownload:
             if not count:
                 raise IntegrityError(f"{self.part_path} is shorter than expected; rerun to resume")
             done += count
-        self._hashers.update(self._scratch[:length])
+        self.verifier.update(self._scratch[:length])
 
-    def finish(self, fsync: bool) -> str:
-        """Verify the whole file against the source's promises and move it into the tree."""
+    def void(self, field: str, reason: str) -> None:
+        """A response proved one promise unsound (an SSE-KMS ETag is no MD5): verify against the next best.
+
+        If that changes what is computed, hashing restarts from byte 0 (re-read from the page cache; the
+        first response of a file tells, so little has been hashed by then).
+        """
+        with self._hash_lock:
+            promises = tuple(p.void(reason) if p.field == field and not p.unusable else p
+                             for p in self.remote.promises)
+            if promises == self.remote.promises:
+                return
+            self.remote = self.remote.with_promises(promises)
+            evidence = self.remote.evidence
+            if evidence != self.verifier.evidence:
+                log.warning("%s: %s; verifying it by %s instead", self.remote.path, reason, evidence.label)
+                self.verifier = Verifier(self.remote.path, self.remote.size, evidence)
+                self._hashed = 0
+
+    def finish(self, fsync: bool) -> Verified:
+        """Verify the whole file against the chosen promise and move it into the tree."""
         self.advance_hash(blocking=True)
         assert self._fd is not None
         size = os.fstat(self._fd).st_size
@@ -350,9 +328,8 @@ class FileDownload:
             self._discard()
             raise IntegrityError(f"size mismatch for {self.remote.path}: expected {self.remote.size} bytes, "
                                  f"got {size}; the file was discarded — rerun")
-        digests = self._hashers.digests()
         try:
-            verify_digests(self.remote, digests, self.untrusted)
+            sha256 = self.verifier.finish()
         except IntegrityError:
             self._discard()
             raise
@@ -361,9 +338,9 @@ class FileDownload:
         self.close()
         with self._state_lock:
             # Not fsynced: the data is (when asked), and a lost state file only means re-downloading.
-            write_atomic(self.state_path, json.dumps(self._state(digests["sha256"])).encode(), durable=False)
+            write_atomic(self.state_path, json.dumps(self._state(sha256)).encode(), durable=False)
         self._move_into_tree()
-        return digests["sha256"]
+        return Verified(sha256, self.verifier.evidence, self.verifier.computed)
 
     def _move_into_tree(self) -> None:
         parent = self.remote.path.rpartition("/")[0]
@@ -374,6 +351,26 @@ class FileDownload:
         self.close()
         self.part_path.unlink(missing_ok=True)
         self.state_path.unlink(missing_ok=True)
+
+
+def recheck_staged(download: FileDownload) -> Verified | None:
+    """A file an earlier run finished in staging, re-verified against its promise before it is trusted;
+    None to fetch it again."""
+    sha256 = download.load_state()
+    if sha256 is None:
+        return None
+    remote = download.remote
+    final = download.tree_dir / remote.path
+    try:
+        verified = verify_path(final, remote.path, remote.size, remote.evidence)
+        if verified.sha256 != sha256:
+            raise IntegrityError(f"{remote.path}: sha256 {verified.sha256} differs from the resume state")
+    except (OSError, IntegrityError) as exc:
+        log.warning("staged %s failed re-verification (%s); downloading it again", remote.path, exc)
+        final.unlink(missing_ok=True)
+        download.state_path.unlink(missing_ok=True)
+        return None
+    return verified
 
 
 def _is_regular_file_of_size(path: Path, size: int) -> bool:
@@ -389,7 +386,7 @@ def _is_regular_file_of_size(path: Path, size: int) -> bool:
 class Fetcher:
     """A bounded pool of worker threads pulling chunks from one queue across all files.
 
-    Memory is bounded by concurrency × buffer size (+ one HASH_BLOCK where a filesystem
+    Memory is bounded by concurrency × buffer size (+ one HASH_WINDOW where a filesystem
     cannot be mapped), whatever the file or model size; both shrink to fit a cgroup
     memory limit (see `worker_plan`).
     """
@@ -402,15 +399,15 @@ class Fetcher:
                                                          streams_per_cpu=getattr(source, "streams_per_cpu", None))
         self.retry = retry
         self.fsync = fsync
-        self.results: dict[str, str] = {}
+        self.results: dict[str, Verified] = {}
         self.retries = 0
         self._queue: queue.Queue[tuple[FileDownload, int]] = queue.Queue()
         self._abort = threading.Event()
         self._error: BaseException | None = None
         self._results_lock = threading.Lock()
 
-    def run(self, downloads: list[FileDownload]) -> dict[str, str]:
-        """Download everything; return {path: sha256}. Raises the first fatal error."""
+    def run(self, downloads: list[FileDownload]) -> dict[str, Verified]:
+        """Download and verify everything; return what each file was verified by. Raises the first fatal error."""
         try:
             for download in downloads:
                 download.open()
@@ -461,12 +458,11 @@ class Fetcher:
                 return
 
     def _complete(self, download: FileDownload) -> None:
-        sha256 = download.finish(self.fsync)
+        verified = download.finish(self.fsync)
         with self._results_lock:
-            self.results[download.remote.path] = sha256
+            self.results[download.remote.path] = verified
         self.progress.file_done(download.remote.path)
-        event("file_verified", "verified %s (%d bytes, sha256 %s)", download.remote.path, download.remote.size,
-              sha256, path=download.remote.path, size=download.remote.size, sha256=sha256)
+        report_verified(download.remote.path, download.remote.size, verified)
 
     def _fetch_chunk(self, download: FileDownload, index: int, buffer: memoryview) -> None:
         end = download.chunks[index][1]
@@ -477,8 +473,8 @@ class Fetcher:
             reader = self.source.open_range(download.remote, position, end)
             unhashed = 0
             try:
-                if getattr(reader, "md5_untrusted", False):
-                    download.untrusted.add("md5")
+                for field, reason in getattr(reader, "voids", {}).items():
+                    download.void(field, reason)
                 while position < end:
                     if self._abort.is_set():
                         raise _Aborted()
@@ -502,6 +498,13 @@ class Fetcher:
             self.retries += 1
 
         call_with_retries(f"downloading {download.remote.path}", attempt, self.retry, count_retry)
+
+
+def report_verified(path: str, size: int, verified: Verified, how: str = "verified") -> None:
+    """The `file_verified` event: which evidence the file's bytes matched, and its sha256 (computed here)."""
+    event("file_verified", "%s %s (%d bytes) by %s; sha256 %s", how, path, size, verified.evidence.label,
+          verified.sha256, path=path, size=size, sha256=verified.sha256, evidence=verified.evidence.label,
+          evidence_kind=verified.evidence.kind, computed=list(verified.computed), how=how)
 
 
 def cgroup_limits(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")

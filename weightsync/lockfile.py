@@ -1,9 +1,12 @@
-"""Pinned lockfiles: the exact revision and every file's path, size and sha256, checked into git.
+"""Pinned lockfiles: the exact revision and every file's path, size, sha256 and source promise, checked into git.
 
 `weightsync lock` writes one; `--lockfile` makes sync/run download exactly that and
 fail (exit 4) if the source no longer matches — reproducible, auditable model
-versions, like a package lockfile. With the revision already published it needs
-no network at all.
+versions, like a package lockfile. Two things are checked: the bytes against the
+locked sha256, and the source's own promise for each file (its ETag, Checksum*
+value or LFS oid, as recorded at lock time) against what the source says now, so a
+rewritten object is refused before a byte of it is downloaded. With the revision
+already published it needs no network at all.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from weightsync.checksums import Evidence, Promise
 from weightsync.errors import IntegrityError, UsageError
 from weightsync.manifest import SHA256, ManifestEntry
 from weightsync.sources import RemoteFile
@@ -35,7 +39,8 @@ class Lockfile:
             "revision": self.revision,
             "include": list(self.include),
             "exclude": list(self.exclude),
-            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256}
+            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256,
+                       **({"promise": _source_promise(f).to_json()} if _source_promise(f) else {})}
                       for f in sorted(self.files, key=lambda f: f.path)],
         }
         return json.dumps(body, indent=1, ensure_ascii=False) + "\n"
@@ -50,8 +55,10 @@ class Lockfile:
                 raise ValueError(f"not a weightsync lockfile (format {body.get('weightsync_lockfile')!r})")
             files = []
             for item in body["files"]:
+                promise = Promise.from_json(item["promise"]) if item.get("promise") else None
                 entry = ManifestEntry(path=check_relative_path(item["path"], path), size=int(item["size"]),
-                                      sha256=str(item["sha256"]).lower())
+                                      sha256=str(item["sha256"]).lower(),
+                                      evidence=Evidence(promise) if promise else None)
                 if entry.size < 0 or not SHA256.match(entry.sha256):
                     raise ValueError(f"bad entry for {entry.path!r}")
                 files.append(entry)
@@ -75,10 +82,24 @@ class Lockfile:
             promised = listed[path].sha256
             if promised and promised != locked[path].sha256:
                 problems.append(f"{path}: the source's sha256 differs from the lockfile")
+            problems += _promise_problems(locked[path], listed[path], missing_ok=True)
         if problems:
             raise self.mismatch(problems)
-        return tuple(RemoteFile(path=f.path, size=f.size, sha256=locked[f.path].sha256, md5=f.md5,
-                                git_sha1=f.git_sha1, etag=f.etag) for f in files)
+        return tuple(f.with_promises((*f.promises, Promise("sha256", locked[f.path].sha256, "", origin="lockfile")))
+                     for f in files)
+
+    def needs_describe(self, remote: RemoteFile) -> bool:
+        """Whether the promise recorded for this file comes from the describe step, not the listing."""
+        entry = next((f for f in self.files if f.path == remote.path), None)
+        recorded = _source_promise(entry) if entry else None
+        return recorded is not None and all(p.field != recorded.field for p in remote.promises)
+
+    def check_promises(self, files: list[RemoteFile]) -> None:
+        """Exit 4 before downloading if the source's promise for a file differs from the one locked."""
+        locked = {f.path: f for f in self.files}
+        problems = [problem for f in files if f.path in locked for problem in _promise_problems(locked[f.path], f)]
+        if problems:
+            raise self.mismatch(problems)
 
     def check_manifest(self, entries: list[ManifestEntry]) -> None:
         want = {(f.path, f.size, f.sha256) for f in self.files}
@@ -90,3 +111,22 @@ class Lockfile:
     def mismatch(self, problems: list[str]) -> IntegrityError:
         return IntegrityError(f"{self.source} revision {self.revision} no longer matches --lockfile {self.origin}: "
                               + "; ".join(problems[:8]) + " — regenerate the lockfile or restore the source")
+
+
+def _source_promise(entry: ManifestEntry) -> Promise | None:
+    """The promise a locked file was verified by at lock time, where it came from the source."""
+    promise = entry.evidence.promise if entry.evidence else None
+    return promise if promise is not None and promise.origin == "source" else None
+
+
+def _promise_problems(entry: ManifestEntry, remote: RemoteFile, missing_ok: bool = False) -> list[str]:
+    """How the source's current promise for a file differs from the one recorded in the lockfile."""
+    recorded = _source_promise(entry)
+    if recorded is None:
+        return []
+    current = next((p for p in remote.promises if p.field == recorded.field), None)
+    if current is None:
+        return [] if missing_ok else [f"{entry.path}: the source no longer promises {recorded.field}"]
+    if not current.same_claim(recorded):
+        return [f"{entry.path}: the source's {recorded.field} is {current.shown}, the lockfile has {recorded.shown}"]
+    return []

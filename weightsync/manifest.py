@@ -1,7 +1,9 @@
-"""The manifest of a published revision: every file's path, size and sha256.
+"""The manifest of a published revision: every file's path, size, sha256 and what it was verified by.
 
 It is what `verify` re-hashes against and what a warm start checks (sizes) without
-touching the network. A manifest that does not parse or does not match its schema
+touching the network. The sha256 is computed here from bytes that matched the
+source's promise; `verified` records that promise (the evidence), so reports can
+say what was really checked. A manifest that does not parse or does not match its schema
 is never trusted: the revision is treated as unpublished and re-verified.
 """
 
@@ -14,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from weightsync.checksums import Evidence
 
 FORMAT = 1
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -29,6 +33,15 @@ class ManifestEntry:
     size: int
     sha256: str
     etag: str | None = None
+    evidence: Evidence | None = None  # None in manifests written before evidence was recorded
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {"path": self.path, "size": self.size, "sha256": self.sha256}
+        if self.etag:
+            body["etag"] = self.etag
+        if self.evidence:
+            body["verified"] = self.evidence.to_json()
+        return body
 
 
 @dataclass
@@ -52,10 +65,7 @@ class Manifest:
             "ref": self.ref,
             "selection": self.selection,
             "created": self.created,
-            "files": [
-                {"path": f.path, "size": f.size, "sha256": f.sha256, **({"etag": f.etag} if f.etag else {})}
-                for f in sorted(self.files, key=lambda f: f.path)
-            ],
+            "files": [f.to_json() for f in sorted(self.files, key=lambda f: f.path)],
         }
         return json.dumps(body, indent=1, ensure_ascii=False).encode() + b"\n"
 
@@ -74,7 +84,7 @@ class Manifest:
             seen: set[str] = set()
             for item in body["files"]:
                 entry = ManifestEntry(path=item["path"], size=item["size"], sha256=item["sha256"],
-                                      etag=item.get("etag"))
+                                      etag=item.get("etag"), evidence=Evidence.from_json(item.get("verified")))
                 if (not isinstance(entry.size, int) or isinstance(entry.size, bool) or entry.size < 0
                         or not isinstance(entry.sha256, str) or not SHA256.match(entry.sha256)):
                     raise ManifestError(f"bad entry for {entry.path!r}")

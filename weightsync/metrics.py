@@ -56,6 +56,10 @@ class SyncMetrics:
                               registry=self.registry)
         self.last_success = Gauge("weightsync_last_success_timestamp_seconds", "Unix time of the last successful "
                                   "sync.", names, registry=self.registry)
+        self.verified_files = Gauge("weightsync_published_files", "Files of the published revision by what they "
+                                    "were verified against (evidence: crc64nvme, crc32-composite, md5-multipart, "
+                                    "sha256, git-sha1, size-only, ...).", [*names, "evidence"],
+                                    registry=self.registry)
         self.ready = Gauge("weightsync_ready", "1 once a verified model is published (serve mode).", names,
                            registry=self.registry)
 
@@ -66,6 +70,8 @@ class SyncMetrics:
         if not result.warm:
             self.files.labels(**labels).inc(result.files)
         self.retries.labels(**labels).inc(result.retries)
+        for kind, count in result.evidence_kinds.items():
+            self.verified_files.labels(**labels, evidence=kind).set(count)
         self.lock_wait.labels(**labels).set(result.lock_wait_seconds)
         self.syncs.labels(**labels, result="success").inc()
         self.duration.labels(**labels, result="success").set(result.seconds)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from weightsync.checksums import describe_tally, tally
 from weightsync.errors import SourceError
 from weightsync.layout import ModelVolume
 from weightsync.manifest import Manifest, ManifestError
@@ -53,7 +54,7 @@ def model_status(volume: ModelVolume) -> dict[str, Any]:
         try:
             manifest = Manifest.load(volume.manifest_path(revision))
             entry.update(files=len(manifest.files), bytes=manifest.total_bytes, source=manifest.source,
-                         published=manifest.created)
+                         published=manifest.created, evidence=tally(f.evidence for f in manifest.files))
         except ManifestError as exc:
             entry["problem"] = str(exc)
         try:
@@ -112,6 +113,7 @@ def format_table(report: dict[str, Any]) -> str:
                 continue
             lines.append(f"  {mark} {rev['revision']:<42} {rev['files']:>6} {human_bytes(rev['bytes']):>10}  "
                          f"{published:<12} {verified:<12}")
+            lines.append(f"      verified by: {describe_tally(rev['evidence'])}")
         for stage in model.get("staging", []):
             lines.append(f"  staging {stage['revision']}: {human_bytes(stage['bytes_on_disk'])} on disk, "
                          f"idle {human_duration(stage['age_seconds'])}")

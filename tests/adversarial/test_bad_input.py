@@ -148,11 +148,13 @@ def test_a_tampered_sha256_in_the_manifest_is_caught_by_verify_full(published, h
 
 
 def _staging(hub, commit: str, dest: Path, path: str, data: bytes):
+    from weightsync.checksums import Promise
     from weightsync.fetch import FileDownload
     from weightsync.sources import RemoteFile
 
     info = hub.file_info("acme/tamper", path, commit)
-    remote = RemoteFile(path=path, size=info["size"], sha256=info["sha256"], etag=info["sha256"])
+    remote = RemoteFile(path=path, size=info["size"], promises=(Promise("sha256", info["sha256"], "lfs"),),
+                        etag=info["sha256"])
     staging = dest / "hf--acme--tamper" / ".staging" / commit
     (staging / "parts").mkdir(parents=True, exist_ok=True)
     (staging / "tree").mkdir(parents=True, exist_ok=True)

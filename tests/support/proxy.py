@@ -21,6 +21,11 @@ class ProxyFaults:
     flip_byte_at: int | None = None          # flip the byte at this offset of the next long response stream
     drop_after: int | None = None            # close connections after this many server→client bytes
     drop_times: int = 0                      # how many connections to drop (0 = none)
+    # Flip the byte at each of these object offsets in every GET response whose request path contains
+    # `corrupt_key` (ranged or not, on every connection): a bit rot or a broken middlebox that a retry
+    # does not cure. Offsets are of the object, so the same bytes are damaged whichever range asks.
+    corrupt_key: str | None = None
+    corrupt_offsets: tuple[int, ...] = (0,)
 
 
 @dataclass
@@ -65,21 +70,23 @@ class CountingProxy:
         except OSError:
             client.close()
             return
-        threading.Thread(target=self._pump_up, args=(client, upstream), daemon=True).start()
-        self._pump_down(upstream, client)
+        exchange = _HttpExchange(self.faults)
+        threading.Thread(target=self._pump_up, args=(client, upstream, exchange), daemon=True).start()
+        self._pump_down(upstream, client, exchange)
 
-    def _pump_up(self, client: socket.socket, upstream: socket.socket) -> None:
+    def _pump_up(self, client: socket.socket, upstream: socket.socket, exchange: _HttpExchange) -> None:
         try:
             while data := client.recv(65536):
                 with self.stats.lock:
                     self.stats.bytes_up += len(data)
+                exchange.request_bytes(data)
                 upstream.sendall(data)
         except OSError:
             pass
         finally:
             _close(upstream)
 
-    def _pump_down(self, upstream: socket.socket, client: socket.socket) -> None:
+    def _pump_down(self, upstream: socket.socket, client: socket.socket, exchange: _HttpExchange) -> None:
         sent = 0
         flip_at = self.faults.flip_byte_at
         dropping = False
@@ -90,6 +97,8 @@ class CountingProxy:
         started = time.monotonic()
         try:
             while data := upstream.recv(65536):
+                if self.faults.corrupt_key:
+                    data = exchange.response_bytes(data)
                 if flip_at is not None and sent <= flip_at < sent + len(data):
                     with self.stats.lock:
                         claimed = self.faults.flip_byte_at is not None
@@ -128,3 +137,133 @@ def _close(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     sock.close()
+
+
+class _HttpExchange:
+    """Just enough HTTP/1.1 parsing of one keep-alive connection to find each response's body.
+
+    Requests (from the client under test: GET/HEAD, with a Content-Length body if any) are queued
+    as they pass; each response is matched to the oldest one. A response body is framed by
+    Content-Length, or chunked; HEAD responses and 204/304 have none. Only the bytes of GET bodies
+    for `corrupt_key` are touched.
+    """
+
+    def __init__(self, faults: ProxyFaults) -> None:
+        self.faults = faults
+        self.requests: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._request_buffer = b""
+        self._request_body_left = 0
+        self._head = b""
+        self._body_left = 0          # Content-Length bytes still to pass
+        self._body_offset = 0        # object offset of the next body byte
+        self._corrupting = False
+        self._chunked = False
+        self._chunk_left = 0
+        self._line = b""
+
+    def request_bytes(self, data: bytes) -> None:
+        if not self.faults.corrupt_key:
+            return
+        buffer = self._request_buffer + data
+        while buffer:
+            if self._request_body_left:
+                taken = min(self._request_body_left, len(buffer))
+                self._request_body_left -= taken
+                buffer = buffer[taken:]
+                continue
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            head, buffer = buffer[:end].decode("latin-1"), buffer[end + 4:]
+            method, path = [*head.split(" ", 2), "", ""][:2]
+            headers = _headers(head)
+            self._request_body_left = int(headers.get("content-length", "0") or 0)
+            with self._lock:
+                self.requests.append((method, path))
+        self._request_buffer = buffer
+
+    def response_bytes(self, data: bytes) -> bytes:
+        out = bytearray()
+        while data:
+            if self._body_left:
+                taken = min(self._body_left, len(data))
+                piece = bytearray(data[:taken])
+                if self._corrupting:
+                    for offset in self.faults.corrupt_offsets:
+                        if self._body_offset <= offset < self._body_offset + taken:
+                            piece[offset - self._body_offset] ^= 0xFF
+                self._body_offset += taken
+                self._body_left -= taken
+                out += piece
+                data = data[taken:]
+                continue
+            if self._chunked:
+                data = self._skip_chunked(data, out)
+                continue
+            self._head += data
+            data = b""
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            head, rest = self._head[:end + 4], self._head[end + 4:]
+            self._head = b""
+            out += head
+            self._start_body(head.decode("latin-1"))
+            data = rest
+        return bytes(out)
+
+    def _start_body(self, head: str) -> None:
+        status = int([*head.split(" ", 2), "0"][1] or 0)
+        if 100 <= status < 200:
+            return  # an interim response: the final one answers the same request
+        with self._lock:
+            method, path = self.requests.pop(0) if self.requests else ("", "")
+        headers = _headers(head)
+        if method == "HEAD" or status in (204, 304):
+            return
+        if "chunked" in headers.get("transfer-encoding", ""):
+            self._chunked, self._chunk_left, self._line = True, -1, b""
+            return
+        self._body_left = int(headers.get("content-length", "0") or 0)
+        start = 0
+        if headers.get("content-range", "").startswith("bytes "):
+            start = int(headers["content-range"][6:].split("-", 1)[0])
+        self._body_offset = start
+        key = self.faults.corrupt_key
+        self._corrupting = bool(method == "GET" and 200 <= status < 300 and key and key in path)
+
+    def _skip_chunked(self, data: bytes, out: bytearray) -> bytes:
+        """Pass one step of a chunked body through unchanged; return what is left of `data`."""
+        if self._chunk_left > 0:
+            taken = min(self._chunk_left, len(data))
+            out += data[:taken]
+            self._chunk_left -= taken
+            if self._chunk_left == 0:
+                self._chunk_left = -2  # the CRLF after the chunk
+            return data[taken:]
+        newline = data.find(b"\n")
+        if newline < 0:
+            self._line += data
+            out += data
+            return b""
+        line, data = self._line + data[:newline + 1], data[newline + 1:]
+        out += line[len(self._line):]
+        self._line = b""
+        if self._chunk_left == -2:  # the CRLF that ends a chunk's data
+            self._chunk_left = -1
+        elif self._chunk_left == -3:  # trailers, until an empty line
+            if not line.strip():
+                self._chunked = False
+        else:
+            size = int(line.split(b";")[0].strip() or b"0", 16)
+            self._chunk_left = size if size else -3
+        return data
+
+
+def _headers(head: str) -> dict[str, str]:
+    headers = {}
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return headers

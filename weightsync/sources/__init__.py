@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from weightsync.checksums import Evidence, Promise
 from weightsync.errors import TransientError, UsageError, WeightsyncError
 
 
@@ -20,22 +21,32 @@ from weightsync.errors import TransientError, UsageError, WeightsyncError
 class RemoteFile:
     """One file of a model as the source describes it.
 
-    Checksums are what the source *promises*; None means it promised nothing of
-    that kind. `etag` is an opaque identity of this exact content at the source,
-    used to invalidate resume state and to reuse files across revisions.
+    `promises` are the checksums the source vouches for (see checksums.py); the engine
+    verifies the cheapest sound one. `etag` is an opaque identity of this exact content
+    at the source, used to invalidate resume state and to reuse files across revisions.
+    `metadata_requests` counts the requests the describe step spent learning the promises.
     """
 
     path: str
     size: int
-    sha256: str | None = None
-    md5: str | None = None
-    git_sha1: str | None = None
+    promises: tuple[Promise, ...] = ()
     etag: str | None = None
+    metadata_requests: int = field(default=0, compare=False)
 
-    def promises(self) -> dict[str, str]:
-        """The checksums the source promised, by hashlib algorithm name."""
-        found = {"sha256": self.sha256, "md5": self.md5, "git-sha1": self.git_sha1}
-        return {algo: value for algo, value in found.items() if value}
+    @property
+    def sha256(self) -> str | None:
+        """A whole-file sha256 the source (or a lockfile) promised, if any: it keys reuse across revisions."""
+        for promise in self.promises:
+            if promise.algorithm == "sha256" and not promise.parts and promise.usable:
+                return promise.value
+        return None
+
+    @property
+    def evidence(self) -> Evidence:
+        return Evidence.of(self.promises)
+
+    def with_promises(self, promises: tuple[Promise, ...], requests: int = 0) -> RemoteFile:
+        return replace(self, promises=promises, metadata_requests=self.metadata_requests + requests)
 
 
 @dataclass(frozen=True)
@@ -68,8 +79,12 @@ class Source(Protocol):
     def snapshot(self, revision: str | None, selection: Selection) -> Snapshot:
         """List the source (network) and resolve `revision` to an immutable id."""
 
-    def describe(self, file: RemoteFile) -> RemoteFile:
-        """Fill in checksums that the listing alone does not give (may cost a request)."""
+    def describe(self, file: RemoteFile, thorough: bool = False) -> RemoteFile:
+        """Fill in the promises the listing alone does not give (may cost requests).
+
+        Without `thorough` a source may skip files whose listed promise is good enough;
+        `thorough` (--require-checksum, lockfile checks) asks for everything it can learn.
+        """
 
     def open_range(self, file: RemoteFile, start: int, end: int) -> RangeReader:
         """A stream of bytes [start, end) of `file`; raise TransientError on retryable failures."""

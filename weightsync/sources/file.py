@@ -93,7 +93,7 @@ class FileSource:
     def _walk_error(exc: OSError) -> None:
         raise SourceError(f"cannot list {exc.filename}: {exc.strerror}")
 
-    def describe(self, file: RemoteFile) -> RemoteFile:
+    def describe(self, file: RemoteFile, thorough: bool = False) -> RemoteFile:
         return file
 
     def open_range(self, file: RemoteFile, start: int, end: int) -> _FileRange:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 from weightsync import __version__
+from weightsync.checksums import Promise
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
 from weightsync.sources import ErrorTranslator, RemoteFile, Selection, Snapshot, slugify
 
@@ -104,10 +105,13 @@ class HubSource:
     def _remote_file(entry: Any) -> RemoteFile:
         lfs = getattr(entry, "lfs", None)
         if lfs is not None:
-            return RemoteFile(path=entry.path, size=entry.size, sha256=lfs.sha256.lower(), etag=lfs.sha256.lower())
-        return RemoteFile(path=entry.path, size=entry.size, git_sha1=entry.blob_id.lower(), etag=entry.blob_id)
+            sha256 = lfs.sha256.lower()
+            return RemoteFile(path=entry.path, size=entry.size, promises=(Promise("sha256", sha256, "lfs"),),
+                              etag=sha256)
+        return RemoteFile(path=entry.path, size=entry.size,
+                          promises=(Promise("git-sha1", entry.blob_id.lower(), "git blob id"),), etag=entry.blob_id)
 
-    def describe(self, file: RemoteFile) -> RemoteFile:
+    def describe(self, file: RemoteFile, thorough: bool = False) -> RemoteFile:
         return file
 
     def open_range(self, file: RemoteFile, start: int, end: int) -> _HubRange:

@@ -12,16 +12,21 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import logging
 import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from weightsync import __version__
+from weightsync.checksums import ALGORITHMS, Promise, choose, from_base64
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
 from weightsync.sources import LISTING_DIGEST, ErrorTranslator, RemoteFile, Selection, Snapshot, listing_digest, slugify
 
+log = logging.getLogger("weightsync")
 MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
+MULTIPART_ETAG = re.compile(r"^([0-9a-f]{32})-([0-9]{1,5})$")
+CHECKSUM_FIELDS = ("CRC64NVME", "CRC32C", "CRC32", "SHA256", "SHA1")
 NOT_FOUND = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
 DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
           "InvalidToken", "ExpiredToken", "AccountProblem"}
@@ -29,11 +34,69 @@ THROTTLED = {"SlowDown", "503", "500", "502", "504", "InternalError", "ServiceUn
              "RequestTimeout", "RequestTimeTooSkewed", "Throttling", "ThrottlingException"}
 
 
+DESCRIBE_BELOW_MD5 = 8 * 1024 * 1024  # below this an MD5 ETag costs less CPU (~10 ms) than a HEAD request
+
+
 def _hex_from_base64(value: str) -> str | None:
     try:
         return base64.b64decode(value, validate=True).hex()
     except (binascii.Error, ValueError):
         return None
+
+
+def _etag_promises(etag: str) -> tuple[Promise, ...]:
+    """A single-part ETag is the object's MD5; a multipart one (`hex-N`) the MD5 of its N part MD5s."""
+    if MD5_ETAG.match(etag):
+        return (Promise("md5", etag, "ETag"),)
+    match = MULTIPART_ETAG.match(etag)
+    if match and int(match[2]) > 0:
+        return (Promise("md5", match[1], "ETag", parts=int(match[2])),)
+    return ()
+
+
+def _etag_not_md5(response: dict[str, Any]) -> str:
+    """Why this object's ETag is not an MD5 (server-side encryption with KMS or a customer key), or ""."""
+    sse = str(response.get("ServerSideEncryption", ""))
+    if sse.startswith("aws:kms"):
+        return f"the ETag of an {sse} (SSE-KMS) object is not an MD5"
+    if response.get("SSECustomerAlgorithm"):
+        return "the ETag of an SSE-C object is not an MD5"
+    return ""
+
+
+def _head_promises(head: dict[str, Any], listed: tuple[Promise, ...]) -> tuple[Promise, ...]:
+    """What the listing promised (the ETag, a lockfile's sha256) plus everything a HeadObject reply vouches for."""
+    not_md5 = _etag_not_md5(head)
+    promises = [p.void(not_md5) if not_md5 and p.field == "ETag" else p for p in listed]
+    composite_type = head.get("ChecksumType") == "COMPOSITE"
+    for name in CHECKSUM_FIELDS:
+        text = head.get(f"Checksum{name}")
+        if not text:
+            continue
+        promise = from_base64(name.lower(), text, f"Checksum{name}")
+        if promise is None:
+            continue
+        if composite_type and not promise.parts:
+            promise = promise.void(f"Checksum{name} is COMPOSITE but carries no part count")
+        promises.append(promise)
+    metadata = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
+    if re.fullmatch(r"[0-9a-fA-F]{64}", metadata.get("sha256", "")):
+        promises.append(Promise("sha256", metadata["sha256"].lower(), "x-amz-meta-sha256"))
+    md5 = _hex_from_base64(metadata["md5chksum"]) if "md5chksum" in metadata else None
+    if md5 and len(md5) == 32:
+        promises.append(Promise("md5", md5, "x-amz-meta-md5chksum"))
+    return tuple(promises)
+
+
+def _with_layout(promise: Promise, layout: tuple[int, ...] | str, checksums: dict[str, tuple[str, ...]]) -> Promise:
+    """A composite promise completed with the server's part layout, or voided with the reason it has none."""
+    if not promise.parts:
+        return promise
+    if isinstance(layout, str):
+        return promise.void(layout)
+    if len(layout) != promise.parts:
+        return promise.void(f"{promise.field} says {promise.parts} parts, the server lists {len(layout)}")
+    return promise.with_layout(layout, checksums.get(promise.algorithm, ()))
 
 
 @dataclass
@@ -135,43 +198,101 @@ class S3Source:
     @staticmethod
     def _remote_file(path: str, size: int, etag: str) -> RemoteFile:
         etag = etag.strip('"')
-        return RemoteFile(path=path, size=size, md5=etag if MD5_ETAG.match(etag) else None, etag=etag)
+        return RemoteFile(path=path, size=size, promises=_etag_promises(etag), etag=etag)
 
     def _key(self, file: RemoteFile) -> str:
         if self._single_key is not None:
             return self._single_key
         return f"{self.prefix}/{file.path}" if self.prefix else file.path
 
-    def _head(self, key: str, missing_ok: bool = False) -> dict[str, Any] | None:
+    def _head(self, key: str, missing_ok: bool = False, **extra: Any) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+            return self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED", **extra)
         except ClientError as exc:
             if missing_ok and self._code(exc) in NOT_FOUND:
                 return None
             raise
 
-    def describe(self, file: RemoteFile) -> RemoteFile:
-        """Ask for a full-object SHA-256 when the listing's ETag is not an MD5 (multipart uploads).
+    def describe(self, file: RemoteFile, thorough: bool = False) -> RemoteFile:
+        """Learn what the object promises: HeadObject (ChecksumMode=ENABLED), then the part layout if needed.
 
-        Sources of a SHA-256, best first: the object's ChecksumSHA256 (full-object, not the
-        composite `...-N` form of multipart uploads), user metadata `sha256` (hex), and
-        rclone's `md5chksum` metadata for multipart objects.
+        Skipped (0 requests), unless `thorough`, where the listing's promise is good enough: a small
+        object's MD5 ETag costs less than the request, and a lockfile's sha256 costs nothing.
+        Otherwise the HEAD gives the Checksum* values and ChecksumType, SSE (whose ETag is no MD5)
+        and uploader metadata (`sha256`, rclone's `md5chksum`); the part layout is fetched only
+        when the cheapest promise is composite.
         """
-        if file.md5:
+        listed = choose(file.promises)
+        if not thorough and listed is not None and (listed.cost == 0 or file.size < DESCRIBE_BELOW_MD5):
             return file
-        with self._errors(f"reading metadata of s3://{self.bucket}/{self._key(file)}"):
-            head = self._head(self._key(file)) or {}
-        sha256 = None
-        checksum = head.get("ChecksumSHA256") or ""
-        if checksum and "-" not in checksum:
-            sha256 = _hex_from_base64(checksum)
-        metadata = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
-        if not sha256 and re.fullmatch(r"[0-9a-fA-F]{64}", metadata.get("sha256", "")):
-            sha256 = metadata["sha256"].lower()
-        md5 = _hex_from_base64(metadata["md5chksum"]) if "md5chksum" in metadata else None
-        return RemoteFile(path=file.path, size=file.size, sha256=sha256, md5=md5, etag=file.etag)
+        key = self._key(file)
+        with self._errors(f"reading metadata of s3://{self.bucket}/{key}"):
+            head = self._head(key) or {}
+            requests = 1
+            if file.etag and head.get("ETag", "").strip('"') not in ("", file.etag):
+                raise IntegrityError(f"s3://{self.bucket}/{key} changed at the source during the sync; rerun to "
+                                     "sync the new revision")
+            promises = _head_promises(head, file.promises)
+            chosen = choose(promises)
+            cheapest = min((p for p in promises if not p.unusable), key=lambda p: p.cost, default=None)
+            if cheapest is not None and cheapest.parts and (chosen is None or chosen.cost > cheapest.cost):
+                layout, part_checksums, spent = self._part_layout(key, file.size, cheapest.parts)
+                requests += spent
+                promises = tuple(_with_layout(p, layout, part_checksums) for p in promises)
+        return file.with_promises(promises, requests)
+
+    def _part_layout(self, key: str, size: int, count: int) -> tuple[tuple[int, ...] | str, dict[str, tuple[str, ...]],
+                                                                         int]:
+        """The multipart upload's part sizes as the server reports them (and each part's checksums, where
+        listed), or why they could not be had; plus the number of requests spent.
+
+        GetObjectAttributes(ObjectParts) lists up to 1000 parts a request. Where it is refused (it needs its
+        own IAM permission, s3:GetObjectAttributes) or lists no parts (AWS omits them for objects uploaded
+        without a checksum), HeadObject with PartNumber=N gives each part's size, asked concurrently.
+        """
+        from botocore.exceptions import ClientError
+
+        sizes: list[int] = []
+        checksums: dict[str, list[str]] = {}
+        requests, marker = 0, 0
+        try:
+            while True:
+                requests += 1
+                reply = self.client.get_object_attributes(Bucket=self.bucket, Key=key, ObjectAttributes=["ObjectParts"],
+                                                          MaxParts=1000, PartNumberMarker=marker)
+                parts = reply.get("ObjectParts") or {}
+                for part in parts.get("Parts") or []:
+                    sizes.append(int(part["Size"]))
+                    for name, value in part.items():
+                        if name.startswith("Checksum") and name[8:].lower() in ALGORITHMS:
+                            checksums.setdefault(name[8:].lower(), []).append(value)
+                if not parts.get("IsTruncated"):
+                    break
+                marker = int(parts["NextPartNumberMarker"])
+        except ClientError as exc:
+            log.debug("GetObjectAttributes refused for s3://%s/%s (%s); asking each part's size instead", self.bucket,
+                      key, self._code(exc))
+            sizes = []
+        if len(sizes) != count:
+            sizes, checksums = self._part_sizes_by_head(key, count), {}
+            requests += count
+        if sum(sizes) != size:
+            return (f"the server's part layout ({len(sizes)} parts, {sum(sizes)} bytes) does not add up to the "
+                    f"object's {size} bytes"), {}, requests
+        decoded = {algorithm: tuple(_hex_from_base64(v) or "" for v in values) for algorithm, values in
+                   checksums.items() if len(values) == count}
+        return tuple(sizes), decoded, requests
+
+    def _part_sizes_by_head(self, key: str, count: int) -> list[int]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def part_size(number: int) -> int:
+            return int((self._head(key, PartNumber=number) or {})["ContentLength"])
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, count))) as pool:
+            return list(pool.map(part_size, range(1, count + 1)))
 
     def open_range(self, file: RemoteFile, start: int, end: int) -> Any:
         key = self._key(file)
@@ -180,9 +301,8 @@ class S3Source:
             args["IfMatch"] = f'"{file.etag}"'
         with self._errors(f"downloading s3://{self.bucket}/{key}"):
             response = self.client.get_object(**args)
-        sse = response.get("ServerSideEncryption", "")
-        md5_untrusted = sse.startswith("aws:kms") or bool(response.get("SSECustomerAlgorithm"))
-        return _S3Range(response["Body"], self._errors(f"downloading s3://{self.bucket}/{key}"), md5_untrusted)
+        return _S3Range(response["Body"], self._errors(f"downloading s3://{self.bucket}/{key}"),
+                        _etag_not_md5(response))
 
     @staticmethod
     def _code(exc: Any) -> str:
@@ -195,7 +315,8 @@ class S3Source:
 class _S3Range:
     """A GET body whose read errors become TransientError, so the engine resumes the range.
 
-    `md5_untrusted` is set for SSE-KMS / SSE-C objects, whose ETag is not an MD5.
+    `voids` names the promise field this response proved unsound: an SSE-KMS / SSE-C
+    object's ETag is not an MD5 (the engine then falls back to what else was promised).
 
     The bytes are read with http.client's `readinto` straight from the socket into the
     caller's buffer. botocore's StreamingBody.readinto goes through urllib3 2.x, whose
@@ -204,10 +325,10 @@ class _S3Range:
     The plain path stays for any body that is not exactly that stack.
     """
 
-    def __init__(self, body: Any, errors: _S3ErrorMapper, md5_untrusted: bool) -> None:
+    def __init__(self, body: Any, errors: _S3ErrorMapper, etag_not_md5: str) -> None:
         self._body = body
         self._errors = errors
-        self.md5_untrusted = md5_untrusted
+        self.voids = {"ETag": etag_not_md5} if etag_not_md5 else {}
         self._raw, self._socket_response = _direct_stream(body)
 
     def readinto(self, buffer: memoryview) -> int:

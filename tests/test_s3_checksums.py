@@ -1,0 +1,215 @@
+"""Every byte of a multipart shard is checked against the checksum S3 really holds (SeaweedFS, faithful to AWS).
+
+Uploads are made the way users make them: boto3's and aws-cli's defaults, an explicit
+ChecksumAlgorithm, FULL_OBJECT CRCs, no checksum at all, and uneven manual parts. For each,
+the value the server holds is first recomputed here independently (zlib, awscrt, hashlib), so
+a server quirk cannot pass for a product bug or the other way round. Then:
+
+- a clean sync publishes, names the evidence, and `verify` passes;
+- a proxy that flips a byte in the big shard's GET bodies (only there: a small single-part
+  file that failed first would hide the shard's check) makes the sync exit 4 with one line
+  naming the shard and the check, and nothing is published.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from awscrt import checksums as crt
+
+from tests.support.helpers import error_line, weightsync
+
+MiB = 1024 * 1024
+SHARD = "model.safetensors"
+
+
+def _crc(function: Callable[[bytes, int], int], width: int) -> Callable[[bytes], bytes]:
+    return lambda data: function(data, 0).to_bytes(width, "big")
+
+
+# Independent reference implementations: not weightsync's code.
+DIGESTS: dict[str, Callable[[bytes], bytes]] = {
+    "CRC32": _crc(zlib.crc32, 4),
+    "CRC32C": _crc(crt.crc32c, 4),
+    "CRC64NVME": _crc(crt.crc64nvme, 8),
+    "SHA1": lambda data: hashlib.sha1(data).digest(),
+    "SHA256": lambda data: hashlib.sha256(data).digest(),
+    "MD5": lambda data: hashlib.md5(data).digest(),
+}
+
+
+def composite(algorithm: str, data: bytes, sizes: list[int]) -> bytes:
+    """The checksum of the concatenated part checksums, over the given part boundaries."""
+    digest, start, joined = DIGESTS[algorithm], 0, b""
+    for size in sizes:
+        joined += digest(data[start:start + size])
+        start += size
+    return digest(joined)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One way users upload a shard, and what the server must then hold."""
+
+    name: str
+    sizes: tuple[int, ...]             # part sizes in MiB
+    algorithm: str | None              # ChecksumAlgorithm asked for (None: none)
+    full_object: bool = False          # ChecksumType FULL_OBJECT instead of COMPOSITE
+    via: str = "manual"                # manual parts, boto3 upload_file, or the aws cli
+    evidence: str = ""
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes) * MiB
+
+
+SHAPES = [
+    Shape("boto3-defaults", (8, 8, 4), "CRC32", via="boto3", evidence="crc32 composite, 3 parts (source)"),
+    Shape("aws-cli-defaults", (8, 8, 4), "CRC32", via="aws-cli", evidence="crc32 composite, 3 parts (source)"),
+    Shape("crc64nvme", (8, 8, 4), "CRC64NVME", full_object=True, via="boto3", evidence="crc64nvme (source)"),
+    Shape("crc32c", (8, 8, 4), "CRC32C", via="boto3", evidence="crc32c composite, 3 parts (source)"),
+    Shape("sha256", (8, 8, 4), "SHA256", via="boto3", evidence="sha256 composite, 3 parts (source)"),
+    Shape("sha1", (8, 8, 4), "SHA1", via="boto3", evidence="sha1 composite, 3 parts (source)"),
+    Shape("no-checksum", (8, 8, 4), None, evidence="multipart etag, 3 parts (source)"),
+    Shape("uneven-no-checksum", (5, 7, 6, 2), None, evidence="multipart etag, 4 parts (source)"),
+    Shape("uneven-crc32", (5, 7, 6, 2), "CRC32", evidence="crc32 composite, 4 parts (source)"),
+    Shape("crc32-full-object", (8, 8, 4), "CRC32", full_object=True, evidence="crc32 (source)"),
+    Shape("crc32c-full-object", (5, 7, 6, 2), "CRC32C", full_object=True, evidence="crc32c (source)"),
+]
+
+
+def plain_client(s3_server: Any) -> Any:
+    """A client that adds no checksum of its own (`when_required`), like older SDKs and many tools."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
+                        aws_secret_access_key=s3_server.secret_key, region_name="us-east-1",
+                        config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required"))
+
+
+def upload(s3_server: Any, bucket: str, key: str, data: bytes, shape: Shape, tmp_path: Path) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    part = shape.sizes[0] * MiB
+    if shape.via == "boto3":
+        extra = {"ChecksumAlgorithm": shape.algorithm} if shape.algorithm != "CRC32" else {}
+        s3_server.client().upload_fileobj(__import__("io").BytesIO(data), bucket, key, ExtraArgs=extra,
+                                          Config=TransferConfig(multipart_threshold=part, multipart_chunksize=part))
+        return
+    if shape.via == "aws-cli":
+        path = tmp_path / "upload.bin"
+        path.write_bytes(data)
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        aws = Path(sys.executable).with_name("aws")
+        subprocess.run([str(aws), "s3", "cp", str(path), f"s3://{bucket}/{key}", "--endpoint-url", s3_server.endpoint,
+                        "--only-show-errors"], env=env, check=True, timeout=120)
+        return
+    client = plain_client(s3_server)
+    start: dict[str, Any] = {}
+    if shape.algorithm:
+        start["ChecksumAlgorithm"] = shape.algorithm
+        start["ChecksumType"] = "FULL_OBJECT" if shape.full_object else "COMPOSITE"
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, **start)["UploadId"]
+    parts, offset = [], 0
+    for number, size in enumerate(shape.sizes, 1):
+        body = data[offset:offset + size * MiB]
+        offset += size * MiB
+        extra = {}
+        if shape.algorithm:
+            extra[f"Checksum{shape.algorithm}"] = base64.b64encode(DIGESTS[shape.algorithm](body)).decode()
+        reply = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body, **extra)
+        parts.append({"PartNumber": number, "ETag": reply["ETag"], **extra})
+    complete: dict[str, Any] = {}
+    if shape.algorithm and shape.full_object:
+        complete = {f"Checksum{shape.algorithm}": base64.b64encode(DIGESTS[shape.algorithm](data)).decode(),
+                    "ChecksumType": "FULL_OBJECT"}
+    client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts},
+                                     **complete)
+
+
+def expected_on_server(shape: Shape, data: bytes) -> dict[str, str]:
+    """What HeadObject must say for this upload, computed here without weightsync."""
+    sizes = [s * MiB for s in shape.sizes]
+    md5s = b"".join(hashlib.md5(data[sum(sizes[:i]):sum(sizes[:i + 1])]).digest() for i in range(len(sizes)))
+    expected = {"ETag": f'"{hashlib.md5(md5s).hexdigest()}-{len(sizes)}"'}
+    if shape.algorithm and shape.full_object:
+        expected[f"Checksum{shape.algorithm}"] = base64.b64encode(DIGESTS[shape.algorithm](data)).decode()
+        expected["ChecksumType"] = "FULL_OBJECT"
+    elif shape.algorithm:
+        value = base64.b64encode(composite(shape.algorithm, data, sizes)).decode()
+        expected[f"Checksum{shape.algorithm}"] = f"{value}-{len(sizes)}"
+        expected["ChecksumType"] = "COMPOSITE"
+    return expected
+
+
+@pytest.fixture(params=SHAPES, ids=lambda shape: shape.name)
+def uploaded(request, s3_server, bucket, tmp_path) -> tuple[Shape, str, bytes]:
+    """A model of one big multipart shard plus a small config, uploaded in one of the users' ways."""
+    shape: Shape = request.param
+    data = random.Random(shape.name).randbytes(shape.size)
+    prefix = f"m/{shape.name}"
+    upload(s3_server, bucket, f"{prefix}/{SHARD}", data, shape, tmp_path)
+    s3_server.client().put_object(Bucket=bucket, Key=f"{prefix}/config.json", Body=b'{"model_type": "tiny"}')
+    head = s3_server.client().head_object(Bucket=bucket, Key=f"{prefix}/{SHARD}", ChecksumMode="ENABLED")
+    held = {name: head.get(name) for name in expected_on_server(shape, data)}
+    assert held == expected_on_server(shape, data), "the server must hold what AWS would (SeaweedFS >= 4.48)"
+    return shape, f"s3://{bucket}/{prefix}", data
+
+
+def test_clean_sync_names_the_evidence_and_verify_passes(uploaded, s3_env, tmp_path):
+    shape, uri, data = uploaded
+    dest = tmp_path / "vol"
+    result = weightsync("sync", "--source", uri, "--dest", str(dest), "--log-format", "json", env=s3_env)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    [shard] = [e for e in events if e["event"] == "file_verified" and e["path"] == SHARD]
+    assert shard["evidence"] == shape.evidence
+    assert shard["sha256"] == hashlib.sha256(data).hexdigest()
+    assert "md5" not in shard["computed"] or shape.algorithm is None, "MD5 only where nothing cheaper is promised"
+    [published] = [e for e in events if e["event"] == "published"]
+    assert published["evidence"] == {shape.evidence: 1, "md5 (source)": 1}
+    assert "sha256-verified" not in result.stderr
+    directory = Path(result.stdout.splitlines()[-1])
+    assert (directory / SHARD).read_bytes() == data
+    manifest = json.loads(next((dest.glob("*/manifests/*.json"))).read_text())
+    [entry] = [f for f in manifest["files"] if f["path"] == SHARD]
+    assert entry["verified"]["evidence"] == shape.evidence
+    status = json.loads(weightsync("status", "--dest", str(dest), "--json", env=s3_env, check=True).stdout)
+    assert status["models"][0]["revisions"][0]["evidence"] == {shape.evidence: 1, "md5 (source)": 1}
+    verify = weightsync("verify", "--source", uri, "--dest", str(dest), env=s3_env)
+    assert verify.returncode == 0, verify.stderr
+
+
+@pytest.mark.parametrize("where", ["first-byte", "second-part"])
+def test_a_corrupted_shard_exits_4_names_the_check_and_publishes_nothing(uploaded, where, s3_env, s3_proxy,
+                                                                           tmp_path):
+    shape, uri, _data = uploaded
+    s3_proxy.faults.corrupt_key = SHARD
+    s3_proxy.faults.corrupt_offsets = (0,) if where == "first-byte" else (shape.sizes[0] * MiB + 12345,)
+    dest = tmp_path / "vol"
+    result = weightsync("sync", "--source", uri, "--dest", str(dest), env=s3_env)
+    assert result.returncode == 4, result.stderr
+    line = error_line(result)
+    assert line.startswith(f"weightsync: error: checksum mismatch for {SHARD}: the source promised "), line
+    assert shape.evidence.removesuffix(" (source)") in line, line
+    name_dir = next(dest.iterdir())
+    assert not (name_dir / "current").exists()
+    assert not (name_dir / "revisions").exists() or not any((name_dir / "revisions").iterdir())
+    assert not list(name_dir.glob(f".staging/*/tree/{SHARD}")), "the bad shard must not wait in staging either"
+    s3_proxy.faults.corrupt_key = None
+    again = weightsync("sync", "--source", uri, "--dest", str(dest), env=s3_env)
+    assert again.returncode == 0, again.stderr
