@@ -230,3 +230,20 @@ def test_hub_unreachable_starts_with_the_last_published_revision_of_the_branch(h
     assert "unreachable" in result.stderr and "last published revision" in result.stderr
     never = weightsync("sync", "--source", "hf://acme/tiny", "--revision", "v9", "--dest", str(tmp_path), env=env)
     assert never.returncode == 7, never.stderr
+
+
+def test_each_file_reports_the_hub_promise_it_was_verified_by(hub, hub_env, tmp_path):
+    import json
+
+    files = repo_files()
+    hub.add_commit("acme/evidence", files)
+    result = weightsync("sync", "--source", "hf://acme/evidence", "--dest", str(tmp_path), "--log-format", "json",
+                        env=hub_env)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    evidence = {e["path"]: e["evidence"] for e in events if e["event"] == "file_verified"}
+    assert evidence["model-00001-of-00002.safetensors"] == "sha256 (source)", "LFS files by their sha256"
+    assert evidence["config.json"] == "git-sha1 (source)", "small files by their git blob id"
+    [published] = [e for e in events if e["event"] == "published"]
+    assert sum(published["evidence"].values()) == len(files)
+    assert set(published["evidence"]) == {"sha256 (source)", "git-sha1 (source)"}

@@ -185,7 +185,7 @@ def test_clean_sync_names_the_evidence_and_verify_passes(uploaded, s3_env, tmp_p
     assert "sha256-verified" not in result.stderr
     directory = Path(result.stdout.splitlines()[-1])
     assert (directory / SHARD).read_bytes() == data
-    manifest = json.loads(next((dest.glob("*/manifests/*.json"))).read_text())
+    manifest = json.loads(next(dest.glob("*/manifests/*.json")).read_text())
     [entry] = [f for f in manifest["files"] if f["path"] == SHARD]
     assert entry["verified"]["evidence"] == shape.evidence
     status = json.loads(weightsync("status", "--dest", str(dest), "--json", env=s3_env, check=True).stdout)
@@ -213,3 +213,176 @@ def test_a_corrupted_shard_exits_4_names_the_check_and_publishes_nothing(uploade
     s3_proxy.faults.corrupt_key = None
     again = weightsync("sync", "--source", uri, "--dest", str(dest), env=s3_env)
     assert again.returncode == 0, again.stderr
+
+
+def composite_model(s3_server: Any, bucket: str, prefix: str, size_mib: int = 20, seed: int = 1) -> dict[str, bytes]:
+    """A boto3-default multipart shard (CRC32 COMPOSITE, 8 MiB parts) and a small single-part config."""
+    data = random.Random(seed).randbytes(size_mib * MiB)
+    upload(s3_server, bucket, f"{prefix}/{SHARD}", data, SHAPES[0], Path("/nonexistent"))
+    config = b'{"model_type": "tiny", "seed": %d}' % seed
+    s3_server.client().put_object(Bucket=bucket, Key=f"{prefix}/config.json", Body=config)
+    return {SHARD: data, "config.json": config}
+
+
+def json_events(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+
+
+def test_resumed_bytes_are_checked_against_the_composite_checksum(s3_server, bucket, s3_env, s3_proxy, tmp_path):
+    import signal
+    import time
+
+    from tests.support.helpers import weightsync_popen
+
+    files = composite_model(s3_server, bucket, "resume", size_mib=40)
+    uri, dest = f"s3://{bucket}/resume", tmp_path / "vol"
+    s3_proxy.faults.throttle_bps = 8 * MiB
+    process = weightsync_popen("sync", "--source", uri, "--dest", str(dest), "--concurrency", "1", env=s3_env)
+    deadline = time.monotonic() + 60
+    while s3_proxy.stats.bytes_down < 20 * MiB and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    [part] = dest.glob("*/.staging/*/parts/*.part")
+    with open(part, "r+b") as handle:  # bit rot in bytes a previous run already wrote: resume must not trust them
+        handle.seek(MiB)
+        byte = handle.read(1)
+        handle.seek(MiB)
+        handle.write(bytes([byte[0] ^ 1]))
+    s3_proxy.faults.throttle_bps = None
+    resumed = weightsync("sync", "--source", uri, "--dest", str(dest), env=s3_env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from an earlier run failed verification" in resumed.stderr
+    assert "crc32 composite, 5 parts" in resumed.stderr.split("re-downloading")[0]
+    assert (Path(resumed.stdout.splitlines()[-1]) / SHARD).read_bytes() == files[SHARD]
+
+
+def test_a_reused_shard_keeps_the_evidence_it_was_verified_by(s3_server, bucket, s3_env, s3_proxy, tmp_path):
+    composite_model(s3_server, bucket, "reuse")
+    uri, dest = f"s3://{bucket}/reuse", tmp_path / "vol"
+    assert weightsync("sync", "--source", uri, "--dest", str(dest), env=s3_env).returncode == 0
+    s3_server.client().put_object(Bucket=bucket, Key="reuse/config.json", Body=b'{"model_type": "tiny", "v": 2}')
+    s3_proxy.stats.reset()
+    second = weightsync("sync", "--source", uri, "--dest", str(dest), "--log-format", "json", env=s3_env)
+    assert second.returncode == 0, second.stderr
+    assert s3_proxy.stats.bytes_down < MiB, "the shard is hardlinked, not downloaded"
+    [shard] = [e for e in json_events(second) if e["event"] == "file_verified" and e["path"] == SHARD]
+    assert (shard["how"], shard["evidence"]) == ("reused", "crc32 composite, 3 parts (source)")
+    [plan] = [e for e in json_events(second) if e["event"] == "plan"]
+    assert plan["metadata_requests"] == 0, "the small config's MD5 ETag needs no HEAD; the shard was not described"
+
+
+def test_the_plan_counts_the_metadata_requests(s3_server, bucket, s3_env, tmp_path):
+    composite_model(s3_server, bucket, "plan")
+    result = weightsync("sync", "--source", f"s3://{bucket}/plan", "--dest", str(tmp_path), "--log-format", "json",
+                        env=s3_env)
+    assert result.returncode == 0, result.stderr
+    [plan] = [e for e in json_events(result) if e["event"] == "plan"]
+    assert plan["metadata_requests"] == 2, "HeadObject, then one GetObjectAttributes page for the part layout"
+
+
+def test_without_get_object_attributes_each_part_size_is_asked_with_a_head(s3_server, bucket, s3_env, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    from weightsync.sources import Selection
+    from weightsync.sources.s3 import S3Source
+
+    data = composite_model(s3_server, bucket, "noattrs")[SHARD]
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    source = S3Source.from_uri(f"s3://{bucket}/noattrs", addressing_style="path")
+
+    def refuse(**_: Any) -> None:  # an IAM policy that grants s3:GetObject but not s3:GetObjectAttributes
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "denied"}}, "GetObjectAttributes")
+
+    source.client.meta.events.register("before-call.s3.GetObjectAttributes", refuse)
+    [shard] = [f for f in source.snapshot(None, Selection()).files if f.path == SHARD]
+    described = source.describe(shard)
+    assert described.metadata_requests == 1 + 1 + 3
+    assert described.evidence.label == "crc32 composite, 3 parts (source)"
+    assert described.evidence.promise.layout == (8 * MiB, 8 * MiB, 4 * MiB)
+    assert len(data) == 20 * MiB
+
+
+def test_lockfile_records_the_source_promise_and_refuses_a_rewritten_object_before_downloading(
+        s3_server, bucket, s3_env, s3_proxy, tmp_path):
+    composite_model(s3_server, bucket, "locked")
+    uri = f"s3://{bucket}/locked"
+    lock = weightsync("lock", "--source", uri, env=s3_env)
+    assert lock.returncode == 0, lock.stderr
+    body = json.loads(lock.stdout)
+    [entry] = [f for f in body["files"] if f["path"] == SHARD]
+    assert entry["promise"]["field"] == "ChecksumCRC32" and entry["promise"]["parts"] == 3
+    lockfile = tmp_path / "weightsync.lock"
+    lockfile.write_text(lock.stdout)
+    synced = weightsync("sync", "--lockfile", str(lockfile), "--dest", str(tmp_path / "a"), "--log-format", "json",
+                        env=s3_env)
+    assert synced.returncode == 0, synced.stderr
+    [published] = [e for e in json_events(synced) if e["event"] == "published"]
+    assert published["evidence"] == {"sha256 (lockfile)": 2}
+    composite_model(s3_server, bucket, "locked", seed=2)  # same sizes, other bytes
+    s3_proxy.stats.reset()
+    changed = weightsync("sync", "--lockfile", str(lockfile), "--dest", str(tmp_path / "b"), env=s3_env)
+    assert changed.returncode == 4
+    assert "no longer matches --lockfile" in error_line(changed)
+    assert s3_proxy.stats.bytes_down < MiB, "a rewritten object is refused before its bytes are fetched"
+
+
+def test_require_checksum_refuses_what_promises_nothing_before_downloading(s3_server, bucket, s3_env, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(os.urandom(MiB))
+    dest = tmp_path / "vol"
+    refused = weightsync("sync", "--source", str(folder), "--dest", str(dest), "--require-checksum", env=s3_env)
+    assert refused.returncode == 4
+    line = error_line(refused)
+    assert "--require-checksum: weights.bin has no checksum to verify it by (the source promised nothing)" in line
+    assert not list(dest.glob("*/.staging/*/parts/*.part")), "nothing may be downloaded"
+    lock = weightsync("lock", "--source", str(folder), env=s3_env, check=True)
+    (tmp_path / "folder.lock").write_text(lock.stdout)
+    pinned = weightsync("sync", "--lockfile", str(tmp_path / "folder.lock"), "--dest", str(dest),
+                        "--require-checksum", env=s3_env)
+    assert pinned.returncode == 0, pinned.stderr
+    composite_model(s3_server, bucket, "req")
+    env = {**s3_env, "WEIGHTSYNC_REQUIRE_CHECKSUM": "1"}
+    s3 = weightsync("sync", "--source", f"s3://{bucket}/req", "--dest", str(dest), "--log-format", "json", env=env)
+    assert s3.returncode == 0, s3.stderr
+    [plan] = [e for e in json_events(s3) if e["event"] == "plan"]
+    assert plan["metadata_requests"] == 3, "every file is described: the config's CRC32 beats its MD5 ETag"
+    [published] = [e for e in json_events(s3) if e["event"] == "published"]
+    assert published["evidence"] == {"crc32 (source)": 1, "crc32 composite, 3 parts (source)": 1}
+
+
+def test_metrics_count_published_files_by_evidence(s3_server, bucket, s3_env, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    composite_model(s3_server, bucket, "metrics")
+    textfile = tmp_path / "ws.prom"
+    result = weightsync("sync", "--source", f"s3://{bucket}/metrics", "--dest", str(tmp_path / "v"),
+                        "--metrics-textfile", str(textfile), env=s3_env)
+    assert result.returncode == 0, result.stderr
+    families = text_string_to_metric_families(textfile.read_text())
+    samples = {sample.labels["evidence"]: sample.value for family in families
+               if family.name == "weightsync_published_files" for sample in family.samples}
+    assert samples == {"crc32-composite": 1.0, "md5": 1.0}
+
+
+def test_an_sse_kms_object_is_reported_as_size_only_and_refused_under_require_checksum(s3_env, tmp_path):
+    """SeaweedFS has no SSE-KMS, so moto stands in: only its SSE header matters here, not its checksums."""
+    from tests.support.s3server import MotoS3
+
+    with MotoS3() as server:
+        client = server.client(request_checksum_calculation="when_required")  # the ETag is the only promise
+        client.create_bucket(Bucket="kms")
+        client.put_object(Bucket="kms", Key="m/config.json", Body=b"{}", ServerSideEncryption="aws:kms")
+        env = {**s3_env, "AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "moto",
+               "AWS_SECRET_ACCESS_KEY": "moto"}
+        result = weightsync("sync", "--source", "s3://kms/m", "--dest", str(tmp_path / "a"), env=env)
+        assert result.returncode == 0, result.stderr
+        reason = "the ETag of an aws:kms (SSE-KMS) object is not an MD5"
+        assert f"config.json: {reason}; only its size is checked" in result.stderr
+        assert result.stderr.strip().splitlines()[-1].endswith(f"verified: 1 file size only: {reason}")
+        refused = weightsync("sync", "--source", "s3://kms/m", "--dest", str(tmp_path / "b"), "--require-checksum",
+                             env=env)
+        assert refused.returncode == 4
+        assert reason in error_line(refused)

@@ -132,3 +132,19 @@ def test_ranged_read_is_pinned_to_the_listed_etag(s3):
     count = reader.readinto(buffer)
     reader.close()
     assert bytes(buffer[:count]) == b"2345"
+
+
+def test_an_sse_kms_etag_is_not_taken_for_an_md5(s3):
+    # moto stands in for AWS KMS here (SeaweedFS has no SSE-KMS); the promise logic is the same either way.
+    from botocore.config import Config
+
+    plain = boto3.client("s3", region_name="us-east-1", config=Config(request_checksum_calculation="when_required"))
+    plain.put_object(Bucket="bkt", Key="models/tiny/w.bin", Body=b"abc", ServerSideEncryption="aws:kms")
+    src = source()
+    [file] = src.snapshot(None, Selection()).files
+    assert file.evidence.label == "md5 (source)", "the listing alone cannot tell"
+    described = src.describe(file, thorough=True)
+    assert described.evidence.label == "size only: the ETag of an aws:kms (SSE-KMS) object is not an MD5"
+    reader = src.open_range(file, 0, 3)
+    assert reader.voids == {"ETag": "the ETag of an aws:kms (SSE-KMS) object is not an MD5"}
+    reader.close()

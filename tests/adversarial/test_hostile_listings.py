@@ -27,21 +27,12 @@ REFUSED = {
 def permissive_s3():
     """moto's S3 server stores any key byte for byte (SeaweedFS normalises keys like file paths), so it stands in
     for a compromised or odd S3-compatible endpoint that lists hostile names."""
-    import logging
+    from tests.support.s3server import MotoS3
 
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="moto", aws_secret_access_key="moto",
-                          region_name="us-east-1")
-    client.create_bucket(Bucket="hostile-listings")
-    yield client, endpoint
-    server.stop()
+    with MotoS3() as server:
+        client = server.client()
+        client.create_bucket(Bucket="hostile-listings")
+        yield client, server.endpoint
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
