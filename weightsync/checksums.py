@@ -130,6 +130,13 @@ class Promise:
         return f"{self.what} ({self.origin})"
 
     @property
+    def group(self) -> str:
+        """The label without the part count, for tallies: `crc32 composite (source)`."""
+        if not self.parts:
+            return self.label
+        return f"{'multipart etag' if self.field == 'ETag' else self.algorithm + ' composite'} ({self.origin})"
+
+    @property
     def kind(self) -> str:
         """A short, bounded id for metrics labels: `crc32-composite`, `md5-multipart`, `sha256`."""
         if not self.parts:
@@ -217,6 +224,10 @@ class Evidence:
         return self.promise.label if self.promise else f"size only: {self.reason}"
 
     @property
+    def group(self) -> str:
+        return self.promise.group if self.promise else self.label
+
+    @property
     def kind(self) -> str:
         return self.promise.kind if self.promise else "size-only"
 
@@ -237,10 +248,11 @@ class Evidence:
 
 
 def tally(evidence: Iterable[Evidence | None]) -> dict[str, int]:
-    """Files per evidence label, most files first (for summaries, status and events)."""
+    """Files per evidence, part counts left out, most files first (summaries, status, events: a model of
+    many shards of many sizes still gives a short line)."""
     counts: dict[str, int] = {}
     for item in evidence:
-        label = item.label if item else "unrecorded (published by an older weightsync)"
+        label = item.group if item else "unrecorded (published by an older weightsync)"
         counts[label] = counts.get(label, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 

@@ -222,6 +222,8 @@ class Engine:
         except ManifestError as exc:
             log.warning("revision %s is on the volume but its manifest is unusable (%s); re-verifying", key, exc)
             return None
+        if self.request.require_checksum:
+            self._refuse_size_only(manifest, key)
         full = self.request.verify == "full"
         problems = check_files(directory, manifest, full=full)
         if self.request.lockfile and not problems:
@@ -235,6 +237,17 @@ class Engine:
                                      + "; ".join(problems[:5]))
             return None
         return manifest
+
+    def _refuse_size_only(self, manifest: Manifest, key: str) -> None:
+        """--require-checksum on a revision published without it: refuse, and leave it as it is (pods may be
+        serving it; deleting it is the operator's call)."""
+        unchecked = [e.path for e in manifest.files if e.evidence is None or e.evidence.promise is None]
+        if unchecked:
+            more = f" (and {len(unchecked) - 1} more files)" if len(unchecked) > 1 else ""
+            raise IntegrityError(
+                f"--require-checksum: revision {key} on {self.volume.root} has {unchecked[0]}{more} checked by size "
+                "only when it was published (or by a weightsync too old to record it); remove "
+                f"{self.volume.revision_dir(key)} to sync it again, or drop --require-checksum")
 
     def _finish_warm(self, manifest: Manifest, key: str, ref: str | None, source_revision: str) -> SyncResult:
         self._point_current(key, ref)

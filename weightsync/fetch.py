@@ -315,7 +315,8 @@ class FileDownload:
             self.remote = self.remote.with_promises(promises)
             evidence = self.remote.evidence
             if evidence != self.verifier.evidence:
-                instead = f"verifying it by {evidence.label} instead" if evidence.promise else "only its size is checked"
+                instead = (f"verifying it by {evidence.label} instead" if evidence.promise
+                           else "only its size is checked")
                 log.warning("%s: %s; %s", self.remote.path, reason, instead)
                 self.verifier = Verifier(self.remote.path, self.remote.size, evidence)
                 self._hashed = 0
