@@ -15,9 +15,9 @@ Internal logic:
   taken over the server's own part boundaries (`Promise.layout`, from the server,
   never guessed: parts need not be equal). A multipart ETag is the same construction
   with MD5, printed in hex with `-N`.
-- The costs below are CPU-seconds per GiB on one core of this project's machines
-  (benchmarks/checks.py; the table is in benchmarks/README.md). A full-object sha256
-  costs nothing extra, since it is computed anyway.
+- The costs below are the CPU-seconds per GiB each check adds to the sha256, on one
+  core of this project's machines (benchmarks/checks.py; the table is in
+  benchmarks/README.md). A full-object sha256 promise costs nothing extra.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _awscrt(name: str) -> Callable[[Any, int], int]:
 @dataclass(frozen=True)
 class Algorithm:
     name: str
-    cost: float  # CPU-s per GiB on one core, measured (benchmarks/checks.py)
+    cost: float  # extra CPU-s per GiB over the sha256, on one core (benchmarks/checks.py)
     new: Callable[[int], _Digest]  # argument: the file's size (git's blob header needs it)
 
 
@@ -75,14 +75,15 @@ def _git_blob(size: int) -> _Digest:
 
 
 ALGORITHMS: dict[str, Algorithm] = {algorithm.name: algorithm for algorithm in (
-    # Measured with benchmarks/checks.py, 2026-12-01: awscrt's CRC32 (0.32 s/GiB) loses to zlib's (0.16),
-    # google-crc32c needs a bytes copy of every buffer, so each CRC comes from whichever library was fastest.
-    Algorithm("crc64nvme", 0.034, lambda _: _Crc(_awscrt("crc64nvme"), 8)),
-    Algorithm("crc32c", 0.049, lambda _: _Crc(_awscrt("crc32c"), 4)),
+    # CPU s/GiB on top of the sha256, medians of benchmarks/checks.py (2026-12-01, benchmarks/README.md). The
+    # CRCs come from whichever library measured fastest: awscrt for CRC64NVME/CRC32C (hardware), zlib for
+    # CRC32 (awscrt's ran at half its speed); google-crc32c needs a bytes copy of every buffer.
+    Algorithm("crc64nvme", 0.02, lambda _: _Crc(_awscrt("crc64nvme"), 8)),
+    Algorithm("crc32c", 0.02, lambda _: _Crc(_awscrt("crc32c"), 4)),
     Algorithm("crc32", 0.16, lambda _: _Crc(zlib.crc32, 4)),
-    Algorithm("sha1", 0.50, lambda _: hashlib.sha1(usedforsecurity=False)),
-    Algorithm("git-sha1", 0.50, _git_blob),
-    Algorithm("sha256", 0.52, lambda _: hashlib.sha256()),
+    Algorithm("sha1", 0.51, lambda _: hashlib.sha1(usedforsecurity=False)),
+    Algorithm("git-sha1", 0.51, _git_blob),
+    Algorithm("sha256", 0.53, lambda _: hashlib.sha256()),
     Algorithm("md5", 1.24, lambda _: hashlib.md5(usedforsecurity=False)),
 )}
 

@@ -174,6 +174,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "persistence": {"existingClaim": "shared-models", "accessMode": "ReadWriteMany"},
         "weightsync": {
             "source": "hf://org/model@main", "lockfile": '{"version": 1}\n', "offline": False,
+            "requireChecksum": True,
             "hf": {"endpoint": "https://hf-mirror.internal"}, "extraArgs": ["--debug"],
         },
         "credentials": {"existingSecret": "hf-token"},
@@ -247,6 +248,7 @@ def test_helm_rendering_is_valid_hardened_and_scanner_clean(helm, value_set: str
     if value_set == "rwx-existing-claim-lockfile-push":
         assert claim == "shared-models" and not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
         assert "--lockfile=/etc/weightsync/weightsync.lock" in agent["args"]
+        assert "--require-checksum" in agent["args"]
         assert any(a.startswith("--pushgateway=") for a in agent["args"])
         assert agent["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
         assert "strategy" not in find(docs, "Deployment")["spec"]  # RWX: rolling updates are fine

@@ -85,6 +85,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     - --exclude={{ . }}
     {{- end }}
     - --verify={{ $w.verify }}
+    {{- if $w.requireChecksum }}
+    - --require-checksum
+    {{- end }}
     - --concurrency={{ $w.concurrency }}
     - --lock-timeout={{ $w.lockTimeout }}
     {{- if $w.lockfile }}
