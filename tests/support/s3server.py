@@ -62,6 +62,10 @@ class SeaweedS3:
             "-ip.bind=127.0.0.1",
             "-admin.ui=false",
             "-webdav=false",
+            # Every bucket is a collection, and each collection takes several volumes: the default cap (free disk
+            # / 128 MB) runs out after a few dozen test buckets on a small disk. Volumes are sparse files, so a
+            # fixed, generous cap costs nothing and makes the suite independent of the machine's free space.
+            "-volume.max=4000",
         ]
         for name, port in ports.items():
             args.append(f"-{name}={port}")
