@@ -248,12 +248,15 @@ class Evidence:
         return cls(None, label.removeprefix("size only: "))
 
 
-def tally(evidence: Iterable[Evidence | None]) -> dict[str, int]:
+def tally(evidence: Iterable[Evidence | None], by_kind: bool = False) -> dict[str, int]:
     """Files per evidence, part counts left out, most files first (summaries, status, events: a model of
-    many shards of many sizes still gives a short line)."""
+    many shards of many sizes still gives a short line); `by_kind`: per bounded kind, for metrics labels."""
     counts: dict[str, int] = {}
     for item in evidence:
-        label = item.group if item else "unrecorded (published by an older weightsync)"
+        if by_kind:
+            label = item.kind if item else "unrecorded"
+        else:
+            label = item.group if item else "unrecorded (published by an older weightsync)"
         counts[label] = counts.get(label, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 

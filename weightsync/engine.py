@@ -92,11 +92,7 @@ class SyncResult:
     @property
     def evidence_kinds(self) -> dict[str, int]:
         """Files by the bounded evidence kind (`crc32-composite`, `size-only`, ...): the metrics label."""
-        kinds: dict[str, int] = {}
-        for item in self.file_evidence:
-            kind = item.kind if item else "unrecorded"
-            kinds[kind] = kinds.get(kind, 0) + 1
-        return kinds
+        return tally(self.file_evidence, by_kind=True)
 
     @property
     def verification(self) -> str:
@@ -243,9 +239,8 @@ class Engine:
         serving it; deleting it is the operator's call)."""
         unchecked = [e.path for e in manifest.files if e.evidence is None or e.evidence.promise is None]
         if unchecked:
-            more = f" (and {len(unchecked) - 1} more files)" if len(unchecked) > 1 else ""
             raise IntegrityError(
-                f"--require-checksum: revision {key} on {self.volume.root} has {unchecked[0]}{more} checked by size "
+                f"--require-checksum: revision {key} on {self.volume.root} has {_first_of(unchecked)} checked by size "
                 "only when it was published (or by a weightsync too old to record it); remove "
                 f"{self.volume.revision_dir(key)} to sync it again, or drop --require-checksum")
 
@@ -352,13 +347,11 @@ class Engine:
         downloads: list[FileDownload] = []
         for remote in described:
             download = FileDownload(remote, parts, tree)
-            staged = recheck_staged(download)
+            staged = recheck_staged(download)  # loads the resume state, complete or not
             if staged is not None:
                 verified[remote.path] = staged
             else:
                 downloads.append(download)
-        for download in downloads:
-            download.load_state()
         resumed = sum(d.bytes_on_disk for d in downloads)
         needed = sum(d.remote.size for d in downloads) - resumed
         self._check_free_space(staging, sum(_space_still_needed(d) for d in downloads))
@@ -428,10 +421,9 @@ class Engine:
         unverifiable = [(f.path, f.evidence.reason) for f in described if f.evidence.promise is None]
         unverifiable += [(path, v.evidence.reason) for path, v in verified.items() if v.evidence.promise is None]
         if unverifiable:
-            path, reason = unverifiable[0]
-            more = f" (and {len(unverifiable) - 1} more files)" if len(unverifiable) > 1 else ""
+            paths, reason = [path for path, _ in unverifiable], unverifiable[0][1]
             raise IntegrityError(
-                f"--require-checksum: {path}{more} has no checksum to verify it by ({reason}); nothing was "
+                f"--require-checksum: {_first_of(paths)} has no checksum to verify it by ({reason}); nothing was "
                 "downloaded — upload it with a checksum (aws s3 cp --checksum-algorithm CRC64NVME, or boto3's "
                 "default CRC32), pin it with a lockfile (`weightsync lock`), or drop --require-checksum")
 
@@ -475,6 +467,11 @@ def mark_verified(volume: ModelVolume, key: str) -> None:
         write_atomic(volume.root / "manifests" / f"{key}.verified", f"{time.time():.3f}\n".encode(), durable=False)
     except OSError as exc:
         log.debug("not recording the verification time: %s", exc.strerror)
+
+
+def _first_of(paths: list[str]) -> str:
+    """`a.bin`, or `a.bin (and 3 more files)`: one file named in an error line, the rest counted."""
+    return paths[0] + (f" (and {len(paths) - 1} more files)" if len(paths) > 1 else "")
 
 
 def _space_still_needed(download: FileDownload) -> int:
@@ -560,10 +557,9 @@ class ReuseIndex:
         object at the source (path, size, ETag), the evidence it was verified by then.
         """
         candidate: tuple[Path, Verified] | None = None
-        promised = remote.sha256
-        if promised and (promised, remote.size) in self.by_sha256:
-            promise = next(p for p in remote.promises if p.algorithm == "sha256" and p.value == promised)
-            candidate = (self.by_sha256[(promised, remote.size)], Verified(promised, Evidence(promise)))
+        promised = remote.sha256_promise
+        if promised and (promised.value, remote.size) in self.by_sha256:
+            candidate = (self.by_sha256[(promised.value, remote.size)], Verified(promised.value, Evidence(promised)))
         elif remote.etag and (remote.path, remote.size, remote.etag) in self.by_identity:
             path, entry = self.by_identity[(remote.path, remote.size, remote.etag)]
             assert entry.evidence is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from weightsync.checksums import Evidence, Promise
@@ -70,9 +71,13 @@ class Lockfile:
         except (ValueError, KeyError, TypeError, IntegrityError) as exc:
             raise UsageError(f"--lockfile {path} is malformed: {exc}; regenerate it with `weightsync lock`") from exc
 
+    @cached_property
+    def by_path(self) -> dict[str, ManifestEntry]:
+        return {f.path: f for f in self.files}
+
     def check_listing(self, files: tuple[RemoteFile, ...]) -> tuple[RemoteFile, ...]:
         """The source's files with the lockfile's sha256 as their promise; exit 4 on any difference."""
-        locked = {f.path: f for f in self.files}
+        locked = self.by_path
         listed = {f.path: f for f in files}
         problems = [f"{p}: missing at the source" for p in sorted(locked.keys() - listed.keys())]
         problems += [f"{p}: not in the lockfile" for p in sorted(listed.keys() - locked.keys())]
@@ -90,13 +95,13 @@ class Lockfile:
 
     def needs_describe(self, remote: RemoteFile) -> bool:
         """Whether the promise recorded for this file comes from the describe step, not the listing."""
-        entry = next((f for f in self.files if f.path == remote.path), None)
+        entry = self.by_path.get(remote.path)
         recorded = _source_promise(entry) if entry else None
         return recorded is not None and all(p.field != recorded.field for p in remote.promises)
 
     def check_promises(self, files: list[RemoteFile]) -> None:
         """Exit 4 before downloading if the source's promise for a file differs from the one locked."""
-        locked = {f.path: f for f in self.files}
+        locked = self.by_path
         problems = [problem for f in files if f.path in locked for problem in _promise_problems(locked[f.path], f)]
         if problems:
             raise self.mismatch(problems)

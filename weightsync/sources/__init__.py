@@ -34,12 +34,14 @@ class RemoteFile:
     metadata_requests: int = field(default=0, compare=False)
 
     @property
-    def sha256(self) -> str | None:
+    def sha256_promise(self) -> Promise | None:
         """A whole-file sha256 the source (or a lockfile) promised, if any: it keys reuse across revisions."""
-        for promise in self.promises:
-            if promise.algorithm == "sha256" and not promise.parts and promise.usable:
-                return promise.value
-        return None
+        return next((p for p in self.promises if p.algorithm == "sha256" and not p.parts and p.usable), None)
+
+    @property
+    def sha256(self) -> str | None:
+        promise = self.sha256_promise
+        return promise.value if promise else None
 
     @property
     def evidence(self) -> Evidence:

@@ -9,8 +9,6 @@ mid-sync is noticed instead of stitched together from two versions.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import logging
 import re
@@ -35,13 +33,6 @@ THROTTLED = {"SlowDown", "503", "500", "502", "504", "InternalError", "ServiceUn
 
 
 DESCRIBE_BELOW_MD5 = 8 * 1024 * 1024  # below this an MD5 ETag costs less CPU (~10 ms) than a HEAD request
-
-
-def _hex_from_base64(value: str) -> str | None:
-    try:
-        return base64.b64decode(value, validate=True).hex()
-    except (binascii.Error, ValueError):
-        return None
 
 
 def _etag_promises(etag: str) -> tuple[Promise, ...]:
@@ -82,9 +73,9 @@ def _head_promises(head: dict[str, Any], listed: tuple[Promise, ...]) -> tuple[P
     metadata = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
     if re.fullmatch(r"[0-9a-fA-F]{64}", metadata.get("sha256", "")):
         promises.append(Promise("sha256", metadata["sha256"].lower(), "x-amz-meta-sha256"))
-    md5 = _hex_from_base64(metadata["md5chksum"]) if "md5chksum" in metadata else None
-    if md5 and len(md5) == 32:
-        promises.append(Promise("md5", md5, "x-amz-meta-md5chksum"))
+    md5 = from_base64("md5", metadata.get("md5chksum", ""), "x-amz-meta-md5chksum")
+    if md5 and not md5.parts and len(md5.value) == 32:
+        promises.append(md5)
     return tuple(promises)
 
 
@@ -281,8 +272,8 @@ class S3Source:
         if sum(sizes) != size:
             return (f"the server's part layout ({len(sizes)} parts, {sum(sizes)} bytes) does not add up to the "
                     f"object's {size} bytes"), {}, requests
-        decoded = {algorithm: tuple(_hex_from_base64(v) or "" for v in values) for algorithm, values in
-                   checksums.items() if len(values) == count}
+        decoded = {algorithm: tuple(p.value if (p := from_base64(algorithm, v, "")) else "" for v in values)
+                   for algorithm, values in checksums.items() if len(values) == count}
         return tuple(sizes), decoded, requests
 
     def _part_sizes_by_head(self, key: str, count: int) -> list[int]:
