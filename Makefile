@@ -3,17 +3,28 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
+INSTALL_LOG := $(VENV)/install.log
 
 .PHONY: demo test test-quick test-images lint bench clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+# Installs are quiet: one line here, pip's full output in $(INSTALL_LOG) (shown if pip fails).
+define install
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "make: installing $(1) into $(VENV) (log: $(INSTALL_LOG))"
+	@$(PY) -m pip install --upgrade pip $(1) >$(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); exit 1; }
+endef
 
-demo: $(STAMP)  ## sync a generated model from a local S3 endpoint, exec the example server, ask it once
-	$(PY) scripts/demo.py
+$(STAMP): pyproject.toml  ## everything: the demo's parts and the test tools
+	$(call install,-e '.[test]')
+	@touch $(STAMP) $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml  ## just what the demo runs: weightsync, its local S3, the example server's libraries
+	$(call install,-e '.[demo]')
+	@touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)  ## sync a generated model from a local S3 endpoint, exec the example server, ask it once
+	@$(PY) scripts/demo.py
 
 test: $(STAMP)  ## every test except the image builds (those are `make test-images`)
 	$(PY) -m pytest -q --ignore=tests/images

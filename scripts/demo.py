@@ -7,7 +7,7 @@
    which syncs (verified, atomically published) and execs the example server,
 4. sends one real inference request and prints the answer, then stops the server.
 
-Run it twice: the second run is a warm start (nothing downloaded).
+Run it twice: the second run is a warm start (nothing downloaded), and says so.
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ def main() -> int:
                    "--dest", str(VOLUME), "--name", PREFIX, "--s3-addressing-style", "path", "--",
                    sys.executable, str(SERVER / "server.py"), "--host", "127.0.0.1", "--port", str(port)]
         print("demo: $ " + " ".join(command[2:]).replace(str(ROOT) + "/", ""), flush=True)
+        current = VOLUME / PREFIX / "current"
+        before = os.readlink(current) if current.is_symlink() and current.exists() else None
         started = time.monotonic()
         server = subprocess.Popen(command, env=env, cwd=ROOT)
         url = f"http://127.0.0.1:{port}"
@@ -110,9 +112,12 @@ def main() -> int:
                 answer = json.loads(response.read())
             print(f"demo: server ready {ready:.1f}s after start; POST /v1/predict {json.dumps(request)}")
             print(f"demo: answer {json.dumps(answer)}")
-            current = VOLUME / PREFIX / "current"
-            print(f"demo: model published at {current} -> {os.readlink(current)}; run `make demo` again for a "
-                  "warm start")
+            after = os.readlink(current)
+            if after == before:
+                print(f"demo: warm start: {current} -> {after} was already published and verified, so nothing "
+                      "was downloaded")
+            else:
+                print(f"demo: model published at {current} -> {after}; run `make demo` again for a warm start")
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)

@@ -64,7 +64,7 @@ def test_options_come_from_env_and_a_flag_wins(folder_model, tmp_path, clean_env
     (["sync", "--source", "/tmp", "--dest", "/tmp/x", "--lock-timeout", "-1"], {}, "--lock-timeout"),
     (["sync", "--source", "/tmp", "--dest", "/tmp/x", "--name", "../escape"], {}, "--name"),
     (["sync", "--source", "s3://b/p", "--dest", "/tmp/x", "--revision", "latest"], {}, "not an S3 revision"),
-    (["sync", "--bogus"], {}, "unrecognized arguments"),
+    (["sync", "--bogus"], {}, "unrecognized option"),
     (["run", "--source", "/tmp", "--dest", "/tmp/x"], {}, "needs the server command"),
     ([], {}, "a command is required"),
 ])
@@ -114,11 +114,24 @@ def test_run_exit_code_is_the_servers(folder_model, tmp_path, clean_env):
     assert result.returncode == 17
 
 
-def test_run_with_unknown_command_exits_2(folder_model, tmp_path, clean_env):
+def test_run_with_an_unknown_command_exits_127_before_downloading_anything(folder_model, tmp_path, clean_env):
     result = weightsync("run", "--source", str(folder_model), "--dest", str(tmp_path / "v"), "--",
                         "no-such-server-binary", env=clean_env)
-    assert result.returncode == 2
+    assert result.returncode == 127, result.stderr
     assert "command not found" in error_line(result)
+    assert not (tmp_path / "v").exists(), "the command is checked before the sync"
+
+
+def test_run_with_a_command_that_is_not_executable_exits_126_before_downloading(folder_model, tmp_path,
+                                                                               clean_env):
+    script = tmp_path / "server.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o644)
+    result = weightsync("run", "--source", str(folder_model), "--dest", str(tmp_path / "v"), "--", str(script),
+                        env=clean_env)
+    assert result.returncode == 126, result.stderr
+    assert "not executable" in error_line(result)
+    assert not (tmp_path / "v").exists()
 
 
 def test_verify_passes_on_intact_and_names_each_bad_file(folder_model, tmp_path, clean_env):

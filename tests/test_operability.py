@@ -165,7 +165,7 @@ def test_pushgateway_receives_metrics_on_success_and_on_failure(model, tmp_path,
                     "--pushgateway", receiver.url, env=clean_env)
     assert ok.returncode == 0, ok.stderr
     bad = weightsync("sync", "--source", str(tmp_path / "missing"), "--dest", str(tmp_path / "v"), "--name", "tiny",
-                     "--pushgateway", receiver.url, env=clean_env)
+                     "--rebind", "--pushgateway", receiver.url, env=clean_env)
     assert bad.returncode == 3
     receiver.server.shutdown()
     assert [(method, path) for method, path, _ in receiver.pushes] == [

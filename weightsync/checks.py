@@ -21,10 +21,15 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 MAX_HEADER = 100 * 1024 * 1024
 
 
-def safetensors_problems(model_dir: Path) -> list[str]:
-    """Every shard an index names exists; every header parses; every tensor's bytes fit its file."""
+def safetensors_problems(model_dir: Path) -> tuple[list[str], str]:
+    """Every shard an index names exists; every header parses; every tensor's bytes fit its file.
+
+    Returns the problems and one line saying what was checked.
+    """
     problems: list[str] = []
-    for index in sorted(model_dir.rglob("*.safetensors.index.json")):
+    indexes = sorted(model_dir.rglob("*.safetensors.index.json"))
+    shards_checked = sorted(model_dir.rglob("*.safetensors"))
+    for index in indexes:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             shards = set(weight_map.values())
@@ -34,11 +39,17 @@ def safetensors_problems(model_dir: Path) -> list[str]:
         for shard in sorted(shards):
             if not (index.parent / shard).is_file():
                 problems.append(f"{index.relative_to(model_dir)}: shard {shard} is missing")
-    for path in sorted(model_dir.rglob("*.safetensors")):
+    for path in shards_checked:
         problem = _header_problem(path)
         if problem:
             problems.append(f"{path.relative_to(model_dir)}: {problem}")
-    return problems
+    if not shards_checked and not indexes:
+        return problems, "no safetensors files, nothing to check (only safetensors models are checked)"
+    checked = [f"{len(shards_checked)} safetensors file{'s' if len(shards_checked) != 1 else ''} (header parses, "
+               "every tensor's bytes fit the file and match its shape and dtype)"]
+    if indexes:
+        checked.append(f"{len(indexes)} index{'es' if len(indexes) != 1 else ''} (every shard it names is present)")
+    return problems, " and ".join(checked)
 
 
 def _header_problem(path: Path) -> str | None:
@@ -73,11 +84,13 @@ def _header_problem(path: Path) -> str | None:
     return None
 
 
-def check_model(model_dir: Path) -> None:
-    problems = safetensors_problems(model_dir)
+def check_model(model_dir: Path) -> str:
+    """Raise if the model cannot load; return what was checked, for the log."""
+    problems, checked = safetensors_problems(model_dir)
     if problems:
         raise IntegrityError(f"{model_dir} is not a loadable model: " + "; ".join(problems[:5])
                              + " — fix the source (or skip this check with --skip-checks)")
+    return checked
 
 
 def gpu_visible() -> tuple[bool, str]:

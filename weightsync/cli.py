@@ -1,14 +1,18 @@
 """Command line: parse flags and WEIGHTSYNC_* env vars, wire them to the engine, map errors to exit codes.
 
 No logic lives here. A flag wins over its env var; every value is validated
-with a one-line `weightsync: error:` and exit 2.
+with a one-line `weightsync: error:` and exit 2. The parser teaches: no silent
+abbreviations, a "did you mean" for a mistyped flag or variable, defaults and
+choices in `--help`, and a hint when a server command is missing its `--`.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -24,7 +28,13 @@ FALSE = {"0", "false", "no", "off", ""}
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are one `weightsync: error:` line and exit 2."""
+    """argparse, but errors are one `weightsync: error:` line and exit 2, and flags are never abbreviated
+    (`--conc` silently meaning `--concurrency` is fragile in a manifest that outlives the next new flag)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -40,6 +50,9 @@ class Option:
     repeat: bool = False
     switch: bool = False
     required: bool = False
+    group: str = "options"
+    shown_default: str | None = None  # how --help states a default that is not a plain value
+    metavar: str | None = None
 
     @property
     def dest(self) -> str:
@@ -48,6 +61,17 @@ class Option:
     @property
     def env(self) -> str:
         return ENV_PREFIX + self.dest.upper()
+
+    def help_text(self) -> str:
+        default = self.shown_default
+        if default is None and self.default is not None and not self.switch:
+            default = f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+        parts = [self.help]
+        if self.required:
+            parts.append("(required)")
+        elif default:
+            parts.append(f"(default: {default})")
+        return " ".join(parts) + f" [env {self.env}]"
 
 
 def _int_between(low: int, high: int, what: str = "an integer") -> Callable[[str], int]:
@@ -74,43 +98,11 @@ def _seconds(text: str) -> float:
     return value
 
 
-# -- hardening (issue 5): lock mode, lease, retries, stall timeout, gc, unknown env vars --------------------
 def _timeout(text: str) -> float:
     value = float(text)
     if not 0 < value <= 86400:  # also refuses nan and inf
         raise ValueError("must be a number of seconds above 0 and at most 86400")
     return value
-
-
-TEST_ENV = ("WEIGHTSYNC_TEST_PAUSE_AT", "WEIGHTSYNC_TEST_PAUSE_SECONDS")  # see weightsync/testhooks.py
-
-
-def _check_env() -> None:
-    """A WEIGHTSYNC_* variable that no option reads is a typo that would silently do nothing: refuse it."""
-    import difflib
-
-    known = {option.env for option in ALL_OPTIONS.values()} | set(TEST_ENV)
-    for name in sorted(os.environ):
-        if name.startswith(ENV_PREFIX) and name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise UsageError(f"unknown environment variable {name}{hint} (see `weightsync COMMAND --help` for "
-                             "the [env ...] of each option)")
-
-
-HARDENING_OPTIONS = (
-    Option("--lock-mode", "auto = flock where it excludes other processes, else a lease file; lease = always "
-           "the lease (set it on every pod of a FUSE/object-store volume)", default="auto",
-           choices=("auto", "flock", "lease")),
-    Option("--lease-timeout", "lease mode: take over a lease whose heartbeat stopped this many seconds ago",
-           _timeout, default=60.0),
-    Option("--retries", "attempts per network request before exit 7", _attempts, default=6),
-    Option("--retry-base", "first retry delay in seconds (doubles each retry, full jitter)", _seconds, default=0.5),
-    Option("--keep", "gc: keep the N newest revisions of each model (`current`, refs/ and locked ones are "
-           "always kept)", _keep, required=True),
-    Option("--staging-older-than", "gc: remove abandoned staging untouched for this many seconds", _seconds,
-           default=86400.0),
-)
 
 
 def _boolean(text: str) -> bool:
@@ -127,93 +119,220 @@ def _url(text: str) -> str:
     return text
 
 
-def _options(*flags: str) -> tuple[Option, ...]:
-    return tuple(ALL_OPTIONS[flag] for flag in flags)
+# -- environment ---------------------------------------------------------------------------------------------
+TEST_ENV = ("WEIGHTSYNC_TEST_PAUSE_AT", "WEIGHTSYNC_TEST_PAUSE_SECONDS")  # see weightsync/testhooks.py
 
+# Kubernetes gives every container variables for each Service in its namespace (enableServiceLinks, on by
+# default): <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT[_<PORT NAME>], <NAME>_PORT and
+# <NAME>_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR] (kubelet's envvars.FromServices). A Service called `weightsync`
+# or `weightsync-llama` (the chart names its Service after the release) makes them start with WEIGHTSYNC_.
+# They are the cluster's, not typos: recognised by name *and* value, so a real typo is still refused.
+_PROTOCOL = r"(?:tcp|udp|sctp)"
+_SERVICE_LINK_VALUE = {
+    "host": re.compile(r"^[0-9A-Fa-f.:]+$"),
+    "port": re.compile(r"^\d{1,5}$"),
+    "url": re.compile(rf"^{_PROTOCOL}://[0-9A-Fa-f.:\[\]]+:\d{{1,5}}$"),
+    "proto": re.compile(rf"^{_PROTOCOL}$"),
+}
+_SERVICE_LINK_NAME = (
+    (re.compile(r"_SERVICE_HOST$"), "host"),
+    (re.compile(r"_SERVICE_PORT(?:_[A-Z0-9_]+)?$"), "port"),
+    (re.compile(r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_PROTO$"), "proto"),
+    (re.compile(r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_PORT$"), "port"),
+    (re.compile(r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_ADDR$"), "host"),
+    (re.compile(r"_PORT(?:_\d{1,5}_(?:TCP|UDP|SCTP))?$"), "url"),
+)
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """Whether NAME=VALUE has the shape of a variable Kubernetes injects for a Service."""
+    return any(pattern.search(name) and _SERVICE_LINK_VALUE[kind].match(value)
+               for pattern, kind in _SERVICE_LINK_NAME)
+
+
+def _env_value(name: str) -> str | None:
+    """An option's env var, unless it is a service link that happens to share its name (a Service called
+    `weightsync-metrics` sets WEIGHTSYNC_METRICS_PORT=tcp://10.0.0.7:9400)."""
+    value = os.environ.get(name)
+    return None if value is None or is_service_link(name, value) else value
+
+
+def _check_env() -> None:
+    """A WEIGHTSYNC_* variable that no option reads is a typo that would silently do nothing: refuse it."""
+    known = {option.env for option in ALL_OPTIONS.values()} | set(TEST_ENV)
+    for name in sorted(os.environ):
+        if name.startswith(ENV_PREFIX) and name not in known and not is_service_link(name, os.environ[name]):
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UsageError(f"unknown environment variable {name}{hint} (see `weightsync COMMAND --help` for "
+                             "the [env ...] of each option)")
+
+
+# -- options ---------------------------------------------------------------------------------------------------
+WHAT, VERIFY, NETWORK, LOCKING, OUTPUT = ("the model", "verification", "network and speed", "locking",
+                                          "logs and metrics")
+GLOBAL_FLAGS = ("--log-format", "--debug")  # also accepted before the command
 
 ALL_OPTIONS = {option.flag: option for option in (
-    Option("--source", "s3://bucket/prefix, hf://owner/name[@rev], file:///abs/path or a directory"),
-    Option("--dest", "the volume (directory) models are published into", required=True),
-    Option("--name", "directory name of this model under DEST (default: derived from the source)"),
-    Option("--revision", "branch, tag or commit (hf), or a revision id printed by a previous sync (pin)"),
-    Option("--include", "only files matching this glob (repeatable; env: comma-separated)", repeat=True),
-    Option("--exclude", "skip files matching this glob (repeatable; env: comma-separated)", repeat=True),
-    Option("--verify", "warm-start check: fast = manifest + sizes, full = re-hash everything (and repair)",
-           default="fast", choices=("fast", "full")),
-    Option("--concurrency", "parallel ranged downloads", _positive_int, default=8),
-    Option("--lock-timeout", "give up (exit 5) after waiting this long for another process's download",
-           _seconds),
-    Option("--offline", "make no network request: use what is already published", switch=True),
+    Option("--source", "s3://bucket/prefix, hf://owner/name[@rev], file:///abs/path or a directory; required "
+           "unless --lockfile names it", group=WHAT, metavar="URI"),
+    Option("--dest", "the volume (directory) models are published into", required=True, group=WHAT, metavar="DIR"),
+    Option("--name", "directory of this model under DEST; one name holds one source and filter set",
+           shown_default="derived from the source", group=WHAT),
+    Option("--revision", "branch, tag or commit (hf), or a revision id printed by a previous sync (pin)",
+           shown_default="the latest (hf: main)", group=WHAT),
+    Option("--include", "only files matching this glob (repeatable; env: comma-separated)", repeat=True,
+           group=WHAT),
+    Option("--exclude", "skip files matching this glob (repeatable; env: comma-separated)", repeat=True,
+           group=WHAT),
+    Option("--lockfile", "download exactly what this `weightsync lock` file pins; exit 4 if the source differs",
+           group=WHAT, metavar="FILE"),
+    Option("--rebind", "let --name switch to a different source or filter set than it serves now (pods "
+           "reading DEST/NAME/current then load the new one)", switch=True, group=WHAT),
+    Option("--verify", "warm-start check: fast = manifest + sizes, full = re-hash everything (and repair what "
+           "is damaged)", default="fast", choices=("fast", "full"), group=VERIFY),
     Option("--require-checksum", "refuse (exit 4, before downloading) any file the source promises no usable "
-           "checksum for, instead of checking its size only", switch=True),
+           "checksum for, instead of checking its size only", switch=True, group=VERIFY),
+    Option("--concurrency", "parallel ranged downloads", _positive_int, default=8, group=NETWORK, metavar="N"),
+    Option("--offline", "make no network request: use what is already published", switch=True, group=NETWORK),
     Option("--s3-addressing-style", "S3 URL style for S3-compatible servers", default="auto",
-           choices=("auto", "path", "virtual")),
+           choices=("auto", "path", "virtual"), group=NETWORK),
     Option("--stall-timeout", "retry a connection that sends nothing for this many seconds", _timeout,
-           default=60.0),
+           default=60.0, group=NETWORK, metavar="SECONDS"),
+    Option("--retries", "attempts per network request before exit 7", _attempts, default=6, group=NETWORK, metavar="N"),
+    Option("--retry-base", "first retry delay in seconds (doubles each retry, full jitter)", _seconds,
+           default=0.5, group=NETWORK, metavar="SECONDS"),
+    Option("--lock-timeout", "give up (exit 5) after waiting this long for another process's download",
+           _seconds, shown_default="wait forever", group=LOCKING, metavar="SECONDS"),
+    Option("--lock-mode", "auto = flock where it excludes other processes, else a lease file; lease = always "
+           "the lease (set it on every pod of a FUSE/object-store volume)", default="auto",
+           choices=("auto", "flock", "lease"), group=LOCKING),
+    Option("--lease-timeout", "lease mode: take over a lease whose heartbeat stopped this many seconds ago",
+           _timeout, default=60.0, group=LOCKING, metavar="SECONDS"),
+    Option("--log-format", "text lines, or one JSON object per event", default="text", choices=("text", "json"),
+           group=OUTPUT),
     Option("--progress-interval", "seconds between progress lines when stderr is not a terminal", _seconds,
-           default=10.0),
-    Option("--log-format", "text lines, or one JSON object per event", default="text", choices=("text", "json")),
-    Option("--lockfile", "download exactly what this `weightsync lock` file pins; exit 4 if the source differs"),
-    Option("--termination-log", "where to write the Kubernetes termination message (default /dev/termination-log "
-           "when it exists)"),
-    Option("--metrics-textfile", "write Prometheus metrics here at the end (node_exporter textfile collector)"),
-    Option("--pushgateway", "push Prometheus metrics to this Pushgateway URL at the end, also on failure", _url),
-    Option("--metrics-port", "serve /metrics, /readyz and /healthz on this port (serve mode)", _port),
-    Option("--ready-file", "serve mode: create this file once the model is published (for probes)"),
-    Option("--recheck-interval", "serve mode: seconds between checks for a new revision (0 = never)", _seconds,
-           default=300.0),
-    Option("--skip-checks", "run: do not check safetensors shards and headers before exec", switch=True),
-    Option("--require-gpu", "run/serve: fail (exit 2) unless a CUDA device is visible", switch=True),
-    Option("--json", "status: print JSON instead of a table", switch=True),
-    Option("--debug", "log details and show tracebacks", switch=True),
-    *HARDENING_OPTIONS,
+           default=10.0, group=OUTPUT, metavar="SECONDS"),
+    Option("--termination-log", "where to write the Kubernetes termination message",
+           shown_default="/dev/termination-log when it exists", group=OUTPUT, metavar="PATH"),
+    Option("--metrics-textfile", "write Prometheus metrics here at the end (node_exporter textfile collector)",
+           group=OUTPUT, metavar="PATH"),
+    Option("--pushgateway", "push Prometheus metrics to this Pushgateway URL at the end, also on failure", _url,
+           group=OUTPUT, metavar="URL"),
+    Option("--debug", "log details and show tracebacks", switch=True, group=OUTPUT),
+    Option("--skip-checks", "do not check safetensors shards and headers before exec", switch=True,
+           group="the server"),
+    Option("--require-gpu", "fail (exit 2) before syncing unless a CUDA device is visible", switch=True,
+           group="the server"),
+    Option("--metrics-port", "serve /metrics, /readyz and /healthz on this port", _port, group="serve mode",
+           metavar="PORT"),
+    Option("--ready-file", "create this file once the model is published (for probes)", group="serve mode",
+           metavar="PATH"),
+    Option("--recheck-interval", "seconds between checks for a new revision (0 = never)", _seconds,
+           default=300.0, group="serve mode", metavar="SECONDS"),
+    Option("--json", "print JSON instead of a table", switch=True),
+    Option("--keep", "keep the N newest revisions of each model (`current`, refs/ and locked ones are always "
+           "kept)", _keep, required=True, group="what to remove", metavar="N"),
+    Option("--staging-older-than", "remove abandoned staging untouched for this many seconds", _seconds,
+           default=86400.0, group="what to remove", metavar="SECONDS"),
 )}
+
+
+def _options(*flags: str, **changed: dict[str, Any]) -> tuple[Option, ...]:
+    """The named options, some with command-specific changes (`--name={"help": ...}`)."""
+    return tuple(replace(ALL_OPTIONS[flag], **changed.get(flag.lstrip("-").replace("-", "_"), {}))
+                 for flag in flags)
+
+
 SOURCE_FLAGS = ("--source", "--name", "--revision", "--include", "--exclude", "--s3-addressing-style")
-SYNC_FLAGS = (*SOURCE_FLAGS, "--dest", "--verify", "--concurrency", "--lock-timeout", "--offline", "--require-checksum",
-              "--stall-timeout", "--progress-interval", "--lockfile", "--termination-log", "--metrics-textfile",
-              "--pushgateway", "--log-format", "--debug", "--lock-mode", "--lease-timeout", "--retries",
-              "--retry-base")
+SYNC_FLAGS = ("--source", "--dest", "--name", "--revision", "--include", "--exclude", "--lockfile", "--rebind",
+              "--verify", "--require-checksum", "--concurrency", "--offline", "--s3-addressing-style",
+              "--stall-timeout", "--retries", "--retry-base", "--lock-timeout", "--lock-mode", "--lease-timeout",
+              "--log-format", "--progress-interval", "--termination-log", "--metrics-textfile", "--pushgateway",
+              "--debug")
+RUN_DESCRIPTION = """\
+sync, check the model, then exec COMMAND in place of weightsync (same PID, so signals reach the server).
+
+The server starts with MODEL_DIR=<the published revision directory> in its environment, and the literal
+{MODEL_DIR} in its arguments is replaced by that path, so no shell is needed:
+
+  weightsync run --source s3://models/llama --dest /models -- vllm serve {MODEL_DIR}
+
+The command is looked up before the sync (exit 127 if not found, 126 if not executable), so a typo costs
+no download."""
 COMMANDS: dict[str, tuple[str, str, tuple[Option, ...]]] = {
     "sync": ("sync and print the published model directory", "", _options(*SYNC_FLAGS)),
-    "run": ("sync, check the model, then exec COMMAND with MODEL_DIR set",
-            "weightsync run [options] -- COMMAND [ARGS...]", _options(*SYNC_FLAGS, "--skip-checks", "--require-gpu")),
+    "run": ("sync, check the model, then exec COMMAND with MODEL_DIR set", RUN_DESCRIPTION,
+            _options(*SYNC_FLAGS, "--skip-checks", "--require-gpu")),
     "serve": ("native-sidecar mode: sync, report ready, serve metrics, pick up new revisions", "",
               _options(*SYNC_FLAGS, "--metrics-port", "--ready-file", "--recheck-interval", "--require-gpu")),
     "verify": ("re-hash a published model against its manifest", "",
-               _options(*SOURCE_FLAGS, "--dest", "--log-format", "--debug")),
+               _options("--dest", *SOURCE_FLAGS, "--log-format", "--debug",
+                        source={"help": "the source it was synced from",
+                                "shown_default": "the one recorded on the volume"},
+                        name={"help": "the model to verify", "shown_default": "the only model on DEST"},
+                        revision={"help": "the revision to verify", "shown_default": "current"})),
     "lock": ("sync once and print a lockfile pinning the revision and every file's sha256", "",
-             (*_options(*SOURCE_FLAGS, "--concurrency", "--stall-timeout", "--require-checksum", "--log-format",
-                        "--debug"),
-              replace(ALL_OPTIONS["--dest"], required=False,
-                      help="keep the synced model on this volume (default: a temporary directory)"))),
+             _options("--source", "--revision", "--include", "--exclude", "--s3-addressing-style", "--dest",
+                      "--name", "--concurrency", "--stall-timeout", "--require-checksum", "--log-format",
+                      "--debug",
+                      dest={"required": False, "help": "keep the synced model on this volume",
+                            "shown_default": "a temporary directory"})),
     "status": ("the models, revisions, staging and lock holders on a volume", "",
                _options("--dest", "--json", "--log-format", "--debug")),
     "gc": ("remove old revisions nothing points at and abandoned staging (never `current` or a locked one)", "",
            _options("--dest", "--name", "--keep", "--staging-older-than", "--lock-mode", "--lease-timeout",
-                    "--log-format", "--debug")),
+                    "--log-format", "--debug",
+                    name={"help": "only this model", "shown_default": "every model on DEST"})),
 }
+EPILOG = """\
+Every option is also an environment variable: --lock-timeout is WEIGHTSYNC_LOCK_TIMEOUT (a flag wins).
+An unknown WEIGHTSYNC_* variable is refused, so a typo never silently does nothing.
+--log-format and --debug may also come before COMMAND. `weightsync COMMAND --help` lists its options.
+
+exit codes:
+  0    success (run: the server's own exit code once it runs)
+  1    unexpected error (rerun with --debug and report it)
+  2    usage: a bad flag, variable or value
+  3    the source (bucket, prefix, repo, revision, folder) is missing or access is denied
+  4    integrity: a checksum or size mismatch, an unsafe listing, a source that no longer matches a pin
+  5    lock timeout, or a lost lease
+  6    not enough disk space
+  7    network failure after every retry
+  126  run: the command is not executable
+  127  run: the command was not found
+  130  interrupted (rerun to resume)"""
 
 
 def _add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
-    for option in options:
-        help_text = f"{option.help} [env {option.env}]"
+    groups: dict[str, Any] = {}
+    for option in sorted(options, key=lambda o: not o.required):  # what must be given comes first
+        title = "required (a flag or its variable)" if option.required else option.group
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        group = groups[title]
+        # A global flag given before the command must not be reset by the command's own (absent) one.
+        default = argparse.SUPPRESS if option.flag in GLOBAL_FLAGS else None
         if option.switch:
-            parser.add_argument(option.flag, action="store_const", const=True, default=None, help=help_text)
+            group.add_argument(option.flag, action="store_const", const=True, default=default,
+                               help=option.help_text())
         elif option.repeat:
-            parser.add_argument(option.flag, action="append", metavar="GLOB", help=help_text)
+            group.add_argument(option.flag, action="append", metavar="GLOB", default=default,
+                               help=option.help_text())
         else:
-            parser.add_argument(option.flag, help=help_text, metavar=option.dest.upper(),
-                                choices=option.choices or None)
+            metavar = "{" + ",".join(option.choices) + "}" if option.choices else option.metavar or option.dest.upper()
+            group.add_argument(option.flag, help=option.help_text(), metavar=metavar, default=default,
+                               choices=option.choices or None)
 
 
 def _resolve(args: argparse.Namespace, options: Sequence[Option]) -> dict[str, Any]:
     """Flag, else env var, else default; converted and validated."""
     values: dict[str, Any] = {}
     for option in options:
-        raw = getattr(args, option.dest)
+        raw = getattr(args, option.dest, None)
         origin = option.flag
-        if raw is None and os.environ.get(option.env) is not None:
-            raw, origin = os.environ[option.env], option.env
+        if raw is None and _env_value(option.env) is not None:
+            raw, origin = _env_value(option.env), option.env
             if option.repeat:
                 raw = [part.strip() for part in raw.replace("\n", ",").split(",") if part.strip()]
         if raw is None:
@@ -240,12 +359,76 @@ def _resolve(args: argparse.Namespace, options: Sequence[Option]) -> dict[str, A
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="weightsync", description="Sync model weights into a volume (verified, resumable, "
-                     "locked, atomically published), then exec the inference server.")
+                     "locked, atomically published), then exec the inference server.", epilog=EPILOG,
+                     usage="weightsync [--log-format {text,json}] [--debug] COMMAND [options]")
     parser.add_argument("--version", action="version", version=f"weightsync {__version__}")
+    for flag in GLOBAL_FLAGS:
+        option = ALL_OPTIONS[flag]
+        if option.switch:
+            parser.add_argument(flag, action="store_const", const=True, default=None, help=option.help_text())
+        else:
+            parser.add_argument(flag, choices=option.choices, metavar="{" + ",".join(option.choices) + "}",
+                                help=option.help_text())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, (help_text, usage, options) in COMMANDS.items():
-        _add_options(commands.add_parser(name, help=help_text, usage=usage or None), options)
+    for name, (help_text, description, options) in COMMANDS.items():
+        usage = f"weightsync {name} [options]" + (" -- COMMAND [ARGS...]" if name == "run" else "")
+        _add_options(commands.add_parser(name, help=help_text, description=description or help_text.capitalize(),
+                                         usage=usage), options)
     return parser
+
+
+def _check_before_command(argv: list[str]) -> None:
+    """Only --log-format and --debug may come before COMMAND: say so, instead of argparse's `invalid choice`."""
+    index = 0
+    while index < len(argv) and argv[index].startswith("-"):
+        arg = argv[index]
+        if arg in ("-h", "--help", "--version", "--debug") or arg.startswith("--log-format="):
+            index += 1
+        elif arg == "--log-format":
+            index += 2
+        else:
+            flag = arg.split("=", 1)[0]
+            where = next((name for name, (_, _, options) in COMMANDS.items()
+                          if any(o.flag == flag for o in options)), None)
+            if where is None:
+                return  # not an option of any command: argparse's own message (with suggestions) follows
+            command = next((token for token in argv if token in COMMANDS), where)
+            raise UsageError(f"{flag} goes after the command: `weightsync {command} {flag} ...`; only "
+                             "--log-format and --debug may come before it")
+
+
+def _unrecognized(command: str, extras: list[str]) -> UsageError:
+    """An unknown flag gets a suggestion; a stray word after `run` gets a hint about `--`."""
+    flags = [o.flag for o in COMMANDS[command][2]]
+    first_flag = next((arg for arg in extras if arg.startswith("-")), None)
+    if first_flag is not None:
+        name = first_flag.split("=", 1)[0]
+        close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+        prefixed = [flag for flag in flags if flag.startswith(name) and len(name) > 2]
+        if close or prefixed:
+            hint = (f"did you mean {close[0]}?" if close else
+                    f"flags are never abbreviated; did you mean {' or '.join(prefixed[:3])}?")
+            return UsageError(f"unrecognized option {name} for `weightsync {command}`; {hint} "
+                              f"(see `weightsync {command} --help`)")
+    if command == "run":
+        return UsageError(f"unexpected {' '.join(extras[:4])!r}: put the server command after `--`, as in "
+                          "`weightsync run --source ... --dest ... -- python -m server`")
+    what = "option" if first_flag else "argument"
+    return UsageError(f"unrecognized {what} {(first_flag or extras[0])!r} for `weightsync {command}` "
+                      f"(see `weightsync {command} --help`)")
+
+
+def parse(argv: list[str]) -> tuple[str, dict[str, Any]]:
+    """The command and its resolved option values."""
+    _check_before_command(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        raise UsageError(f"a command is required: {', '.join(COMMANDS)}")
+    if extras:
+        raise _unrecognized(args.command, extras)
+    return args.command, _resolve(args, COMMANDS[args.command][2])
 
 
 def _early_value(argv: list[str], flag: str) -> str | None:
@@ -264,24 +447,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:
         split = argv.index("--")
         argv, command = argv[:split], argv[split + 1:]
-    debug = "--debug" in argv or os.environ.get(ENV_PREFIX + "DEBUG", "").lower() in TRUE
+    debug = "--debug" in argv or (_env_value(ENV_PREFIX + "DEBUG") or "").lower() in TRUE
     from weightsync.progress import setup_logging
 
-    log_format = _early_value(argv, "--log-format") or os.environ.get(ENV_PREFIX + "LOG_FORMAT", "text")
+    log_format = _early_value(argv, "--log-format") or _env_value(ENV_PREFIX + "LOG_FORMAT") or "text"
     setup_logging(debug, "json" if log_format == "json" else "text")
     try:
         _check_env()
-        args = build_parser().parse_args(argv)
-        if args.command is None:
-            build_parser().print_help(sys.stderr)
-            raise UsageError(f"a command is required: {', '.join(COMMANDS)}")
-        if command and args.command != "run":
-            raise UsageError(f"{args.command} takes no command after `--`; use `weightsync run ... -- COMMAND` "
+        name, values = parse(argv)
+        if command and name != "run":
+            raise UsageError(f"{name} takes no command after `--`; use `weightsync run ... -- COMMAND` "
                              "to start a server")
         from weightsync import commands
 
-        values = _resolve(args, COMMANDS[args.command][2])
-        return commands.dispatch(args.command, values, command)
+        return commands.dispatch(name, values, command)
     except WeightsyncError as exc:
         return _fail(f"weightsync: error: {exc}", exc.exit_code, debug, log_format)
     except KeyboardInterrupt:

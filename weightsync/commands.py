@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -64,7 +65,7 @@ def build_request(values: dict[str, Any], dest: str | None = None) -> Any:
         progress_interval=values["progress_interval"] if values.get("progress_interval") is not None else 10.0,
         lockfile=lockfile,
         lock_mode=values.get("lock_mode") or "auto", lease_timeout=values.get("lease_timeout") or 60.0,
-        require_checksum=bool(values.get("require_checksum")),
+        require_checksum=bool(values.get("require_checksum")), rebind=bool(values.get("rebind")),
         retry=RetryPolicy(attempts=values.get("retries") or 6,
                           base_delay=values["retry_base"] if values.get("retry_base") is not None else 0.5),
     )
@@ -112,9 +113,10 @@ def run_sync(values: dict[str, Any], server_command: list[str]) -> int:
     from weightsync.engine import Engine
 
     running = values["command"] == "run"
-    if running and not server_command:
-        raise UsageError("run needs the server command after `--`, e.g. "
-                         "`weightsync run --source ... --dest ... -- python -m server`")
+    if running:
+        from weightsync.launch import check_command
+
+        check_command(server_command)
     engine = Engine(build_request(values))
     reporter = Reporter(values, engine)
     if running and values.get("require_gpu"):
@@ -126,7 +128,10 @@ def run_sync(values: dict[str, Any], server_command: list[str]) -> int:
         if not values.get("skip_checks"):
             from weightsync.checks import check_model
 
-            _guarded(reporter, lambda: check_model(result.path))
+            checked = _guarded(reporter, lambda: check_model(result.path))
+            event("model_checked", "checked before exec: %s", checked, path=str(result.path), checked=checked)
+        else:
+            event("model_checked", "not checked before exec (--skip-checks)", path=str(result.path), checked=None)
         exec_server(server_command, result.path)
     print(result.path, flush=True)
     return 0
@@ -138,24 +143,61 @@ def _require_gpu() -> None:
     require_gpu()
 
 
-def _guarded(reporter: Reporter, check: Callable[[], None]) -> None:
+def _guarded(reporter: Reporter, check: Callable[[], Any]) -> Any:
     try:
-        check()
+        return check()
     except WeightsyncError as exc:
         reporter.failure(exc, 0.0)
         raise
 
 
 def run_verify(values: dict[str, Any], _: list[str]) -> int:
+    """Re-hash a published model; without --source, the model (and its source) the volume records."""
     from weightsync.engine import Engine
 
-    directory, problems = Engine(build_request(values)).verify(values.get("revision"))
+    if not values.get("source"):
+        values = {**values, **_recorded_model(Path(values["dest"]), values.get("name"))}
+    engine = Engine(build_request(values))
+    directory, problems = engine.verify(values.get("revision"))
     if problems:
-        raise IntegrityError(f"{directory} failed verification: " + "; ".join(problems))
+        repair = shlex.join(["weightsync", "sync", "--source", engine.source.uri, "--dest", values["dest"],
+                             "--name", engine.volume.name, *_filter_flags(values), "--verify", "full"])
+        raise IntegrityError(f"{directory} failed verification: " + "; ".join(problems[:5])
+                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+                             + f" — repair it (only the damaged files are downloaded again) with `{repair}`")
     event("verified", "verified %s: every file matches the sha256 its manifest recorded when it was published",
           directory, path=str(directory))
     print(directory)
     return 0
+
+
+def _filter_flags(values: dict[str, Any]) -> list[str]:
+    flags = [f"--include={glob}" for glob in values.get("include") or ()]
+    return flags + [f"--exclude={glob}" for glob in values.get("exclude") or ()]
+
+
+def _recorded_model(dest: Path, name: str | None) -> dict[str, Any]:
+    """The name, source and filters a volume records for a model (from its `current` manifest)."""
+    from weightsync.layout import ModelVolume, model_names
+    from weightsync.manifest import Manifest, ManifestError
+
+    if name is None:
+        names = model_names(dest)
+        if len(names) != 1:
+            listed = ", ".join(names) if names else "none"
+            raise UsageError(f"--dest {dest} holds {len(names)} models ({listed}); pass --name to say which "
+                             "to verify")
+        name = names[0]
+    volume = ModelVolume(dest, name)
+    revision = volume.current_revision() or next(iter(reversed(volume.revisions())), None)
+    try:
+        if revision is None:
+            raise ManifestError("nothing is published")
+        manifest = Manifest.load(volume.manifest_path(revision))
+    except ManifestError as exc:
+        raise UsageError(f"cannot tell which source {volume.root} was synced from ({exc}); pass --source") from None
+    return {"name": name, "source": manifest.source, "include": tuple(manifest.selection.get("include", ())),
+            "exclude": tuple(manifest.selection.get("exclude", ()))}
 
 
 def run_lock(values: dict[str, Any], _: list[str]) -> int:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from weightsync import testhooks
 from weightsync.checksums import Evidence, Verified, describe_tally, feed_file, tally
-from weightsync.errors import DiskSpaceError, IntegrityError, NetworkError, SourceError, WeightsyncError
+from weightsync.errors import DiskSpaceError, IntegrityError, NetworkError, SourceError, UsageError, WeightsyncError
 from weightsync.layout import ModelVolume, check_listing, safe_makedirs
 from weightsync.lockfile import Lockfile
 from weightsync.locking import volume_lock
@@ -63,6 +63,7 @@ class SyncRequest:
     lock_mode: str = "auto"
     lease_timeout: float = 60.0
     require_checksum: bool = False
+    rebind: bool = False
 
 
 @dataclass
@@ -121,6 +122,13 @@ class SyncResult:
                 "evidence": self.evidence, **({"checked": self.checked} if self.warm else {})}
 
 
+def default_name(source: Source, selection: Selection) -> str:
+    """The model's directory when --name is not given: the source's, plus the filter set's id when filtered,
+    so a filtered sync gets a directory of its own instead of changing what the full model's `current` is."""
+    variant = selection.key()
+    return f"{source.default_name}--{variant}" if variant else source.default_name
+
+
 def revision_key(revision: str, selection: Selection) -> str:
     """The directory name of a revision: filtered syncs of one revision must not share a directory."""
     variant = selection.key()
@@ -140,8 +148,9 @@ class Engine:
         self.source = source or open_source(request.source, addressing_style=request.addressing_style,
                                             stall_timeout=request.stall_timeout,
                                             concurrency=request.concurrency, offline=request.offline)
-        self.volume = ModelVolume(request.dest.absolute(), request.name or self.source.default_name)
+        self.volume = ModelVolume(request.dest.absolute(), request.name or default_name(self.source, request.selection))
         self.started = time.monotonic()
+        self.damaged: dict[str, set[str]] = {}  # revision -> paths that failed the warm check (repaired, not reused)
 
     # -- public entry points ---------------------------------------------------
     def sync(self) -> SyncResult:
@@ -154,6 +163,7 @@ class Engine:
         event("start", "sync %s%s into %s", source.uri, f" revision {request.revision}" if request.revision else "",
               volume.root, source=source.uri, revision=request.revision, dest=str(volume.root),
               offline=request.offline, verify=request.verify)
+        self._check_binding()
         pinned = source.pinned_revision(request.revision)
         known = revision_key(pinned, request.selection) if pinned else None
         if request.offline and not known:
@@ -174,8 +184,7 @@ class Engine:
         if request.lockfile:
             snapshot = replace(snapshot, files=request.lockfile.check_listing(snapshot.files))
         if pinned and snapshot.revision != pinned:
-            raise IntegrityError(f"{source.uri} no longer matches the pinned revision {pinned} (it is now "
-                                 f"{snapshot.revision}); pin the new revision or restore the source")
+            self._refuse_unknown_pin(pinned, snapshot.revision)
         key = revision_key(snapshot.revision, request.selection)
         manifest = self.published(key)
         if manifest is not None:
@@ -189,10 +198,47 @@ class Engine:
             if manifest is not None:
                 result = self._finish_warm(manifest, key, ref=snapshot.ref, source_revision=snapshot.revision)
             else:
-                self._quarantine_broken(key)
                 result = self._download_and_publish(snapshot, key)
             result.lock_wait_seconds = waited
         return result
+
+    def _check_binding(self) -> None:
+        """One name, one meaning: refuse a sync that would point `current` at another source or filter set.
+
+        Pods read DEST/<name>/current; a filtered sync (`--include '*.json'`) or a different source under the
+        same name would silently hand them another model. The name's meaning is what its `current` revision's
+        manifest records; --rebind switches it on purpose.
+        """
+        volume, request = self.volume, self.request
+        current = volume.current_revision()
+        if current is None or request.rebind:
+            return
+        try:
+            serving = Manifest.load(volume.manifest_path(current))
+        except ManifestError:
+            return  # nothing trustworthy to compare with: the sync will re-verify or replace it
+        wanted = {"include": list(request.selection.include), "exclude": list(request.selection.exclude)}
+        recorded = {"include": serving.selection.get("include", []), "exclude": serving.selection.get("exclude", [])}
+        if serving.source == self.source.uri and recorded == wanted:
+            return
+        raise UsageError(
+            f"{volume.root} serves {serving.source}{_describe_filters(recorded)}, and this sync asks for "
+            f"{self.source.uri}{_describe_filters(wanted)}: syncing it under the same name would change what "
+            f"{volume.current} means for every pod that reads it. Give it its own --name, or pass --rebind "
+            f"(WEIGHTSYNC_REBIND=1) to switch {volume.name} over on purpose")
+
+    def _refuse_unknown_pin(self, pinned: str, listed: str) -> None:
+        """The source lists another revision than the pinned one: changed since, or never this source's."""
+        key = revision_key(pinned, self.request.selection)
+        known = (self.request.lockfile is not None or os.path.lexists(self.volume.manifest_path(key))
+                 or os.path.lexists(self.volume.staging_dir(key)))
+        if known:
+            raise IntegrityError(f"{self.source.uri} no longer matches the pinned revision {pinned} (it is now "
+                                 f"{listed}): the source changed since it was pinned; pin the new revision or "
+                                 "restore the source")
+        raise SourceError(f"--revision {pinned} is not what {self.source.uri} holds (it lists revision {listed} "
+                          f"now), and {pinned} was never synced onto {self.volume.root}: a mistyped id, or a source "
+                          "that changed since the id was printed; drop --revision to take what it holds now")
 
     def verify(self, revision: str | None) -> tuple[Path, list[str]]:
         """Re-hash a published revision against its manifest; return (dir, problems)."""
@@ -205,7 +251,7 @@ class Engine:
         problems = check_files(directory, manifest, full=True)
         if not problems:
             mark_verified(self.volume, key)
-        return directory, problems
+        return directory, describe_problems(problems)
 
     # -- warm path ---------------------------------------------------------------
     def published(self, key: str) -> Manifest | None:
@@ -227,10 +273,13 @@ class Engine:
         if full and not problems:
             mark_verified(self.volume, key)
         if problems:
-            log.warning("revision %s on the volume is damaged (%s); repairing", key, "; ".join(problems[:5]))
+            listed = "; ".join(describe_problems(problems)[:5])
             if self.request.offline:
-                raise IntegrityError(f"{directory} is damaged and --offline forbids repairing it: "
-                                     + "; ".join(problems[:5]))
+                raise IntegrityError(f"{directory} is damaged and --offline forbids repairing it: {listed}")
+            if key not in self.damaged:  # checked again under the lock: say it once
+                log.warning("revision %s on the volume is damaged (%s); repairing: the damaged files are fetched "
+                            "again, the intact ones kept", key, listed)
+            self.damaged[key] = set(problems)
             return None
         return manifest
 
@@ -312,15 +361,27 @@ class Engine:
         check_listing([f.path for f in snapshot.files], self.source.uri)
         return snapshot
 
-    def _quarantine_broken(self, key: str) -> None:
-        """Move a damaged or manifest-less revision out of the way before re-syncing it."""
+    def _offer_intact_files(self, reuse: ReuseIndex, key: str) -> None:
+        """Repair: the files of a damaged revision that passed the warm check are kept, not fetched again."""
+        damaged = self.damaged.get(key)
+        if damaged is None or not self.volume.is_real_revision(key):
+            return
+        try:
+            manifest = Manifest.load(self.volume.manifest_path(key))
+        except ManifestError:
+            return
+        reuse.add(self.volume.revision_dir(key), [e for e in manifest.files if e.path not in damaged],
+                  hashed=self.request.verify == "full")
+
+    def _set_aside(self, key: str) -> Path | None:
+        """Move a damaged or manifest-less revision out of the way of its repaired tree, into `.trash`."""
         self.volume.ensure("revisions")  # refuses a planted symlink: never move or delete anything outside DEST
         directory = self.volume.revision_dir(key)
         if not os.path.lexists(directory):
-            return
+            return None
         trash = self.volume.ensure(".trash") / f"{key}.{int(time.time())}.{os.getpid()}"
         os.rename(directory, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        return trash
 
     def _download_and_publish(self, snapshot: Snapshot, key: str) -> SyncResult:
         """Plan (reuse, describe, staged, resume), fetch and verify what is missing, then publish."""
@@ -333,6 +394,7 @@ class Engine:
         pending: list[RemoteFile] = []
         reused = 0
         reuse = ReuseIndex.build(volume, exclude=key)
+        self._offer_intact_files(reuse, key)
         for remote in snapshot.files:
             found = reuse.link_into(remote, tree, full=request.verify == "full")
             if found is None:
@@ -443,9 +505,11 @@ class Engine:
             write_atomic(volume.ensure("manifests") / f"{key}.json", manifest.to_json())
             testhooks.pause("manifest-written")
             tree = staging / "tree"
+            _make_read_only(tree)
             if self.request.fsync:
                 _fsync_tree(tree)
             revisions = volume.ensure("revisions")
+            aside = self._set_aside(key)
             os.rename(tree, volume.revision_dir(key))
             if self.request.fsync:
                 _fsync_dir(revisions)
@@ -459,6 +523,8 @@ class Engine:
         self._point_current(key, ref)
         mark_verified(volume, key)
         shutil.rmtree(staging, ignore_errors=True)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def mark_verified(volume: ModelVolume, key: str) -> None:
@@ -467,6 +533,12 @@ def mark_verified(volume: ModelVolume, key: str) -> None:
         write_atomic(volume.root / "manifests" / f"{key}.verified", f"{time.time():.3f}\n".encode(), durable=False)
     except OSError as exc:
         log.debug("not recording the verification time: %s", exc.strerror)
+
+
+def _describe_filters(selection: dict[str, list[str]]) -> str:
+    flags = [f"--include {glob!r}" for glob in selection["include"]]
+    flags += [f"--exclude {glob!r}" for glob in selection["exclude"]]
+    return f" with {' '.join(flags)}" if flags else " (every file)"
 
 
 def _first_of(paths: list[str]) -> str:
@@ -485,23 +557,27 @@ def _space_still_needed(download: FileDownload) -> int:
     return max(0, download.remote.size - max(held, download.bytes_on_disk))
 
 
-def check_files(directory: Path, manifest: Manifest, full: bool) -> list[str]:
-    """Compare a revision directory with its manifest: sizes always, sha256 when `full`."""
-    problems = []
+def check_files(directory: Path, manifest: Manifest, full: bool) -> dict[str, str]:
+    """Compare a revision directory with its manifest (sizes always, sha256 when `full`): damaged path -> why."""
+    problems: dict[str, str] = {}
     for entry in manifest.files:
         path = directory / entry.path
         try:
             info = os.lstat(path)
         except OSError:
-            problems.append(f"{entry.path}: missing")
+            problems[entry.path] = "missing"
             continue
         if not stat.S_ISREG(info.st_mode):
-            problems.append(f"{entry.path}: not a regular file")
+            problems[entry.path] = "not a regular file"
         elif info.st_size != entry.size:
-            problems.append(f"{entry.path}: size {info.st_size}, expected {entry.size}")
+            problems[entry.path] = f"size {info.st_size}, expected {entry.size}"
         elif full and hash_file(path) != entry.sha256:
-            problems.append(f"{entry.path}: sha256 mismatch")
+            problems[entry.path] = "sha256 mismatch"
     return problems
+
+
+def describe_problems(problems: dict[str, str]) -> list[str]:
+    return [f"{path}: {why}" for path, why in problems.items()]
 
 
 def hash_file(path: Path) -> str:
@@ -518,6 +594,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_read_only(tree: Path) -> None:
+    """Published files are read-only (0444): a server or a shell cannot rewrite them by accident. Directories
+    stay writable by their owner, so gc and repair can still move and delete whole revisions."""
+    for dirpath, _, filenames in os.walk(tree):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            if mode & 0o222:
+                os.chmod(path, mode & ~0o222)
+
+
 def _fsync_tree(tree: Path) -> None:
     for dirpath, _, _ in os.walk(tree):
         _fsync_dir(Path(dirpath))
@@ -529,6 +616,7 @@ class ReuseIndex:
     def __init__(self) -> None:
         self.by_sha256: dict[tuple[str, int], Path] = {}
         self.by_identity: dict[tuple[str, int, str], tuple[Path, ManifestEntry]] = {}
+        self.hashed: set[Path] = set()  # files whose sha256 this run already checked: never hashed twice
 
     @classmethod
     def build(cls, volume: ModelVolume, exclude: str) -> ReuseIndex:
@@ -543,9 +631,11 @@ class ReuseIndex:
             index.add(volume.revision_dir(revision), manifest.files)
         return index
 
-    def add(self, directory: Path, entries: Iterable[ManifestEntry]) -> None:
+    def add(self, directory: Path, entries: Iterable[ManifestEntry], hashed: bool = False) -> None:
         for entry in entries:
             self.by_sha256[(entry.sha256, entry.size)] = directory / entry.path
+            if hashed:
+                self.hashed.add(directory / entry.path)
             if entry.etag and entry.evidence is not None:
                 self.by_identity[(entry.path, entry.size, entry.etag)] = (directory / entry.path, entry)
 
@@ -571,7 +661,7 @@ class ReuseIndex:
             info = os.lstat(source_path)
             if not stat.S_ISREG(info.st_mode) or info.st_size != remote.size:
                 return None
-            if full and hash_file(source_path) != verified.sha256:
+            if full and source_path not in self.hashed and hash_file(source_path) != verified.sha256:
                 return None
             parent, _, name = remote.path.rpartition("/")
             target = (safe_makedirs(tree, parent) if parent else tree) / name

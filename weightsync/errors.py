@@ -49,6 +49,18 @@ class NetworkError(WeightsyncError):
     exit_code = 7
 
 
+class CommandNotExecutableError(WeightsyncError):
+    """`run`: the server command exists but cannot be executed (as shells and tini report it)."""
+
+    exit_code = 126
+
+
+class CommandNotFoundError(WeightsyncError):
+    """`run`: the server command is not on PATH or not at the path given."""
+
+    exit_code = 127
+
+
 class TransientError(Exception):
     """A failure worth retrying (connection reset, short read, 5xx, throttling).
 

@@ -20,26 +20,54 @@ import contextlib
 import logging
 import os
 import shutil
-import stat
 import time
 from pathlib import Path
 
 from weightsync.errors import UsageError
-from weightsync.layout import SAFE_NAME, ModelVolume
+from weightsync.layout import SAFE_NAME, ModelVolume, is_real_dir, model_names
 from weightsync.locking import describe_holder, try_lock
 from weightsync.manifest import Manifest, ManifestError
-from weightsync.progress import human_bytes
+from weightsync.progress import event, human_bytes
 
 log = logging.getLogger("weightsync")
 
 
-def _size(path: Path) -> int:
-    total = 0
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
+class _Freed:
+    """The disk space removals really give back.
+
+    Revisions share unchanged files as hardlinks, so deleting a path frees its blocks only once the last
+    link to its inode is gone: an inode counts when this gc has removed as many links as it had.
+    """
+
+    def __init__(self) -> None:
+        self.links: dict[tuple[int, int], tuple[int, int, int]] = {}  # inode -> (links, links removed, bytes)
+        self.total = 0
+
+    def note(self, path: str) -> int:
+        """Account for one path about to be removed; return the bytes that frees now."""
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return 0
+        used = info.st_blocks * 512
+        if info.st_nlink <= 1:
+            self.total += used
+            return used
+        key = (info.st_dev, info.st_ino)
+        links, removed, _ = self.links.get(key, (info.st_nlink, 0, used))
+        removed += 1
+        self.links[key] = (links, removed, used)
+        if removed < links:
+            return 0
+        self.total += used
+        return used
+
+    def tree(self, path: Path) -> int:
+        freed = 0
+        for dirpath, _, filenames in os.walk(path):
+            for name in filenames:
+                freed += self.note(os.path.join(dirpath, name))
+        return freed
 
 
 def _newest_mtime(path: Path) -> float:
@@ -51,28 +79,19 @@ def _newest_mtime(path: Path) -> float:
     return newest
 
 
-def _is_real_dir(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
 def _models(dest: Path, name: str | None) -> list[str]:
     if name:
         if not SAFE_NAME.match(name):
             raise UsageError(f"--name {name!r} must be one directory name of letters, digits, '.', '_' or '-'")
-        return [name] if _is_real_dir(dest / name) else []
-    return sorted(p.name for p in dest.iterdir()
-                  if SAFE_NAME.match(p.name) and _is_real_dir(p)
-                  and (_is_real_dir(p / "revisions") or _is_real_dir(p / ".staging")))
+        return [name] if is_real_dir(dest / name) else []
+    return model_names(dest)
 
 
 def _referenced(volume: ModelVolume) -> dict[str, str]:
     """revision -> why it must stay (current, or the refs that name it)."""
     reasons: dict[str, str] = {}
     refs = volume.root / "refs"
-    if _is_real_dir(refs):
+    if is_real_dir(refs):
         for entry in sorted(refs.iterdir()):
             revision = volume.read_ref(entry.name) if entry.is_file() and not entry.is_symlink() else None
             if revision:
@@ -96,17 +115,17 @@ def _age_key(volume: ModelVolume, revision: str) -> float:
 def collect(dest: Path, keep: int, staging_older_than: float, name: str | None = None, lock_mode: str = "auto",
             lease_timeout: float = 60.0) -> int:
     dest = dest.absolute()
-    if not _is_real_dir(dest):
+    if not is_real_dir(dest):
         raise UsageError(f"--dest {dest} is not a directory")
-    freed = removed = 0
+    freed, removed = _Freed(), 0
     for model in _models(dest, name):
         volume = ModelVolume(dest, model)
         trash = volume.root / ".trash"
-        if _is_real_dir(trash):
+        if is_real_dir(trash):
             for leftover in trash.iterdir():
-                freed += _remove(leftover)
+                _remove(leftover, freed)
         revisions_dir = volume.root / "revisions"
-        if _is_real_dir(revisions_dir):
+        if is_real_dir(revisions_dir):
             for entry in revisions_dir.iterdir():
                 if entry.is_symlink():  # not something weightsync makes: drop the link, never its target
                     log.warning("gc: removing symlink %s planted in the revisions directory", entry)
@@ -119,11 +138,10 @@ def collect(dest: Path, keep: int, staging_older_than: float, name: str | None =
                 elif index < keep:
                     log.info("gc: keeping %s revision %s (one of the %d newest)", model, revision, keep)
                 else:
-                    size = _remove_revision(volume, revision, lock_mode, lease_timeout)
-                    if size is not None:
-                        freed, removed = freed + size, removed + 1
+                    if _remove_revision(volume, revision, lock_mode, lease_timeout, freed):
+                        removed += 1
         staging = volume.root / ".staging"
-        if _is_real_dir(staging):
+        if is_real_dir(staging):
             now = time.time()
             for entry in sorted(staging.iterdir()):
                 if entry.is_symlink() or not entry.is_dir():
@@ -138,41 +156,43 @@ def collect(dest: Path, keep: int, staging_older_than: float, name: str | None =
                         log.info("gc: keeping staging %s of %s: in use by %s", entry.name, model,
                                  describe_holder(volume.lock_path(entry.name)))
                         continue
-                    size = _remove(entry)
-                    freed += size
+                    size = _remove(entry, freed)
                     log.info("gc: removed abandoned staging %s of %s (%s, untouched for %.0fs)", entry.name, model,
                              human_bytes(size), age)
-    log.info("gc: removed %d revisions, freed %s on %s", removed, human_bytes(freed), dest)
+    event("gc", "gc: removed %d revisions, freed %s on %s (files still linked from kept revisions count as not "
+          "freed)", removed, human_bytes(freed.total), dest, revisions_removed=removed, bytes_freed=freed.total,
+          dest=str(dest))
     return 0
 
 
-def _remove_revision(volume: ModelVolume, revision: str, lock_mode: str, lease_timeout: float) -> int | None:
+def _remove_revision(volume: ModelVolume, revision: str, lock_mode: str, lease_timeout: float,
+                     freed: _Freed) -> bool:
     lock = volume.lock_path(revision)
     with try_lock(lock, lock_mode, lease_timeout) as taken:
         if not taken:
             log.info("gc: keeping %s revision %s: in use by %s", volume.name, revision, describe_holder(lock))
-            return None
+            return False
         directory = volume.revision_dir(revision)
         aside = volume.ensure(".trash") / f"{revision}.gc.{os.getpid()}"
         os.rename(directory, aside)
         if volume.current_revision() == revision:  # a warm start flipped `current` to it meanwhile
             os.rename(aside, directory)
             log.info("gc: keeping %s revision %s (it just became current)", volume.name, revision)
-            return None
+            return False
         for suffix in (".json", ".verified"):
             (volume.root / "manifests" / f"{revision}{suffix}").unlink(missing_ok=True)
-        size = _remove(aside)
-        log.info("gc: removed %s revision %s (%s)", volume.name, revision, human_bytes(size))
+        size = _remove(aside, freed)
+        log.info("gc: removed %s revision %s (freed %s)", volume.name, revision, human_bytes(size))
         print(directory, flush=True)
-        return size
+        return True
 
 
-def _remove(path: Path) -> int:
-    """Delete a file or tree without following symlinks; return the bytes it held."""
+def _remove(path: Path, freed: _Freed) -> int:
+    """Delete a file or tree without following symlinks; return the bytes that freed."""
     if path.is_symlink() or not path.is_dir():
-        size = os.lstat(path).st_size if path.is_file() and not path.is_symlink() else 0
+        size = freed.note(str(path))
         path.unlink(missing_ok=True)
         return size
-    size = _size(path)
+    size = freed.tree(path)
     shutil.rmtree(path, ignore_errors=True)
     return size

@@ -2,26 +2,57 @@
 
 os.execvpe keeps the PID, so the server receives signals (SIGTERM from the kubelet
 or `docker stop`) directly and weightsync costs nothing once the server runs.
+The command is looked up before the sync (`check_command`), so a typo fails in
+a second instead of after a cold download; exec failures keep the shell's codes
+(127 not found, 126 not executable).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shlex
 from pathlib import Path
 
-from weightsync.errors import UsageError, WeightsyncError
+from weightsync.errors import CommandNotExecutableError, CommandNotFoundError, UsageError, WeightsyncError
 from weightsync.progress import event
 
 PLACEHOLDER = "{MODEL_DIR}"
+MISSING_COMMAND = ("run needs the server command after `--`, e.g. "
+                   "`weightsync run --source ... --dest ... -- python -m server`")
+
+
+def check_command(command: list[str]) -> None:
+    """Refuse a server command that cannot start, before anything is downloaded.
+
+    A program that names {MODEL_DIR} (a script shipped with the model) can only be checked after the sync.
+    """
+    if not command:
+        raise UsageError(MISSING_COMMAND)
+    program = command[0]
+    if PLACEHOLDER in program:
+        return
+    if "/" in program:
+        candidates = [Path(program)]
+    else:
+        candidates = [Path(directory or ".", program) for directory in os.environ.get("PATH", os.defpath).split(":")]
+    found = [path for path in candidates if path.is_file()]
+    if any(os.access(path, os.X_OK) for path in found):
+        return
+    if found:
+        raise CommandNotExecutableError(f"cannot run {program!r}: {found[0]} is not executable; chmod +x it, or "
+                                        "start it through its interpreter (`-- python script.py`)")
+    if "/" in program:
+        raise CommandNotFoundError(f"cannot run {program!r}: no such file; check the command after `--`")
+    raise CommandNotFoundError(f"cannot run {program!r}: command not found on PATH; check the command after `--`"
+                               " (or give its full path)")
 
 
 def server_command(command: list[str], model_dir: Path) -> tuple[list[str], dict[str, str]]:
     """The argv (with {MODEL_DIR} substituted) and environment the server starts with."""
     if not command:
-        raise UsageError("run needs the server command after `--`, e.g. "
-                         "`weightsync run --source ... --dest ... -- python -m server`")
+        raise UsageError(MISSING_COMMAND)
     argv = [arg.replace(PLACEHOLDER, str(model_dir)) for arg in command]
     env = dict(os.environ)
     env["MODEL_DIR"] = str(model_dir)
@@ -37,8 +68,12 @@ def exec_server(command: list[str], model_dir: Path) -> None:
     try:
         os.execvpe(argv[0], argv, env)
     except FileNotFoundError as exc:
-        raise UsageError(f"cannot run {argv[0]!r}: command not found; check the command after `--`") from exc
+        raise CommandNotFoundError(f"cannot run {argv[0]!r}: command not found; check the command after `--`"
+                                   ) from exc
     except PermissionError as exc:
-        raise UsageError(f"cannot run {argv[0]!r}: permission denied") from exc
+        raise CommandNotExecutableError(f"cannot run {argv[0]!r}: permission denied") from exc
     except OSError as exc:
+        if exc.errno == errno.ENOEXEC:
+            raise CommandNotExecutableError(f"cannot run {argv[0]!r}: not an executable format (a script "
+                                            "without a #! line?)") from exc
         raise WeightsyncError(f"cannot run {argv[0]!r}: {exc.strerror}") from exc

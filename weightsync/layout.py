@@ -85,6 +85,24 @@ def safe_makedirs(base: Path, relative: str) -> Path:
     return current
 
 
+def is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def model_names(dest: Path) -> list[str]:
+    """The models on a volume: real directories (no symlink) holding revisions or staging."""
+    try:
+        children = sorted(dest.iterdir())
+    except OSError:
+        return []
+    return [child.name for child in children
+            if SAFE_NAME.match(child.name) and is_real_dir(child)
+            and (is_real_dir(child / "revisions") or is_real_dir(child / ".staging"))]
+
+
 class ModelVolume:
     """Paths and atomic operations for one model (one --name) on the volume."""
 

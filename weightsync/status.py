@@ -15,7 +15,7 @@ from typing import Any
 
 from weightsync.checksums import describe_tally, tally
 from weightsync.errors import SourceError
-from weightsync.layout import ModelVolume
+from weightsync.layout import ModelVolume, model_names
 from weightsync.manifest import Manifest, ManifestError
 from weightsync.progress import human_bytes, human_duration
 
@@ -86,13 +86,11 @@ def volume_status(dest: Path) -> dict[str, Any]:
     if not dest.is_dir():
         raise SourceError(f"--dest {dest} does not exist or is not a directory")
     models = []
-    for child in sorted(dest.iterdir()):
-        is_model = (child / "revisions").is_dir() or (child / ".staging").is_dir()
-        if child.is_dir() and not child.is_symlink() and is_model:
-            try:
-                models.append(model_status(ModelVolume(dest, child.name)))
-            except Exception as exc:  # one odd directory must not hide the others
-                models.append({"name": child.name, "problem": str(exc)})
+    for name in model_names(dest):
+        try:
+            models.append(model_status(ModelVolume(dest, name)))
+        except Exception as exc:  # one odd directory must not hide the others
+            models.append({"name": name, "problem": str(exc)})
     return {"dest": str(dest.absolute()), "models": models}
 
 

@@ -4,9 +4,12 @@ with several value sets, each validated with `kubernetes-validate --strict`, sca
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +102,53 @@ def assert_hardened(docs: list[dict[str, Any]]) -> None:
             assert ":latest" not in container["image"] and ":" in container["image"], label
 
 
+def assert_no_service_links(docs: list[dict[str, Any]]) -> None:
+    """Kubernetes puts <SERVICE>_SERVICE_HOST, <SERVICE>_PORT... of every Service in the namespace into each
+    container unless the pod opts out: a Service named weightsync... would hand the agent WEIGHTSYNC_*
+    variables, one named vllm would set VLLM_PORT for vLLM."""
+    specs = pod_specs(docs)
+    assert specs
+    for where, spec in specs:
+        assert spec.get("enableServiceLinks") is False, where
+
+
+@functools.cache
+def weightsync_variables() -> frozenset[str]:
+    """The WEIGHTSYNC_* variables `weightsync sync --help` lists: the agent refuses any other."""
+    result = subprocess.run([sys.executable, "-m", "weightsync", "sync", "--help"], text=True,
+                            capture_output=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    names = frozenset(re.findall(r"\[env\s+(WEIGHTSYNC_[A-Z0-9_]+)\]", result.stdout))
+    assert {"WEIGHTSYNC_SOURCE", "WEIGHTSYNC_NAME", "WEIGHTSYNC_DEST"} <= names
+    return names
+
+
+def assert_weightsync_variables_are_options(docs: list[dict[str, Any]]) -> None:
+    used = {key for d in docs if d["kind"] == "ConfigMap" for key in d.get("data", {})}
+    for _, spec in pod_specs(docs):
+        for item in spec.get("initContainers", []) + spec["containers"]:
+            used.update(var["name"] for var in item.get("env", []))
+    unknown = {name for name in used if name.startswith("WEIGHTSYNC_")} - weightsync_variables()
+    assert not unknown, f"not options of weightsync sync: {sorted(unknown)}"
+
+
+def resolved_env(item: dict[str, Any], docs: list[dict[str, Any]]) -> dict[str, str]:
+    """A container's env as Kubernetes resolves it: configMapKeyRef from the rendered ConfigMaps, then
+    $(VAR) references to variables defined earlier in the list."""
+    configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    env: dict[str, str] = {}
+    for var in item.get("env", []):
+        if "valueFrom" in var:
+            ref = var["valueFrom"]["configMapKeyRef"]
+            env[var["name"]] = configmaps[ref["name"]][ref["key"]]
+        else:
+            value = var.get("value", "")
+            for name, known in env.items():
+                value = value.replace(f"$({name})", known)
+            env[var["name"]] = value
+    return env
+
+
 def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
     for doc in docs:
         if doc["kind"] == kind and (name is None or doc["metadata"]["name"] == name):
@@ -122,6 +172,8 @@ def test_kustomize_overlay_is_valid_hardened_and_scanner_clean(overlay: str, tmp
     assert trivy_high(manifests, tmp_path, overlay) == []
     docs = documents(manifests)
     assert_hardened(docs)
+    assert_no_service_links(docs)
+    assert_weightsync_variables_are_options(docs)
     for doc in docs:
         if doc["kind"] != "Namespace":
             assert doc["metadata"].get("namespace") == "weightsync", f"{doc['kind']}/{doc['metadata']['name']}"
@@ -129,7 +181,16 @@ def test_kustomize_overlay_is_valid_hardened_and_scanner_clean(overlay: str, tmp
     spec = find(docs, "Deployment", "example-server")["spec"]["template"]["spec"]
     server = container(spec, "server")
     assert {"mountPath": "/models", "name": "models", "readOnly": True} in server["volumeMounts"]
-    assert {"name": "MODEL_DIR", "value": "/models/tiny-mlp/current"} in server["env"]
+    # The model name is set once, in the ConfigMap; every pod derives its MODEL_DIR from it.
+    config = find(docs, "ConfigMap")["data"]
+    assert config["WEIGHTSYNC_NAME"] == "tiny-mlp"
+    assert resolved_env(server, docs)["MODEL_DIR"] == "/models/tiny-mlp/current"
+    for where, pod in pod_specs(docs):
+        assert "tiny-mlp" not in yaml.safe_dump(pod), f"{where} names the model itself"
+        for item in pod.get("initContainers", []):
+            if item["name"] == "wait-for-model":
+                assert resolved_env(item, docs)["MODEL_DIR"] == "/models/tiny-mlp/current", where
+                assert "$MODEL_DIR" in item["args"][0], where
 
     if overlay in {"cpu", "gpu", "sidecar"}:
         agent = container(spec, "weightsync")
@@ -174,7 +235,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "persistence": {"existingClaim": "shared-models", "accessMode": "ReadWriteMany"},
         "weightsync": {
             "source": "hf://org/model@main", "lockfile": '{"version": 1}\n', "offline": False,
-            "requireChecksum": True,
+            "requireChecksum": True, "rebind": True,
             "hf": {"endpoint": "https://hf-mirror.internal"}, "extraArgs": ["--debug"],
         },
         "credentials": {"existingSecret": "hf-token"},
@@ -188,7 +249,27 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metrics": {"textfile": {"enabled": True}},
         "tests": {"enabled": False},
     },
+    # A server of one's own: its command and args as given, its probes, volumes for it and the agent.
+    "custom-server-gpu-probes-volumes": {
+        "server": {
+            "image": {"repository": "registry.example.com/my-server", "tag": "1.2.3"},
+            "command": ["/usr/bin/my-server"], "args": ["--model", "$(MODEL_DIR)", "--listen", ":$(PORT)"],
+            "port": 9000, "healthPath": "/ready",
+            "startupProbe": {"periodSeconds": 10, "failureThreshold": 360},
+            "readinessProbe": None,
+            "livenessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 30},
+            "extraVolumeMounts": [{"name": "cache", "mountPath": "/var/cache/my-server"}],
+        },
+        "weightsync": {"extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ssl/custom", "readOnly": True}],
+                       "extraEnv": [{"name": "AWS_CA_BUNDLE", "value": "/etc/ssl/custom/ca.crt"}]},
+        "extraVolumes": [{"name": "cache", "emptyDir": {"sizeLimit": "5Gi"}},
+                         {"name": "ca", "configMap": {"name": "corporate-ca"}}],
+        "gpu": {"enabled": True},
+    },
+    # The example values file for vLLM, as a user passes it with -f.
+    "vllm": yaml.safe_load((CHART / "values-vllm.yaml").read_text()),
 }
+CHART_DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +309,8 @@ def test_helm_rendering_is_valid_hardened_and_scanner_clean(helm, value_set: str
     validate(core, tmp_path, value_set)
     assert trivy_high(manifests, tmp_path, value_set) == []
     assert_hardened(docs)
+    assert_no_service_links(docs)
+    assert_weightsync_variables_are_options(docs)
     assert "helm test" in extra["NOTES"] or not values.get("tests", {}).get("enabled", True)
 
     spec = find(docs, "Deployment")["spec"]["template"]["spec"]
@@ -237,18 +320,79 @@ def test_helm_rendering_is_valid_hardened_and_scanner_clean(helm, value_set: str
     assert agent["args"][0] == ("serve" if mode == "sidecar" else "sync")
     assert (agent.get("restartPolicy") == "Always") == (mode == "sidecar")
     assert {"mountPath": "/models", "name": "models", "readOnly": True} in server["volumeMounts"]
+    # The server runs exactly the command and args of the values: the chart injects nothing (gpu.enabled
+    # included), and Kubernetes is the one to expand $(MODEL_DIR) from the env the chart sets.
+    given = {**CHART_DEFAULTS["server"], **values.get("server", {})}
+    assert server.get("command", []) == given["command"] and server.get("args", []) == given["args"]
+    name = values.get("weightsync", {}).get("name", CHART_DEFAULTS["weightsync"]["name"])
+    env = resolved_env(server, docs)
+    assert env["MODEL_DIR"] == f"/models/{name}/current" and env["MODEL_NAME"] == name
+    assert env["PORT"] == str(given["port"])
+    # A startupProbe holds liveness back while the model loads.
+    assert server["startupProbe"]["failureThreshold"] * server["startupProbe"]["periodSeconds"] >= 300
+    tests_pods = [d for d in docs if d["kind"] == "Pod"]
+    if values.get("tests", {}).get("enabled", True):
+        (test_pod,) = tests_pods
+        assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+        requests = json.loads(test_pod["spec"]["containers"][0]["args"][1])
+        if values.get("tests", {}).get("requests"):
+            assert requests == values["tests"]["requests"]
+        elif given["image"]["repository"].endswith("weightsync-example"):  # the chart's pick for its own example
+            assert [(r["method"], r["path"]) for r in requests] == [("GET", given["healthPath"]),
+                                                                    ("POST", "/v1/predict")]
+        else:  # a custom server without requests of its own: only its health path
+            assert requests == [{"method": "GET", "path": given["healthPath"]}]
+    else:
+        assert not tests_pods
     if value_set == "defaults":
         assert find(docs, "PersistentVolumeClaim")["metadata"]["name"] == claim
-        test_pod = find(docs, "Pod")
-        assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+        assert "args" not in server
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert server[probe]["httpGet"] == {"path": "/healthz", "port": "http"}, probe
+        assert [r["path"] for r in requests] == ["/healthz", "/v1/predict"]
     if value_set == "sidecar-gpu-servicemonitor":
         assert crds and crds[0]["kind"] == "ServiceMonitor"
         assert server["resources"]["limits"]["nvidia.com/gpu"] == 1 and "--require-gpu" in agent["args"]
         assert agent["startupProbe"]["httpGet"]["path"] == "/readyz"
+        assert "args" not in server  # no --device cuda of the chart's making
+    if value_set == "custom-server-gpu-probes-volumes":
+        assert server["command"] == ["/usr/bin/my-server"]
+        assert server["args"] == ["--model", "$(MODEL_DIR)", "--listen", ":$(PORT)"]
+        assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert server["startupProbe"] == {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 10,
+                                          "failureThreshold": 360}
+        assert "readinessProbe" not in server
+        # Helm merges a probe of the values into the default one: the default's failureThreshold stays.
+        assert server["livenessProbe"] == {"tcpSocket": {"port": "http"}, "periodSeconds": 30, "failureThreshold": 3}
+        assert {"name": "cache", "mountPath": "/var/cache/my-server"} in server["volumeMounts"]
+        assert {"name": "ca", "mountPath": "/etc/ssl/custom", "readOnly": True} in agent["volumeMounts"]
+        assert {"name": "ca", "configMap": {"name": "corporate-ca"}} in spec["volumes"]
+        assert requests == [{"method": "GET", "path": "/ready"}], "a custom server is not sent the example's predict"
+    if value_set == "vllm":
+        assert server["image"].startswith("vllm/vllm-openai:v") and server["command"] == ["vllm", "serve"]
+        assert server["args"][0] == "$(MODEL_DIR)" and "--served-model-name=$(MODEL_NAME)" in server["args"]
+        assert "--device" not in " ".join(server["args"])
+        assert server["ports"] == [{"name": "http", "containerPort": 8000}]
+        assert server["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+        assert server["startupProbe"]["failureThreshold"] * server["startupProbe"]["periodSeconds"] >= 1800
+        assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        # A read-only root filesystem, and a writable HOME for vLLM's caches.
+        assert server["securityContext"]["readOnlyRootFilesystem"] is True
+        assert "emptyDir" in volumes[mounts[env["HOME"]]] and env["HF_HUB_OFFLINE"] == "1"
+        # The HF token reaches the agent only.
+        assert agent["envFrom"] == [{"secretRef": {"name": "hf-token"}}] and "envFrom" not in server
+        assert values["weightsync"]["source"].startswith("hf://")
+        assert [(r.get("method", "GET"), r["path"]) for r in requests] == [
+            ("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/completions")]
+        assert "$(MODEL_NAME)" in requests[2]["body"]
+        assert {"name": "MODEL_NAME", "value": name} in test_pod["spec"]["containers"][0]["env"]
     if value_set == "rwx-existing-claim-lockfile-push":
         assert claim == "shared-models" and not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
         assert "--lockfile=/etc/weightsync/weightsync.lock" in agent["args"]
-        assert "--require-checksum" in agent["args"]
+        assert "--require-checksum" in agent["args"] and "--rebind" in agent["args"]
         assert any(a.startswith("--pushgateway=") for a in agent["args"])
         assert agent["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
         assert "strategy" not in find(docs, "Deployment")["spec"]  # RWX: rolling updates are fine
@@ -264,6 +408,16 @@ def test_helm_rejects_inconsistent_values(helm) -> None:
             chart.validate_schema({"weightsync": {"mode": "daemon"}})
         with pytest.raises(helm.HelmError):
             chart.validate_schema({"persistence": {"accessMode": "ReadWriteAlways"}})
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema({"server": {"startupProbe": {"periodSecond": 10}}})
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema({"server": {"extraVolumeMounts": [{"name": "dshm"}]}})
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema({"extraVolumes": [{"emptyDir": {}}]})
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema({"tests": {"requests": [{"method": "GET", "path": "health"}]}})
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema({"tests": {"predictBody": "{}"}})
         with pytest.raises(helm.HelmError, match="sidecar"):
             chart.render(values={"metrics": {"serviceMonitor": {"enabled": True}}}, name="demo")
         with pytest.raises(helm.HelmError, match="ReadWriteMany"):

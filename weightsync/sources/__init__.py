@@ -160,6 +160,10 @@ def slugify(*parts: str) -> str:
     return text[:200] or "model"
 
 
+# `s3:/bucket`, `s3:bucket`, `hf:/owner/name`, `S3://...`: a scheme typed wrong, not a folder.
+NEAR_MISS = re.compile(r"^(s3|hf|gs|az|file|https?):/?(?!/)(.+)$", re.IGNORECASE)
+
+
 def open_source(uri: str, *, addressing_style: str = "auto", stall_timeout: float = 60.0,
                 concurrency: int = 8, offline: bool = False) -> Source:
     """Pick the backend from the URI scheme: s3://, hf://, file:// or a plain path."""
@@ -172,6 +176,11 @@ def open_source(uri: str, *, addressing_style: str = "auto", stall_timeout: floa
         from weightsync.sources.hf import HubSource
 
         return HubSource.from_uri(uri, stall_timeout=stall_timeout, offline=offline)
+    near_miss = NEAR_MISS.match(uri)
+    if near_miss:
+        scheme, rest = near_miss.group(1).lower(), near_miss.group(2)
+        raise UsageError(f"--source {uri!r} looks like a {scheme}:// URI with a slash missing; did you mean "
+                         f"{scheme}://{rest}?")
     if uri.startswith("file://") or "://" not in uri:
         from weightsync.sources.file import FileSource
 

@@ -7,13 +7,18 @@ verified and published like any other. The revision is a digest of the listing
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from weightsync.errors import SourceError, UsageError
 from weightsync.sources import LISTING_DIGEST, RemoteFile, Selection, Snapshot, listing_digest, slugify
+
+# `owner/name`: what a Hub repo id or a bucket/prefix looks like when its scheme was forgotten.
+REPO_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class _FileRange:
@@ -39,6 +44,7 @@ class _FileRange:
 @dataclass
 class FileSource:
     root: Path
+    given: str = ""  # --source as typed, for hints
     kind: str = "file"
     default_ref: str | None = None
 
@@ -51,7 +57,7 @@ class FileSource:
             path = Path(unquote(parsed.path))
         else:
             path = Path(uri)
-        return cls(root=path.expanduser().absolute())
+        return cls(root=path.expanduser().absolute(), given=uri)
 
     @property
     def uri(self) -> str:
@@ -59,7 +65,8 @@ class FileSource:
 
     @property
     def default_name(self) -> str:
-        return slugify("file", self.root.name)
+        """`file--<folder>-<8 hex of its absolute path>`: two folders called `m` are two models."""
+        return f"{slugify('file', self.root.name)}-{hashlib.sha256(str(self.root).encode()).hexdigest()[:8]}"
 
     def pinned_revision(self, revision: str | None) -> str | None:
         if revision and LISTING_DIGEST.match(revision):
@@ -71,8 +78,11 @@ class FileSource:
 
     def snapshot(self, revision: str | None, selection: Selection) -> Snapshot:
         if not self.root.is_dir():
-            raise SourceError(f"source folder {self.root} does not exist or is not a directory; "
-                              "check --source")
+            hint = "check --source"
+            if REPO_SHAPE.match(self.given):
+                hint = (f"for the Hugging Face Hub write hf://{self.given}, for S3 s3://{self.given}; a folder "
+                        "needs a path that exists (./name or /abs/path)")
+            raise SourceError(f"source folder {self.root} does not exist or is not a directory; {hint}")
         files: list[RemoteFile] = []
         for dirpath, dirnames, filenames in os.walk(self.root, onerror=self._walk_error):
             dirnames.sort()

@@ -29,6 +29,32 @@ from weightsync.sources import ErrorTranslator, RemoteFile, Selection, Snapshot,
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$|^[A-Za-z0-9][A-Za-z0-9._-]*$")
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+# git check-ref-format's rules, which every Hub branch and tag obeys: no space, control character, ~ ^ : ? * [ \,
+# no `..` or `@{`, no empty, leading or trailing component, no component that starts with `.` or ends in `.lock`.
+_BAD_REF_CHARACTER = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def ref_problem(ref: str) -> str | None:
+    """Why `ref` cannot name a branch, tag or commit on the Hub (None if it can)."""
+    if not ref:
+        return "is empty"
+    if _BAD_REF_CHARACTER.search(ref):
+        return "contains a space, a control character or one of ~ ^ : ? * [ \\"
+    if ".." in ref or "@{" in ref or ref == "@":
+        return "contains '..' or '@{'"
+    if any(not part or part.startswith(".") or part.endswith(".lock") for part in ref.split("/")):
+        return "has an empty component, one starting with '.', or one ending in '.lock'"
+    if ref.endswith("."):
+        return "ends with '.'"
+    return None
+
+
+def _checked_ref(ref: str, origin: str) -> str:
+    problem = ref_problem(ref)
+    if problem:
+        raise UsageError(f"{origin} {ref!r} cannot be a Hub branch, tag or commit: it {problem}; use a branch "
+                         "(main), a tag (v1.0) or a 40-hex commit id")
+    return ref
 
 
 def _hub() -> Any:
@@ -63,6 +89,8 @@ class HubSource:
         if not REPO_ID.match(repo_id):
             raise UsageError(f"--source {uri!r} is not a Hub repo; use hf://owner/name[@revision] "
                              "or hf://datasets/owner/name")
+        if revision:
+            _checked_ref(revision, f"the revision in --source {uri!r}:")
         return cls(repo_id=repo_id, repo_type=repo_type, uri_revision=revision or None,
                    stall_timeout=stall_timeout, offline=offline)
 
@@ -79,6 +107,8 @@ class HubSource:
         return self.uri_revision or "main"
 
     def pinned_revision(self, revision: str | None) -> str | None:
+        if revision:
+            _checked_ref(revision, "--revision")
         wanted = revision or self.uri_revision
         return wanted if wanted and COMMIT.match(wanted) else None
 

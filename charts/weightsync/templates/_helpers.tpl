@@ -56,6 +56,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s/%s/current" (trimSuffix "/" .Values.persistence.mountPath) .Values.weightsync.name }}
 {{- end }}
 
+{{/* A server probe from values: the Probe as given, or with no handler an HTTP GET of server.healthPath on the http port. */}}
+{{- define "weightsync.serverProbe" -}}
+{{- $probe := deepCopy .probe -}}
+{{- if not (or $probe.httpGet $probe.tcpSocket $probe.exec $probe.grpc) -}}
+{{- $_ := set $probe "httpGet" (dict "path" .healthPath "port" "http") -}}
+{{- end -}}
+{{- toYaml $probe -}}
+{{- end }}
+
 {{- define "weightsync.image" -}}
 {{- printf "%s:%s" .repository (toString .tag) }}
 {{- end }}
@@ -87,6 +96,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     - --verify={{ $w.verify }}
     {{- if $w.requireChecksum }}
     - --require-checksum
+    {{- end }}
+    {{- if $w.rebind }}
+    - --rebind
     {{- end }}
     - --concurrency={{ $w.concurrency }}
     - --lock-timeout={{ $w.lockTimeout }}
@@ -167,9 +179,28 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     - name: metrics-textfile
       mountPath: /var/lib/weightsync-metrics
     {{- end }}
+    {{- with $w.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   resources:
     {{- toYaml $w.resources | nindent 4 }}
   terminationMessagePolicy: FallbackToLogsOnError
   securityContext:
     {{- toYaml .Values.securityContext | nindent 4 }}
 {{- end }}
+
+{{/*
+The requests `helm test` sends, as JSON: tests.requests, or what fits the configured server (its health path,
+and the example server's one prediction when the server is the example image).
+*/}}
+{{- define "weightsync.testRequests" -}}
+{{- $requests := .Values.tests.requests -}}
+{{- if not $requests -}}
+{{- $requests = list (dict "method" "GET" "path" .Values.server.healthPath) -}}
+{{- if hasSuffix "weightsync-example" .Values.server.image.repository -}}
+{{- $requests = append $requests (dict "method" "POST" "path" "/v1/predict" "expectKey" "outputs"
+      "body" "{\"inputs\": [[0.5, -1, 2, 0, 1.5, -0.25, 3, -2]]}") -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $requests -}}
+{{- end -}}
