@@ -288,6 +288,14 @@ def test_verify_on_a_volume_with_several_models_asks_for_a_name(folder_model, tm
     assert weightsync("verify", "--dest", str(dest), "--name", "b", env=clean_env).returncode == 0
 
 
+def test_verify_without_a_source_refuses_filters_it_would_ignore(folder_model, tmp_path, clean_env):
+    dest = tmp_path / "v"
+    published_path(weightsync("sync", "--source", str(folder_model), "--dest", str(dest), env=clean_env))
+    result = weightsync("verify", "--dest", str(dest), "--include", "*.json", env=clean_env)
+    assert result.returncode == 2
+    assert "--include/--exclude only say which model" in error_line(result)
+
+
 # -- 8-13. the CLI teaches -----------------------------------------------------------------------------------
 def test_log_format_and_debug_may_come_before_the_command(folder_model, tmp_path, clean_env):
     result = weightsync("--log-format", "json", "sync", "--source", str(folder_model), "--dest",

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from weightsync.errors import IntegrityError, UsageError
+from weightsync.progress import counted
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
@@ -45,10 +46,10 @@ def safetensors_problems(model_dir: Path) -> tuple[list[str], str]:
             problems.append(f"{path.relative_to(model_dir)}: {problem}")
     if not shards_checked and not indexes:
         return problems, "no safetensors files, nothing to check (only safetensors models are checked)"
-    checked = [f"{len(shards_checked)} safetensors file{'s' if len(shards_checked) != 1 else ''} (header parses, "
+    checked = [f"{counted(len(shards_checked), 'safetensors file')} (header parses, "
                "every tensor's bytes fit the file and match its shape and dtype)"]
     if indexes:
-        checked.append(f"{len(indexes)} index{'es' if len(indexes) != 1 else ''} (every shard it names is present)")
+        checked.append(f"{counted(len(indexes), 'index', 'indexes')} (every shard it names is present)")
     return problems, " and ".join(checked)
 
 
@@ -89,7 +90,8 @@ def check_model(model_dir: Path) -> str:
     problems, checked = safetensors_problems(model_dir)
     if problems:
         raise IntegrityError(f"{model_dir} is not a loadable model: " + "; ".join(problems[:5])
-                             + " — fix the source (or skip this check with --skip-checks)")
+                             + " — fix the source, or the --include/--exclude that left a file out (or skip this "
+                             "check with --skip-checks)")
     return checked
 
 

@@ -13,7 +13,9 @@ import difflib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -21,6 +23,7 @@ from typing import Any, NoReturn
 
 from weightsync import __version__
 from weightsync.errors import UsageError, WeightsyncError
+from weightsync.retry import NO_PROGRESS_TIMEOUT, STALL_TIMEOUT
 
 ENV_PREFIX = "WEIGHTSYNC_"
 TRUE = {"1", "true", "yes", "on"}
@@ -77,7 +80,10 @@ class Option:
 def _int_between(low: int, high: int, what: str = "an integer") -> Callable[[str], int]:
     """A validator for an integer option within [low, high]."""
     def convert(text: str) -> int:
-        value = int(text)
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"must be {what} from {low} to {high}") from None
         if not low <= value <= high:
             raise ValueError(f"must be {what} from {low} to {high}")
         return value
@@ -91,15 +97,22 @@ _keep = _int_between(0, 10000)
 _port = _int_between(1, 65535, "a TCP port")
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+
+
 def _seconds(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 0 <= value < float("inf"):  # also refuses nan and inf
         raise ValueError("must be a finite number of seconds >= 0")
     return value
 
 
 def _timeout(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 0 < value <= 86400:  # also refuses nan and inf
         raise ValueError("must be a number of seconds above 0 and at most 86400")
     return value
@@ -180,7 +193,7 @@ ALL_OPTIONS = {option.flag: option for option in (
     Option("--name", "directory of this model under DEST; one name holds one source and filter set",
            shown_default="derived from the source", group=WHAT),
     Option("--revision", "branch, tag or commit (hf), or a revision id printed by a previous sync (pin)",
-           shown_default="the latest (hf: main)", group=WHAT),
+           shown_default="the latest; main for hf://", group=WHAT),
     Option("--include", "only files matching this glob (repeatable; env: comma-separated)", repeat=True,
            group=WHAT),
     Option("--exclude", "skip files matching this glob (repeatable; env: comma-separated)", repeat=True,
@@ -197,8 +210,11 @@ ALL_OPTIONS = {option.flag: option for option in (
     Option("--offline", "make no network request: use what is already published", switch=True, group=NETWORK),
     Option("--s3-addressing-style", "S3 URL style for S3-compatible servers", default="auto",
            choices=("auto", "path", "virtual"), group=NETWORK),
-    Option("--stall-timeout", "retry a connection that sends nothing for this many seconds", _timeout,
-           default=60.0, group=NETWORK, metavar="SECONDS"),
+    Option("--stall-timeout", "retry, on a fresh connection from where it stopped, a request that receives "
+           "nothing for this many seconds", _timeout, default=STALL_TIMEOUT, group=NETWORK, metavar="SECONDS"),
+    Option("--no-progress-timeout", "exit 7 once no byte has arrived and no request succeeded for this many "
+           "seconds (a dead endpoint ends within this plus one --stall-timeout)", _timeout,
+           default=NO_PROGRESS_TIMEOUT, group=NETWORK, metavar="SECONDS"),
     Option("--retries", "attempts per network request before exit 7", _attempts, default=6, group=NETWORK, metavar="N"),
     Option("--retry-base", "first retry delay in seconds (doubles each retry, full jitter)", _seconds,
            default=0.5, group=NETWORK, metavar="SECONDS"),
@@ -230,7 +246,7 @@ ALL_OPTIONS = {option.flag: option for option in (
            metavar="PATH"),
     Option("--recheck-interval", "seconds between checks for a new revision (0 = never)", _seconds,
            default=300.0, group="serve mode", metavar="SECONDS"),
-    Option("--json", "print JSON instead of a table", switch=True),
+    Option("--json", "print JSON instead of a table", switch=True, group=OUTPUT),
     Option("--keep", "keep the N newest revisions of each model (`current`, refs/ and locked ones are always "
            "kept)", _keep, required=True, group="what to remove", metavar="N"),
     Option("--staging-older-than", "remove abandoned staging untouched for this many seconds", _seconds,
@@ -247,7 +263,8 @@ def _options(*flags: str, **changed: dict[str, Any]) -> tuple[Option, ...]:
 SOURCE_FLAGS = ("--source", "--name", "--revision", "--include", "--exclude", "--s3-addressing-style")
 SYNC_FLAGS = ("--source", "--dest", "--name", "--revision", "--include", "--exclude", "--lockfile", "--rebind",
               "--verify", "--require-checksum", "--concurrency", "--offline", "--s3-addressing-style",
-              "--stall-timeout", "--retries", "--retry-base", "--lock-timeout", "--lock-mode", "--lease-timeout",
+              "--stall-timeout", "--no-progress-timeout", "--retries", "--retry-base", "--lock-timeout",
+              "--lock-mode", "--lease-timeout",
               "--log-format", "--progress-interval", "--termination-log", "--metrics-textfile", "--pushgateway",
               "--debug")
 RUN_DESCRIPTION = """\
@@ -274,8 +291,8 @@ COMMANDS: dict[str, tuple[str, str, tuple[Option, ...]]] = {
                         revision={"help": "the revision to verify", "shown_default": "current"})),
     "lock": ("sync once and print a lockfile pinning the revision and every file's sha256", "",
              _options("--source", "--revision", "--include", "--exclude", "--s3-addressing-style", "--dest",
-                      "--name", "--concurrency", "--stall-timeout", "--require-checksum", "--log-format",
-                      "--debug",
+                      "--name", "--concurrency", "--stall-timeout", "--no-progress-timeout", "--require-checksum",
+                      "--log-format", "--debug",
                       dest={"required": False, "help": "keep the synced model on this volume",
                             "shown_default": "a temporary directory"})),
     "status": ("the models, revisions, staging and lock holders on a volume", "",
@@ -285,6 +302,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[Option, ...]]] = {
                     "--log-format", "--debug",
                     name={"help": "only this model", "shown_default": "every model on DEST"})),
 }
+COMMAND_EPILOG = "Exit codes and the environment: `weightsync --help`."
 EPILOG = """\
 Every option is also an environment variable: --lock-timeout is WEIGHTSYNC_LOCK_TIMEOUT (a flag wins).
 An unknown WEIGHTSYNC_* variable is refused, so a typo never silently does nothing.
@@ -373,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, description, options) in COMMANDS.items():
         usage = f"weightsync {name} [options]" + (" -- COMMAND [ARGS...]" if name == "run" else "")
         _add_options(commands.add_parser(name, help=help_text, description=description or help_text.capitalize(),
-                                         usage=usage), options)
+                                         usage=usage, prog=f"weightsync {name}", epilog=COMMAND_EPILOG), options)
     return parser
 
 
@@ -441,8 +459,26 @@ def _early_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
+class Terminated(BaseException):
+    """SIGTERM (the kubelet deleting or evicting the pod, `docker stop`), raised in the main thread so the
+    sync stops the way Ctrl-C stops it: staging kept for resume, termination message and metrics written,
+    one error line, exit 143 (128 + 15, what a shell reports). `serve` installs its own handler; `run`'s
+    exec hands the signal to the server, whose handlers start from the default again."""
+
+    exit_code = 128 + signal.SIGTERM
+
+    def __str__(self) -> str:
+        return "terminated by SIGTERM; rerun to resume where it stopped"
+
+
+def _raise_terminated(*_: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     command: list[str] = []
     if "--" in argv:
         split = argv.index("--")
@@ -465,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"weightsync: error: {exc}", exc.exit_code, debug, log_format)
     except KeyboardInterrupt:
         return _fail("weightsync: error: interrupted; rerun to resume where it stopped", 130, False, log_format)
+    except Terminated as exc:
+        return _fail(f"weightsync: error: {exc}", exc.exit_code, False, log_format)
     except Exception as exc:
         return _fail(f"weightsync: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for a "
                      "traceback and report it)", 1, debug, log_format)

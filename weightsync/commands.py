@@ -36,7 +36,7 @@ def build_request(values: dict[str, Any], dest: str | None = None) -> Any:
     """A SyncRequest from options; a --lockfile supplies source, revision and filters."""
     from weightsync.engine import SyncRequest
     from weightsync.lockfile import Lockfile
-    from weightsync.retry import RetryPolicy
+    from weightsync.retry import NO_PROGRESS_TIMEOUT, STALL_TIMEOUT, RetryPolicy
     from weightsync.sources import Selection, open_source
 
     lockfile = Lockfile.load(values["lockfile"]) if values.get("lockfile") else None
@@ -61,12 +61,13 @@ def build_request(values: dict[str, Any], dest: str | None = None) -> Any:
         verify=values.get("verify") or "fast", concurrency=values.get("concurrency") or 8,
         lock_timeout=values.get("lock_timeout"), offline=offline,
         addressing_style=values.get("s3_addressing_style") or "auto",
-        stall_timeout=values.get("stall_timeout") or 60.0,
+        stall_timeout=values.get("stall_timeout") or STALL_TIMEOUT,
         progress_interval=values["progress_interval"] if values.get("progress_interval") is not None else 10.0,
         lockfile=lockfile,
         lock_mode=values.get("lock_mode") or "auto", lease_timeout=values.get("lease_timeout") or 60.0,
         require_checksum=bool(values.get("require_checksum")), rebind=bool(values.get("rebind")),
         retry=RetryPolicy(attempts=values.get("retries") or 6,
+                          no_progress_timeout=values.get("no_progress_timeout") or NO_PROGRESS_TIMEOUT,
                           base_delay=values["retry_base"] if values.get("retry_base") is not None else 0.5),
     )
 
@@ -103,7 +104,9 @@ class Reporter:
         if self.metrics:
             self.metrics.record_failure(exc, seconds)
             self.metrics.export(self.options)
-        code = exc.exit_code if isinstance(exc, WeightsyncError) else 1
+        code = getattr(exc, "exit_code", 1)  # a WeightsyncError's, or SIGTERM's 143
+        if isinstance(exc, KeyboardInterrupt):
+            code, exc = 130, Exception("interrupted; rerun to resume where it stopped")
         write_termination_message(self.termination_log, {"result": "error", "exit_code": code,
                                                          "error": f"weightsync: error: {exc}"})
 
@@ -156,15 +159,20 @@ def run_verify(values: dict[str, Any], _: list[str]) -> int:
     from weightsync.engine import Engine
 
     if not values.get("source"):
+        if values.get("include") or values.get("exclude"):
+            raise UsageError("verify re-hashes a whole published revision: --include/--exclude only say which "
+                             "model, together with --source; without --source, name it with --name")
         values = {**values, **_recorded_model(Path(values["dest"]), values.get("name"))}
     engine = Engine(build_request(values))
     directory, problems = engine.verify(values.get("revision"))
     if problems:
         repair = shlex.join(["weightsync", "sync", "--source", engine.source.uri, "--dest", values["dest"],
-                             "--name", engine.volume.name, *_filter_flags(values), "--verify", "full"])
+                             "--name", engine.volume.name, *_filter_flags(values), "--revision",
+                             engine.source_revision_of(directory.name), "--verify", "full"])
         raise IntegrityError(f"{directory} failed verification: " + "; ".join(problems[:5])
                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-                             + f" — repair it (only the damaged files are downloaded again) with `{repair}`")
+                             + f" — repair it (only the damaged files are downloaded again, while the source "
+                             f"still holds that revision) with `{repair}`")
     event("verified", "verified %s: every file matches the sha256 its manifest recorded when it was published",
           directory, path=str(directory))
     print(directory)
@@ -181,8 +189,12 @@ def _recorded_model(dest: Path, name: str | None) -> dict[str, Any]:
     from weightsync.layout import ModelVolume, model_names
     from weightsync.manifest import Manifest, ManifestError
 
+    if not dest.is_dir():
+        raise UsageError(f"--dest {dest} does not exist or is not a directory; point it at the volume")
+    names = model_names(dest)
+    if name is not None and name not in names:
+        raise UsageError(f"--dest {dest} has no model {name!r} (models: {', '.join(names) or 'none'})")
     if name is None:
-        names = model_names(dest)
         if len(names) != 1:
             listed = ", ".join(names) if names else "none"
             raise UsageError(f"--dest {dest} holds {len(names)} models ({listed}); pass --name to say which "

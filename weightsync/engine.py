@@ -31,10 +31,10 @@ from weightsync.checksums import Evidence, Verified, describe_tally, feed_file, 
 from weightsync.errors import DiskSpaceError, IntegrityError, NetworkError, SourceError, UsageError, WeightsyncError
 from weightsync.layout import ModelVolume, check_listing, safe_makedirs
 from weightsync.lockfile import Lockfile
-from weightsync.locking import volume_lock
+from weightsync.locking import Held, volume_lock
 from weightsync.manifest import Manifest, ManifestEntry, ManifestError, write_atomic
-from weightsync.progress import Progress, event, human_bytes, human_duration
-from weightsync.retry import RetryPolicy, call_with_retries
+from weightsync.progress import Progress, counted, event, human_bytes, human_duration
+from weightsync.retry import STALL_TIMEOUT, RetryPolicy, call_with_retries
 from weightsync.sources import RemoteFile, Selection, Snapshot, Source, open_source
 
 if TYPE_CHECKING:  # the transfer machinery is imported on the cold path only: warm starts stay fast
@@ -55,7 +55,7 @@ class SyncRequest:
     lock_timeout: float | None = None
     offline: bool = False
     addressing_style: str = "auto"
-    stall_timeout: float = 60.0
+    stall_timeout: float = STALL_TIMEOUT
     progress_interval: float = 10.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fsync: bool = True
@@ -103,11 +103,12 @@ class SyncResult:
     def summary(self) -> str:
         rate = self.bytes_fetched / self.seconds if self.seconds > 0 else 0.0
         if self.warm:
-            return (f"already published (warm start) {self.source} revision {self.revision}: {self.files} files, "
+            return (f"already published (warm start) {self.source} revision {self.revision}: "
+                    f"{counted(self.files, 'file')}, "
                     f"{human_bytes(self.total_bytes)}, checked ({self.checked}) in "
                     f"{human_duration(self.seconds)}; nothing downloaded; verified when published: "
                     f"{self.verification}")
-        return (f"published {self.source} revision {self.revision}: {self.files} files, "
+        return (f"published {self.source} revision {self.revision}: {counted(self.files, 'file')}, "
                 f"{human_bytes(self.total_bytes)}; fetched {human_bytes(self.bytes_fetched)}, "
                 f"reused {human_bytes(self.bytes_reused)}, resumed {human_bytes(self.bytes_resumed)} "
                 f"in {human_duration(self.seconds)} (average {human_bytes(rate)}/s); verified: {self.verification}")
@@ -163,6 +164,7 @@ class Engine:
         event("start", "sync %s%s into %s", source.uri, f" revision {request.revision}" if request.revision else "",
               volume.root, source=source.uri, revision=request.revision, dest=str(volume.root),
               offline=request.offline, verify=request.verify)
+        volume.check_dest()
         self._check_binding()
         pinned = source.pinned_revision(request.revision)
         known = revision_key(pinned, request.selection) if pinned else None
@@ -192,14 +194,14 @@ class Engine:
 
         volume.ensure(".locks")
         with volume_lock(volume.lock_path(key), request.lock_timeout, f"{volume.name} revision {key}",
-                         mode=request.lock_mode, lease_timeout=request.lease_timeout) as waited:
+                         mode=request.lock_mode, lease_timeout=request.lease_timeout) as held:
             testhooks.pause("locked")
             manifest = self.published(key)
             if manifest is not None:
                 result = self._finish_warm(manifest, key, ref=snapshot.ref, source_revision=snapshot.revision)
             else:
-                result = self._download_and_publish(snapshot, key)
-            result.lock_wait_seconds = waited
+                result = self._download_and_publish(snapshot, key, held)
+            result.lock_wait_seconds = held.waited
         return result
 
     def _check_binding(self) -> None:
@@ -239,6 +241,11 @@ class Engine:
         raise SourceError(f"--revision {pinned} is not what {self.source.uri} holds (it lists revision {listed} "
                           f"now), and {pinned} was never synced onto {self.volume.root}: a mistyped id, or a source "
                           "that changed since the id was printed; drop --revision to take what it holds now")
+
+    def source_revision_of(self, key: str) -> str:
+        """The source's revision id behind a revision directory name (which may carry the filter set's id)."""
+        variant = self.request.selection.key()
+        return key.removesuffix(f"-{variant}") if variant else key
 
     def verify(self, revision: str | None) -> tuple[Path, list[str]]:
         """Re-hash a published revision against its manifest; return (dir, problems)."""
@@ -383,7 +390,7 @@ class Engine:
         os.rename(directory, trash)
         return trash
 
-    def _download_and_publish(self, snapshot: Snapshot, key: str) -> SyncResult:
+    def _download_and_publish(self, snapshot: Snapshot, key: str, held: Held) -> SyncResult:
         """Plan (reuse, describe, staged, resume), fetch and verify what is missing, then publish."""
         from weightsync.fetch import Fetcher, FileDownload, recheck_staged, report_verified
 
@@ -413,6 +420,8 @@ class Engine:
             if staged is not None:
                 verified[remote.path] = staged
             else:
+                if held.took_over:
+                    download.detach()
                 downloads.append(download)
         resumed = sum(d.bytes_on_disk for d in downloads)
         needed = sum(d.remote.size for d in downloads) - resumed
@@ -420,16 +429,21 @@ class Engine:
 
         total = sum(f.size for f in snapshot.files)
         requests = sum(f.metadata_requests for f in described)
-        event("plan", "syncing %s revision %s: %d files, %s (%s to download, %s resumed, %s reused; %d metadata "
-              "requests) into %s", self.source.uri, key, len(snapshot.files), human_bytes(total),
-              human_bytes(needed), human_bytes(resumed), human_bytes(reused), requests, volume.root, revision=key,
+        event("plan", "syncing %s revision %s: %s, %s (%s to download, %s resumed, %s reused; %s) into %s",
+              self.source.uri, key, counted(len(snapshot.files), "file"), human_bytes(total),
+              human_bytes(needed), human_bytes(resumed), human_bytes(reused),
+              counted(requests, "metadata request"), volume.root, revision=key,
               files=len(snapshot.files), bytes_total=total, bytes_to_download=needed, bytes_resumed=resumed,
               bytes_reused=reused, metadata_requests=requests)
         with Progress(needed, len(downloads), interval=request.progress_interval) as progress:
-            fetcher = Fetcher(self.source, progress, request.concurrency, request.retry, fsync=request.fsync)
+            fetcher = Fetcher(self.source, progress, request.concurrency, request.retry, fsync=request.fsync,
+                              cancelled=held.lost)
             try:
                 verified.update(fetcher.run(downloads))
-            except IntegrityError as exc:
+            except (WeightsyncError, OSError) as exc:
+                held.check()  # a lost lease stopped the download: say that, not what it caused
+                if not isinstance(exc, IntegrityError):
+                    raise
                 if not resumed:
                     raise
                 # Resumed bytes from an earlier run failed verification (tampered or torn resume state):
@@ -440,7 +454,8 @@ class Engine:
                 downloads = [FileDownload(d.remote, parts, tree) for d in downloads if d.remote.path not in verified]
                 for download in downloads:
                     download.load_state()
-                fetcher = Fetcher(self.source, progress, request.concurrency, request.retry, fsync=request.fsync)
+                fetcher = Fetcher(self.source, progress, request.concurrency, request.retry, fsync=request.fsync,
+                                  cancelled=held.lost)
                 verified.update(fetcher.run(downloads))
 
         manifest = Manifest(source=self.source.uri, revision=key, ref=snapshot.ref,
@@ -448,7 +463,7 @@ class Engine:
                                        "exclude": list(request.selection.exclude)},
                             files=[ManifestEntry(path=f.path, size=f.size, sha256=verified[f.path].sha256, etag=f.etag,
                                                  evidence=verified[f.path].evidence) for f in snapshot.files])
-        self._publish(manifest, staging, key, snapshot.ref)
+        self._publish(manifest, staging, key, snapshot.ref, held)
         return SyncResult(path=volume.revision_dir(key), name=volume.name, revision=key, source=self.source.uri,
                           source_revision=snapshot.revision, files=len(snapshot.files), total_bytes=total,
                           bytes_fetched=progress.bytes_done,
@@ -497,10 +512,15 @@ class Engine:
                                  f"{human_bytes(needed)} ({needed} bytes) more, {human_bytes(free)} ({free} bytes) "
                                  "free; grow the volume or remove old revisions")
 
-    def _publish(self, manifest: Manifest, staging: Path, key: str, ref: str | None) -> None:
-        """Manifest first, then one rename of the verified tree; `current` flips last."""
+    def _publish(self, manifest: Manifest, staging: Path, key: str, ref: str | None, held: Held) -> None:
+        """Manifest first, then one rename of the verified tree; `current` flips last.
+
+        The lock is checked again first: a process whose lease was taken over while it was frozen must not
+        publish over the new holder's work.
+        """
         volume = self.volume
         testhooks.pause("before-publish")
+        held.check()
         try:
             write_atomic(volume.ensure("manifests") / f"{key}.json", manifest.to_json())
             testhooks.pause("manifest-written")
@@ -509,6 +529,7 @@ class Engine:
             if self.request.fsync:
                 _fsync_tree(tree)
             revisions = volume.ensure("revisions")
+            held.check()
             aside = self._set_aside(key)
             os.rename(tree, volume.revision_dir(key))
             if self.request.fsync:

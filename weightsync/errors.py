@@ -37,6 +37,12 @@ class LockTimeoutError(WeightsyncError):
     exit_code = 5
 
 
+class LockLostError(WeightsyncError):
+    """Another process took over this process's lease (it was frozen for longer than --lease-timeout)."""
+
+    exit_code = 5
+
+
 class DiskSpaceError(WeightsyncError):
     """The volume has too little free space for what must be downloaded."""
 

@@ -177,6 +177,33 @@ class FileDownload:
                         self.partial[int(index)] = count
         return None
 
+    def detach(self) -> None:
+        """Give the resumed bytes a file (inode) of their own before resuming them.
+
+        After a lease takeover the previous holder may be frozen, not dead: when it wakes, its in-flight
+        pwrites still land in the part file it has open, which this run would otherwise finish and publish.
+        Copying the bytes the resume state records into a new file and renaming it over the old name leaves
+        the old holder writing into an unlinked inode nobody reads. Only recorded ranges are copied.
+        """
+        if not (self.done or self.partial) or not _is_regular_file_of_size(self.part_path, self.remote.size):
+            return
+        fresh = self.part_path.with_name(self.part_path.name + ".detached")
+        source = os.open(self.part_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            target = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                os.ftruncate(target, self.remote.size)
+                ranges = [self.chunks[i] for i in self.done]
+                ranges += [(self.chunks[i][0], self.chunks[i][0] + n) for i, n in self.partial.items()
+                           if i not in self.done]
+                for start, end in ranges:
+                    _copy_range(source, target, start, end - start)
+            finally:
+                os.close(target)
+        finally:
+            os.close(source)
+        os.replace(fresh, self.part_path)
+
     @property
     def bytes_on_disk(self) -> int:
         whole = sum(self.chunks[i][1] - self.chunks[i][0] for i in self.done)
@@ -375,6 +402,20 @@ def recheck_staged(download: FileDownload) -> Verified | None:
     return verified
 
 
+def _copy_range(source: int, target: int, offset: int, length: int) -> None:
+    """Copy `length` bytes at `offset` between two files, in the kernel where it can (copy_file_range)."""
+    done = 0
+    while done < length:
+        try:
+            count = os.copy_file_range(source, target, length - done, offset + done, offset + done)
+        except OSError:
+            data = os.pread(source, min(BUFFER_SIZE * 16, length - done), offset + done)
+            count = os.pwrite(target, data, offset + done) if data else 0
+        if not count:
+            raise IntegrityError(f"part file shorter than its resume state says (at byte {offset + done})")
+        done += count
+
+
 def _is_regular_file_of_size(path: Path, size: int) -> bool:
     import stat
 
@@ -394,7 +435,7 @@ class Fetcher:
     """
 
     def __init__(self, source: Source, progress: Progress, concurrency: int, retry: RetryPolicy,
-                 fsync: bool = True) -> None:
+                 fsync: bool = True, cancelled: threading.Event | None = None) -> None:
         self.source = source
         self.progress = progress
         self.concurrency, self.buffer_size = worker_plan(concurrency,
@@ -403,10 +444,12 @@ class Fetcher:
         self.fsync = fsync
         self.results: dict[str, Verified] = {}
         self.retries = 0
+        self.cancelled = cancelled or threading.Event()  # set from outside (a lost lease): stop, publish nothing
         self._queue: queue.Queue[tuple[FileDownload, int]] = queue.Queue()
         self._abort = threading.Event()
         self._error: BaseException | None = None
-        self._results_lock = threading.Lock()
+        self._lock = threading.Lock()  # results, retries and the error: written by every worker
+        self._workers: list[threading.Thread] = []
 
     def run(self, downloads: list[FileDownload]) -> dict[str, Verified]:
         """Download and verify everything; return what each file was verified by. Raises the first fatal error."""
@@ -421,6 +464,7 @@ class Fetcher:
                     self._complete(download)
             workers = [threading.Thread(target=self._work, name=f"fetch-{n}", daemon=True)
                        for n in range(min(self.concurrency, max(1, self._queue.qsize())))]
+            self._workers = workers
             for worker in workers:
                 worker.start()
             for worker in workers:
@@ -430,15 +474,37 @@ class Fetcher:
             raise _local_write_error(exc) from exc
         finally:
             self._abort.set()
-            for download in downloads:
-                download.close()
-        if self._error is not None:
+            # Interrupted (SIGTERM, Ctrl-C): workers stop at their next read. One still blocked in a read keeps
+            # its file open, so no descriptor it may still write to is closed and reused under it; the process
+            # is exiting anyway.
+            deadline = time.monotonic() + 2.0
+            for worker in self._workers:
+                worker.join(max(0.0, deadline - time.monotonic()))
+            if not any(worker.is_alive() for worker in self._workers):
+                for download in downloads:
+                    try:
+                        download.close()
+                    except OSError as exc:  # an abandoned file (NFS, FUSE: EBADF, EIO at close) says nothing
+                        log.debug("closing %s: %s", download.part_path, exc.strerror)
+        if self._error is not None and not isinstance(self._error, _Aborted):
             raise self._error
+        if self.cancelled.is_set() or self._error is not None:
+            raise _Aborted("the download was stopped before it finished")
         return self.results
+
+    def _stopping(self) -> bool:
+        return self._abort.is_set() or self.cancelled.is_set()
+
+    def _fail(self, exc: BaseException) -> None:
+        """Keep the most serious error of all workers (see `severity`), and stop the others."""
+        with self._lock:
+            if self._error is None or severity(exc) > severity(self._error):
+                self._error = exc
+        self._abort.set()
 
     def _work(self) -> None:
         buffer = memoryview(bytearray(self.buffer_size))
-        while not self._abort.is_set():
+        while not self._stopping():
             try:
                 download, index = self._queue.get_nowait()
             except queue.Empty:
@@ -452,16 +518,12 @@ class Fetcher:
                         download.start_writeback(index)
                     download.advance_hash(blocking=False)
             except BaseException as exc:
-                if isinstance(exc, OSError):
-                    exc = _local_write_error(exc)
-                if self._error is None:
-                    self._error = exc
-                self._abort.set()
+                self._fail(_local_write_error(exc) if isinstance(exc, OSError) else exc)
                 return
 
     def _complete(self, download: FileDownload) -> None:
         verified = download.finish(self.fsync)
-        with self._results_lock:
+        with self._lock:
             self.results[download.remote.path] = verified
         self.progress.file_done(download.remote.path)
         report_verified(download.remote.path, download.remote.size, verified)
@@ -478,13 +540,16 @@ class Fetcher:
                 for field, reason in getattr(reader, "voids", {}).items():
                     download.void(field, reason)
                 while position < end:
-                    if self._abort.is_set():
+                    if self._stopping():
                         raise _Aborted()
                     count = reader.readinto(buffer[: min(len(buffer), end - position)])
                     if not count:
                         from weightsync.errors import TransientError
 
                         raise TransientError(f"connection closed early at byte {position} of {end}")
+                    if self._stopping():  # the wait may have been long: write nothing once told to stop
+                        raise _Aborted()
+                    clock.tick()
                     download.write(buffer[:count], position)
                     position += count
                     download.chunk_progress(index, position)
@@ -496,8 +561,11 @@ class Fetcher:
             finally:
                 reader.close()
 
+        clock = self.retry.clock
+
         def count_retry(*_: object) -> None:
-            self.retries += 1
+            with self._lock:
+                self.retries += 1
 
         call_with_retries(f"downloading {download.remote.path}", attempt, self.retry, count_retry)
 
@@ -592,7 +660,19 @@ def worker_plan(requested: int, limits: tuple[float | None, int | None] | None =
 
 
 class _Aborted(WeightsyncError):
-    """Another worker failed; this one stops quietly."""
+    """Another worker failed, or the sync was cancelled; this one stops quietly."""
+
+
+def severity(exc: BaseException) -> int:
+    """Which worker error the user hears about when several fail at once: bad bytes first (they may mean
+    tampering), then a full disk, a lost lock and the network; a worker that only stopped because another
+    failed comes last. So a network error can never hide an integrity failure."""
+    from weightsync.errors import LockLostError, LockTimeoutError, NetworkError
+
+    if isinstance(exc, _Aborted):
+        return 0
+    ranking = ((IntegrityError, 5), (DiskSpaceError, 4), ((LockLostError, LockTimeoutError), 3), (NetworkError, 2))
+    return next((rank for kinds, rank in ranking if isinstance(exc, kinds)), 1)
 
 
 def _local_write_error(exc: OSError) -> WeightsyncError:

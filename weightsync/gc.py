@@ -27,7 +27,7 @@ from weightsync.errors import UsageError
 from weightsync.layout import SAFE_NAME, ModelVolume, is_real_dir, model_names
 from weightsync.locking import describe_holder, try_lock
 from weightsync.manifest import Manifest, ManifestError
-from weightsync.progress import event, human_bytes
+from weightsync.progress import counted, event, human_bytes
 
 log = logging.getLogger("weightsync")
 
@@ -159,9 +159,9 @@ def collect(dest: Path, keep: int, staging_older_than: float, name: str | None =
                     size = _remove(entry, freed)
                     log.info("gc: removed abandoned staging %s of %s (%s, untouched for %.0fs)", entry.name, model,
                              human_bytes(size), age)
-    event("gc", "gc: removed %d revisions, freed %s on %s (files still linked from kept revisions count as not "
-          "freed)", removed, human_bytes(freed.total), dest, revisions_removed=removed, bytes_freed=freed.total,
-          dest=str(dest))
+    event("gc", "gc: removed %s, freed %s on %s (files still linked from kept revisions count as not freed)",
+          counted(removed, "revision"), human_bytes(freed.total), dest, revisions_removed=removed,
+          bytes_freed=freed.total, dest=str(dest))
     return 0
 
 

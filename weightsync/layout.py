@@ -17,13 +17,14 @@ Nothing here follows a symlink out of DEST: directories are checked with lstat.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
-from weightsync.errors import IntegrityError, UsageError, WeightsyncError
+from weightsync.errors import DiskSpaceError, IntegrityError, UsageError, WeightsyncError
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 MAX_PATH_BYTES = 4000
@@ -129,6 +130,15 @@ class ModelVolume:
     def ref_path(self, ref: str) -> Path:
         return self.root / "refs" / quote(ref, safe="")
 
+    def check_dest(self) -> None:
+        """Refuse, before any request, a --dest that can never hold a volume: a file, a dangling symlink."""
+        if os.path.lexists(self.dest) and not self.dest.is_dir():
+            if self.dest.is_symlink() and not self.dest.exists():
+                raise UsageError(f"--dest {self.dest} is a symlink to {os.readlink(self.dest)}, which does not "
+                                 "exist; point --dest at the volume's mount point")
+            raise UsageError(f"--dest {self.dest} is not a directory (a regular file?); point --dest at the "
+                             "volume's mount point")
+
     def ensure(self, relative: str = "") -> Path:
         """Create DEST/<name>/<relative> safely (no symlink followed) and return it."""
         try:
@@ -137,9 +147,26 @@ class ModelVolume:
             if relative:
                 path = safe_makedirs(self.root, relative)
         except OSError as exc:
-            raise WeightsyncError(f"cannot create {exc.filename or self.root}: {exc.strerror}; check that "
-                                  "--dest is a writable volume") from exc
+            raise self._unwritable(exc) from exc
         return path
+
+    def _unwritable(self, exc: OSError) -> WeightsyncError:
+        """What a failure to create a directory on the volume means, said as what to do about it."""
+        where = exc.filename or self.root
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return UsageError(f"--dest {self.dest} is not writable by this process (uid {os.geteuid()}, gid "
+                              f"{os.getegid()}): cannot create {where}; in Kubernetes set the pod's "
+                              "securityContext.fsGroup (the chart does), or chown the volume")
+        if exc.errno == errno.EROFS:
+            return UsageError(f"--dest {self.dest} is mounted read-only and {self.name} is not published there "
+                              "yet: mount it read-write for the first sync (read-only is fine once it is)")
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskSpaceError(f"no space left on --dest {self.dest} to create {where}; grow the volume or "
+                                  "remove old revisions (weightsync gc)")
+        if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+            return UsageError(f"cannot create {where}: a file is in the way ({exc.strerror}); point --dest at "
+                              "the volume's mount point")
+        return WeightsyncError(f"cannot create {where}: {exc.strerror}; check that --dest is a writable volume")
 
     def is_real_revision(self, revision: str) -> bool:
         """revisions/<revision> is a directory reached without any symlink (DEST/<name>, revisions, itself)."""

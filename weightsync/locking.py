@@ -15,7 +15,12 @@ Two mechanisms, chosen per volume (`--lock-mode auto|flock|lease`, default auto)
   `--lease-timeout` seconds (measured on its own monotonic clock, so clock skew
   between nodes does not matter) takes the lease over and logs the old holder's
   host and pid. A holder that finds its lease taken over (it was frozen longer
-  than the timeout) exits at once, before it can publish anything.
+  than the timeout) is told by callback, as filelock reports a lost lease: the
+  heartbeat thread sets `Held.lost`, the download stops, and the main path raises
+  LockLostError (exit 5) through the usual reporting (termination message,
+  metrics, the one error line). It also checks the lease itself, on the file,
+  right before it publishes: a process frozen between two heartbeats and woken
+  just before its rename still publishes nothing.
 
 `auto` probes the volume once per process: it flocks a probe file and lets a
 forked child try to flock it too. If the child gets it, flock does not exclude
@@ -35,7 +40,6 @@ import os
 import secrets
 import socket
 import stat
-import sys
 import threading
 import time
 import warnings
@@ -43,7 +47,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from weightsync.errors import LockTimeoutError, UsageError, WeightsyncError
+from weightsync.errors import LockLostError, LockTimeoutError, UsageError, WeightsyncError
 
 log = logging.getLogger("weightsync")
 WAIT_LOG_INTERVAL = 10.0
@@ -170,6 +174,28 @@ def _probe_flock(probe: Path) -> bool:
         os.close(fd)
 
 
+class Held:
+    """A lock this process holds: how long it waited, and whether it still holds it.
+
+    A flock is held until released (the kernel drops it only when the process dies); a lease can be lost to
+    a takeover while this process was frozen: `lost` is set by the heartbeat thread, `check()` reads the
+    lease file itself.
+    """
+
+    def __init__(self, waited: float, lease: _Lease | None = None, took_over: bool = False) -> None:
+        self.waited = waited
+        self.lease = lease
+        # The lease was taken from a holder whose heartbeat stopped: frozen, perhaps, rather than dead, so
+        # files it had open may still be written by it when it wakes (see Engine: they are copied first).
+        self.took_over = took_over
+        self.lost = lease.lost if lease is not None else threading.Event()
+
+    def check(self) -> None:
+        """Raise LockLostError unless this process still holds the lock (read now, not from the last beat)."""
+        if self.lease is not None:
+            self.lease.check()
+
+
 def _choose_mode(mode: str, directory: Path) -> str:
     if mode not in LOCK_MODES:
         raise UsageError(f"--lock-mode {mode!r} must be one of {', '.join(LOCK_MODES)}")
@@ -180,14 +206,14 @@ def _choose_mode(mode: str, directory: Path) -> str:
 
 @contextmanager
 def volume_lock(lock_path: Path, timeout: float | None, what: str, mode: str = "auto",
-                lease_timeout: float = DEFAULT_LEASE_TIMEOUT) -> Iterator[float]:
-    """Hold the lock for `what`; yield the seconds spent waiting. None waits forever."""
+                lease_timeout: float = DEFAULT_LEASE_TIMEOUT) -> Iterator[Held]:
+    """Hold the lock for `what` (a timeout of None waits forever)."""
     if _choose_mode(mode, lock_path.parent) == "lease":
-        with _lease_lock(lease_path(lock_path), timeout, what, lease_timeout) as waited:
-            yield waited
+        with _lease_lock(lease_path(lock_path), timeout, what, lease_timeout) as held:
+            yield held
         return
     with _flock_lock(lock_path, timeout, what) as waited:
-        yield waited
+        yield Held(waited)
 
 
 @contextmanager
@@ -279,6 +305,8 @@ class _Lease:
         self._fd: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lost = threading.Event()
+        self.lost_to = ""
 
     def _encode(self) -> bytes:
         data = json.dumps(self.record).encode()
@@ -299,25 +327,43 @@ class _Lease:
         self._thread.start()
         return True
 
+    def _taken_by(self) -> str | None:
+        """Who holds the lease file now if it is no longer this process (None while it still is)."""
+        content = _read_bytes(self.path)
+        current = _parse(content) if content is not None else None
+        gone = content is None and not os.path.lexists(self.path)  # None alone may be a transient I/O error
+        if gone or (content is not None and (current or {}).get("token") != self.token):
+            return _describe(current)
+        return None
+
     def _heartbeat(self) -> None:
+        """Renew the lease every timeout/4; on finding it taken over, say so once and stop renewing.
+
+        The thread never ends the process: it sets `lost` (the fetcher stops at its next read) and the main
+        path raises, so the termination message, metrics and error event are written as for any failure.
+        """
         interval = min(10.0, max(0.05, self.timeout / 4))
         while not self._stop.wait(interval):
-            content = _read_bytes(self.path)
-            current = _parse(content) if content is not None else None
-            gone = content is None and not os.path.lexists(self.path)  # None alone may be a transient I/O error
-            if gone or (content is not None and (current or {}).get("token") != self.token):
-                sys.stderr.write(
-                    f"weightsync: error: lost the lease {self.path} to {_describe(current)} (this process was "
-                    f"stalled for longer than --lease-timeout {self.timeout:g}s); exiting without publishing, "
-                    "the new holder finishes the download\n")
-                sys.stderr.flush()
-                os._exit(5)
+            holder = self._taken_by()
+            if holder is not None:
+                self.lost_to = holder
+                self.lost.set()
+                return
             self.record["beat"] = int(self.record["beat"]) + 1
             try:
                 assert self._fd is not None
                 os.pwrite(self._fd, self._encode(), 0)
             except OSError as exc:
                 log.warning("cannot renew the lease %s: %s", self.path, exc.strerror)
+
+    def check(self) -> None:
+        holder = self.lost_to if self.lost.is_set() else self._taken_by()
+        if holder is not None:
+            self.lost_to = holder
+            self.lost.set()
+            raise LockLostError(f"lost the lease {self.path} to {holder} (this process was stalled for longer "
+                                f"than --lease-timeout {self.timeout:g}s); nothing was published, the new "
+                                "holder finishes the download")
 
     def release(self) -> None:
         self._stop.set()
@@ -332,12 +378,13 @@ class _Lease:
 
 
 @contextmanager
-def _lease_lock(path: Path, timeout: float | None, what: str, lease_timeout: float) -> Iterator[float]:
+def _lease_lock(path: Path, timeout: float | None, what: str, lease_timeout: float) -> Iterator[Held]:
     lease = _Lease(path, lease_timeout)
     started = time.monotonic()
     seen: bytes | None = None
     seen_since = started
     logged = started
+    took_over = False
     while not lease.try_acquire():
         now = time.monotonic()
         content = _read_bytes(path) if not path.is_symlink() else b"<symlink>"
@@ -348,7 +395,7 @@ def _lease_lock(path: Path, timeout: float | None, what: str, lease_timeout: flo
         if content != seen:
             seen, seen_since = content, now
         elif now - seen_since >= lease_timeout:
-            _take_over(path, content, now - seen_since)
+            took_over = _take_over(path, content, now - seen_since) or took_over
             seen = None
             continue
         holder = _describe(_parse(content))
@@ -360,7 +407,7 @@ def _lease_lock(path: Path, timeout: float | None, what: str, lease_timeout: flo
             log.info("waiting for %s: another process is downloading it (%s)", what, holder)
         time.sleep(min(0.1, lease_timeout / 10))
     try:
-        yield time.monotonic() - started
+        yield Held(time.monotonic() - started, lease, took_over)
     finally:
         lease.release()
 
@@ -373,13 +420,13 @@ def _parse(content: bytes) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _take_over(path: Path, content: bytes, silent_for: float) -> None:
-    """Move a stale lease aside, unless it changed at the last moment (then put it back)."""
+def _take_over(path: Path, content: bytes, silent_for: float) -> bool:
+    """Move a stale lease aside, unless it changed at the last moment (then put it back); True if moved."""
     aside = path.with_name(f"{path.name}.stale.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         os.rename(path, aside)
     except FileNotFoundError:
-        return
+        return False
     moved = _read_bytes(aside) if not aside.is_symlink() else b"<symlink>"
     if moved != content:
         try:  # a new holder renewed or re-created it just now: restore it
@@ -388,7 +435,8 @@ def _take_over(path: Path, content: bytes, silent_for: float) -> None:
             if exc.errno != errno.EEXIST:
                 log.debug("could not restore lease %s: %s", path, exc)
         aside.unlink(missing_ok=True)
-        return
+        return False
     aside.unlink(missing_ok=True)
     log.warning("took over the stale lease %s of %s: no heartbeat for %.1fs (--lease-timeout)", path,
                 _describe(_parse(content)), silent_for)
+    return True

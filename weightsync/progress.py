@@ -90,6 +90,11 @@ def setup_logging(debug: bool, log_format: str = "text", stream: TextIO | None =
     log.propagate = False
 
 
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """`1 file`, `3 files`, `1 index`, `2 indexes`: a count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
 def human_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(count) < 1024 or unit == "TiB":

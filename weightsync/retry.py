@@ -1,8 +1,15 @@
-"""Bounded retries with exponential backoff and full jitter.
+"""Bounded retries with exponential backoff and full jitter, and a no-progress watchdog.
 
 One policy for every network call keeps the behaviour predictable: a transient
 failure is retried up to `attempts` times, honouring a server's Retry-After, and
 the last failure becomes a NetworkError (exit 7) with a one-line reason.
+
+Attempts alone do not bound the time: each one may wait `--stall-timeout` for a
+silent server. The watchdog does: when nothing has made progress for
+`no_progress_timeout` seconds (no byte arrived on any connection and no request
+succeeded), the next failure is the last, whatever attempts are left. So with the
+defaults a dead endpoint ends in exit 7 after at most no_progress_timeout plus one
+stall timeout, while a slow transfer whose bytes keep coming never trips it.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from weightsync.errors import NetworkError, TransientError
@@ -19,12 +26,34 @@ from weightsync.progress import event
 
 T = TypeVar("T")
 
+# The network bounds, here once (the CLI, the engine and every source take them from here).
+STALL_TIMEOUT = 30.0  # seconds a request may receive nothing before it is retried on a fresh connection
+NO_PROGRESS_TIMEOUT = 90.0  # seconds with no byte and no successful request before the sync gives up (exit 7)
+CONNECT_TIMEOUT = 10.0
+
+
+class ProgressClock:
+    """When anything last made progress: a byte arrived or a request succeeded (shared by all workers)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def tick(self) -> None:
+        self.last = time.monotonic()  # one float store: atomic under the GIL, no lock on the hot path
+
+    def quiet_for(self, since: float) -> float:
+        """Seconds without progress, counted from `since` at the earliest (the start of the current call, so
+        local work before it, hashing a staged file say, never counts as the network being silent)."""
+        return time.monotonic() - max(self.last, since)
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 6
     base_delay: float = 0.5
     max_delay: float = 20.0
+    no_progress_timeout: float = NO_PROGRESS_TIMEOUT
+    clock: ProgressClock = field(default_factory=ProgressClock, compare=False, repr=False)
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Full-jitter backoff (AWS architecture blog), never shorter than Retry-After."""
@@ -40,17 +69,29 @@ def call_with_retries(
     policy: RetryPolicy,
     on_retry: Callable[[int, TransientError], None] | None = None,
 ) -> T:
-    """Run `func`, retrying TransientError; raise NetworkError naming `what` when out of attempts."""
+    """Run `func`, retrying TransientError; raise NetworkError naming `what` when out of attempts or when
+    nothing made progress for `policy.no_progress_timeout` seconds."""
+    started = time.monotonic()
     for attempt in range(policy.attempts):
         try:
-            return func()
+            result = func()
+            policy.clock.tick()
+            return result
         except TransientError as exc:
+            reason = str(exc) if str(exc).startswith(what) else f"{what}: {exc}"  # a source may name it already
             if attempt + 1 >= policy.attempts:
                 raise NetworkError(
-                    f"{what}: {exc} (gave up after {policy.attempts} attempts; "
+                    f"{reason} (gave up after {policy.attempts} attempts; "
                     "check the endpoint and network, then rerun to resume)"
                 ) from exc
             pause = policy.delay(attempt, exc.retry_after)
+            quiet = policy.clock.quiet_for(started)
+            if quiet + pause >= policy.no_progress_timeout:
+                raise NetworkError(
+                    f"{reason}; nothing arrived for {quiet:.0f}s, so it gave up after {attempt + 1} "
+                    f"attempts (--no-progress-timeout {policy.no_progress_timeout:g}s); check the endpoint and "
+                    "network, then rerun to resume"
+                ) from exc
             event("retry", "retrying %s in %.1fs after: %s", what, pause, exc, level=logging.WARNING,
                   attempt=attempt + 1, of=policy.attempts, delay_seconds=round(pause, 2), reason=str(exc))
             if on_retry:

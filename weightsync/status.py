@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsync.checksums import describe_tally, tally
-from weightsync.errors import SourceError
+from weightsync.errors import UsageError
 from weightsync.layout import ModelVolume, model_names
 from weightsync.manifest import Manifest, ManifestError
 from weightsync.progress import human_bytes, human_duration
@@ -84,7 +84,7 @@ def model_status(volume: ModelVolume) -> dict[str, Any]:
 
 def volume_status(dest: Path) -> dict[str, Any]:
     if not dest.is_dir():
-        raise SourceError(f"--dest {dest} does not exist or is not a directory")
+        raise UsageError(f"--dest {dest} does not exist or is not a directory; point it at the volume")
     models = []
     for name in model_names(dest):
         try:

@@ -213,19 +213,23 @@ class FaultProxy:
 
     * the first `slowdown` connections get `503 SlowDown` with `Retry-After: retry_after` and are closed;
     * then a response longer than `stall_after` bytes stops there and the connection stays open, silent,
-      for the next `stall_times` such responses (-1: forever).
-    Bounded: every held connection is released at close().
+      for the next `stall_times` such responses (-1: forever);
+    * once `dead_after` bytes have gone to clients in all, every connection goes silent (a server, link or
+      middlebox that died mid-download: nothing more ever arrives).
+    `bytes_down` counts what reached the clients. Bounded: every held connection is released at close().
     """
 
     def __init__(self, upstream_port: int, slowdown: int = 0, retry_after: int = 2, stall_after: int | None = None,
-                 stall_times: int = 0) -> None:
+                 stall_times: int = 0, dead_after: int | None = None) -> None:
         import socket
         import threading
 
         self.upstream_port = upstream_port
         self.slowdown, self.retry_after = slowdown, retry_after
         self.stall_after, self.stall_times = stall_after, stall_times
+        self.dead_after = dead_after
         self.stalled = 0
+        self.bytes_down = 0
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._sock = socket.socket()
@@ -278,6 +282,16 @@ class FaultProxy:
         sent = 0
         try:
             while data := upstream.recv(65536):
+                if self.dead_after is not None:
+                    with self._lock:
+                        allowed = max(0, min(len(data), self.dead_after - self.bytes_down))
+                        self.bytes_down += allowed
+                    if allowed < len(data):
+                        client.sendall(data[:allowed])
+                        self._closed.wait(300)  # dead: silent, the connection open
+                        break
+                    client.sendall(data)
+                    continue
                 if self.stall_after is not None and sent + len(data) > self.stall_after:
                     with self._lock:
                         stall = self.stall_times != 0
@@ -286,11 +300,15 @@ class FaultProxy:
                         self.stalled += stall
                     if stall:
                         client.sendall(data[: self.stall_after - sent])
-                        self._closed.wait(120)  # silent, connection open: only a read timeout gets out
+                        with self._lock:
+                            self.bytes_down += self.stall_after - sent
+                        self._closed.wait(300)  # silent, connection open: only a read timeout gets out
                         break
                     self.stall_after = None
                 client.sendall(data)
                 sent += len(data)
+                with self._lock:
+                    self.bytes_down += len(data)
         except OSError:
             pass
         finally:

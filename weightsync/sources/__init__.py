@@ -15,6 +15,7 @@ from typing import Protocol
 
 from weightsync.checksums import Evidence, Promise
 from weightsync.errors import TransientError, UsageError, WeightsyncError
+from weightsync.retry import STALL_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def slugify(*parts: str) -> str:
 NEAR_MISS = re.compile(r"^(s3|hf|gs|az|file|https?):/?(?!/)(.+)$", re.IGNORECASE)
 
 
-def open_source(uri: str, *, addressing_style: str = "auto", stall_timeout: float = 60.0,
+def open_source(uri: str, *, addressing_style: str = "auto", stall_timeout: float = STALL_TIMEOUT,
                 concurrency: int = 8, offline: bool = False) -> Source:
     """Pick the backend from the URI scheme: s3://, hf://, file:// or a plain path."""
     if uri.startswith("s3://"):
@@ -179,7 +180,8 @@ def open_source(uri: str, *, addressing_style: str = "auto", stall_timeout: floa
     near_miss = NEAR_MISS.match(uri)
     if near_miss:
         scheme, rest = near_miss.group(1).lower(), near_miss.group(2)
-        raise UsageError(f"--source {uri!r} looks like a {scheme}:// URI with a slash missing; did you mean "
+        article = "an" if scheme in ("s3", "hf", "az", "file") else "a"  # an ess-three, a gee-ess
+        raise UsageError(f"--source {uri!r} looks like {article} {scheme}:// URI with a slash missing; did you mean "
                          f"{scheme}://{rest}?")
     if uri.startswith("file://") or "://" not in uri:
         from weightsync.sources.file import FileSource

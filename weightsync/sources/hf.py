@@ -24,6 +24,7 @@ from urllib.parse import quote
 from weightsync import __version__
 from weightsync.checksums import Promise
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
+from weightsync.retry import CONNECT_TIMEOUT, STALL_TIMEOUT
 from weightsync.sources import ErrorTranslator, RemoteFile, Selection, Snapshot, slugify
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -70,7 +71,7 @@ class HubSource:
     repo_id: str
     repo_type: str = "model"
     uri_revision: str | None = None
-    stall_timeout: float = 60.0
+    stall_timeout: float = STALL_TIMEOUT
     offline: bool = False
     kind: str = "hf"
     # httpx/h11 parse every response in Python under the GIL: more than two streams per CPU only
@@ -79,7 +80,7 @@ class HubSource:
     _commit: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_uri(cls, uri: str, *, stall_timeout: float = 60.0, offline: bool = False) -> HubSource:
+    def from_uri(cls, uri: str, *, stall_timeout: float = STALL_TIMEOUT, offline: bool = False) -> HubSource:
         rest = uri[len("hf://"):].strip("/")
         repo_type = "model"
         for prefix, kind in (("datasets/", "dataset"), ("models/", "model")):
@@ -109,6 +110,9 @@ class HubSource:
     def pinned_revision(self, revision: str | None) -> str | None:
         if revision:
             _checked_ref(revision, "--revision")
+            if self.uri_revision and revision != self.uri_revision:
+                raise UsageError(f"--revision {revision} and the @{self.uri_revision} of --source {self.uri}@"
+                                 f"{self.uri_revision} name two revisions; give one of them")
         wanted = revision or self.uri_revision
         return wanted if wanted and COMMIT.match(wanted) else None
 
@@ -163,7 +167,7 @@ class HubSource:
         except ImportError:  # older huggingface_hub releases use plain httpx
             import httpx
 
-        timeout = httpx.Timeout(self.stall_timeout, connect=10.0)
+        timeout = httpx.Timeout(self.stall_timeout, connect=CONNECT_TIMEOUT)
         try:
             request = session.build_request("GET", url, headers=headers, timeout=timeout)
             response = session.send(request, stream=True, follow_redirects=True)
@@ -258,7 +262,7 @@ def _bound_listing_timeouts(stall_timeout: float) -> None:
     def fill_timeouts(request: Any) -> None:
         timeout = request.extensions.get("timeout") or {}
         if all(value is None for value in timeout.values()):
-            request.extensions["timeout"] = {"connect": 10.0, "read": stall_timeout, "write": stall_timeout,
+            request.extensions["timeout"] = {"connect": CONNECT_TIMEOUT, "read": stall_timeout, "write": stall_timeout,
                                              "pool": stall_timeout}
 
     fill_timeouts.weightsync = True  # type: ignore[attr-defined]

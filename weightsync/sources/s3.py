@@ -19,6 +19,7 @@ from typing import Any
 from weightsync import __version__
 from weightsync.checksums import ALGORITHMS, Promise, choose, from_base64
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
+from weightsync.retry import CONNECT_TIMEOUT, STALL_TIMEOUT
 from weightsync.sources import LISTING_DIGEST, ErrorTranslator, RemoteFile, Selection, Snapshot, listing_digest, slugify
 
 log = logging.getLogger("weightsync")
@@ -95,7 +96,7 @@ class S3Source:
     bucket: str
     prefix: str
     addressing_style: str = "auto"
-    stall_timeout: float = 60.0
+    stall_timeout: float = STALL_TIMEOUT
     concurrency: int = 8
     kind: str = "s3"
     default_ref: str | None = None
@@ -104,7 +105,7 @@ class S3Source:
     _single_key: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_uri(cls, uri: str, *, addressing_style: str = "auto", stall_timeout: float = 60.0,
+    def from_uri(cls, uri: str, *, addressing_style: str = "auto", stall_timeout: float = STALL_TIMEOUT,
                  concurrency: int = 8) -> S3Source:
         rest = uri[len("s3://"):]
         bucket, _, prefix = rest.partition("/")
@@ -138,7 +139,7 @@ class S3Source:
             # 503 SlowDown, with --retries as the one bound (botocore's retries would multiply it and ignore
             # Retry-After).
             retries={"mode": "standard", "total_max_attempts": 1},
-            connect_timeout=10,
+            connect_timeout=CONNECT_TIMEOUT,
             read_timeout=self.stall_timeout,
             max_pool_connections=self.concurrency + 4,
             request_checksum_calculation="when_required",
