@@ -71,7 +71,8 @@ def exec_server(command: list[str], model_dir: Path) -> None:
         raise CommandNotFoundError(f"cannot run {argv[0]!r}: command not found; check the command after `--`"
                                    ) from exc
     except PermissionError as exc:
-        raise CommandNotExecutableError(f"cannot run {argv[0]!r}: permission denied") from exc
+        raise CommandNotExecutableError(f"cannot run {argv[0]!r}: it is not executable (permission denied); "
+                                        "chmod +x it, or start it through its interpreter") from exc
     except OSError as exc:
         if exc.errno == errno.ENOEXEC:
             raise CommandNotExecutableError(f"cannot run {argv[0]!r}: not an executable format (a script "

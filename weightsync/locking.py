@@ -332,7 +332,9 @@ class _Lease:
         content = _read_bytes(self.path)
         current = _parse(content) if content is not None else None
         gone = content is None and not os.path.lexists(self.path)  # None alone may be a transient I/O error
-        if gone or (content is not None and (current or {}).get("token") != self.token):
+        if gone:
+            return "another process, which has released it since (its download may be finished)"
+        if content is not None and (current or {}).get("token") != self.token:
             return _describe(current)
         return None
 
@@ -362,8 +364,8 @@ class _Lease:
             self.lost_to = holder
             self.lost.set()
             raise LockLostError(f"lost the lease {self.path} to {holder} (this process was stalled for longer "
-                                f"than --lease-timeout {self.timeout:g}s); nothing was published, the new "
-                                "holder finishes the download")
+                                f"than --lease-timeout {self.timeout:g}s); this process published nothing and "
+                                "the new holder publishes the model: rerun to start warm from it")
 
     def release(self) -> None:
         self._stop.set()
