@@ -232,8 +232,8 @@ def test_published_files_are_read_only_and_their_owner_cannot_write_them(folder_
 
 
 # -- 6. gc says what it really frees ---------------------------------------------------------------------------
-def gc_freed(dest: Path, env: dict[str, str]) -> int:
-    result = weightsync("gc", "--dest", str(dest), "--keep", "1", "--log-format", "json", env=env)
+def gc_freed(dest: Path, env: dict[str, str], *flags: str) -> int:
+    result = weightsync("gc", "--dest", str(dest), "--keep", "1", "--log-format", "json", *flags, env=env)
     assert result.returncode == 0, result.stderr
     (summary,) = events(result, "gc")
     assert summary["revisions_removed"] == 1
@@ -250,12 +250,16 @@ def test_gc_counts_files_still_linked_from_the_kept_revision_as_not_freed(folder
     assert (second / "model.safetensors").read_bytes() == (folder_model / "model.safetensors").read_bytes()
 
 
-def test_gc_counts_a_file_no_kept_revision_links_as_freed(folder_model, tmp_path, clean_env):
+def test_gc_counts_a_file_no_kept_revision_links_as_freed_and_a_dry_run_says_so_first(folder_model, tmp_path,
+                                                                                     clean_env):
     dest = tmp_path / "v"
-    published_path(weightsync("sync", "--source", str(folder_model), "--dest", str(dest), env=clean_env))
+    first = published_path(weightsync("sync", "--source", str(folder_model), "--dest", str(dest), env=clean_env))
     (folder_model / "model.safetensors").write_bytes(safetensors_bytes(os.urandom(3 * MiB)))
     published_path(weightsync("sync", "--source", str(folder_model), "--dest", str(dest), env=clean_env))
-    assert gc_freed(dest, clean_env) >= 3 * MiB
+    would = gc_freed(dest, clean_env, "--dry-run")
+    assert first.is_dir() and tree_bytes(first), "a dry run removes nothing"
+    assert gc_freed(dest, clean_env) == would >= 3 * MiB
+    assert not first.exists()
 
 
 # -- 7. verify knows what the volume holds ---------------------------------------------------------------------
@@ -319,6 +323,12 @@ def test_a_mistyped_or_abbreviated_flag_is_refused_with_a_suggestion(typed, sugg
     assert not (tmp_path / "v").exists()
 
 
+def test_a_flag_given_twice_with_two_values_is_refused(tmp_path, clean_env):
+    result = weightsync("sync", "--source", "/a", "--source", "/b", "--dest", str(tmp_path / "v"), env=clean_env)
+    assert result.returncode == 2
+    assert "--source is given twice ('/a' and '/b')" in error_line(result)
+
+
 def test_run_without_the_double_dash_says_where_the_command_goes(folder_model, tmp_path, clean_env):
     result = weightsync("run", "--source", str(folder_model), "--dest", str(tmp_path / "v"), "python", "-m",
                         "http.server", env=clean_env)
@@ -353,6 +363,7 @@ def test_an_impossible_hub_revision_is_refused_without_a_request(revision, tmp_p
                         f"--revision={revision}", env=env)
     assert result.returncode == 2, result.stderr
     assert "cannot be a Hub branch, tag or commit" in error_line(result)
+    assert result.stderr.strip().count("\n") == 0, "refused before anything else is logged"
 
 
 def test_a_bare_repo_id_hints_at_hf_and_s3(tmp_path, clean_env):

@@ -9,7 +9,6 @@ choices in `--help`, and a hint when a server command is missing its `--`.
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import os
 import re
@@ -41,6 +40,18 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+class _StoreOnce(argparse.Action):
+    """A single-valued flag given twice with two values is a mistake in a manifest: refuse it, do not take the
+    last one silently."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        before = getattr(namespace, self.dest, None)
+        if before is not None and before != values:
+            parser.error(f"{option_string} is given twice ({before!r} and {values!r}); give it once")
+        setattr(namespace, self.dest, values)
 
 
 @dataclass(frozen=True)
@@ -175,6 +186,8 @@ def _check_env() -> None:
     known = {option.env for option in ALL_OPTIONS.values()} | set(TEST_ENV)
     for name in sorted(os.environ):
         if name.startswith(ENV_PREFIX) and name not in known and not is_service_link(name, os.environ[name]):
+            import difflib
+
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise UsageError(f"unknown environment variable {name}{hint} (see `weightsync COMMAND --help` for "
@@ -249,6 +262,8 @@ ALL_OPTIONS = {option.flag: option for option in (
     Option("--json", "print JSON instead of a table", switch=True, group=OUTPUT),
     Option("--keep", "keep the N newest revisions of each model (`current`, refs/ and locked ones are always "
            "kept)", _keep, required=True, group="what to remove", metavar="N"),
+    Option("--dry-run", "say what would be removed and the space that would be freed; remove nothing",
+           switch=True, group="what to remove"),
     Option("--staging-older-than", "remove abandoned staging untouched for this many seconds", _seconds,
            default=86400.0, group="what to remove", metavar="SECONDS"),
 )}
@@ -298,7 +313,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[Option, ...]]] = {
     "status": ("the models, revisions, staging and lock holders on a volume", "",
                _options("--dest", "--json", "--log-format", "--debug")),
     "gc": ("remove old revisions nothing points at and abandoned staging (never `current` or a locked one)", "",
-           _options("--dest", "--name", "--keep", "--staging-older-than", "--lock-mode", "--lease-timeout",
+           _options("--dest", "--name", "--keep", "--staging-older-than", "--dry-run", "--lock-mode", "--lease-timeout",
                     "--log-format", "--debug",
                     name={"help": "only this model", "shown_default": "every model on DEST"})),
 }
@@ -340,7 +355,7 @@ def _add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> 
         else:
             metavar = "{" + ",".join(option.choices) + "}" if option.choices else option.metavar or option.dest.upper()
             group.add_argument(option.flag, help=option.help_text(), metavar=metavar, default=default,
-                               choices=option.choices or None)
+                               choices=option.choices or None, action=_StoreOnce)
 
 
 def _resolve(args: argparse.Namespace, options: Sequence[Option]) -> dict[str, Any]:
@@ -417,6 +432,8 @@ def _check_before_command(argv: list[str]) -> None:
 
 def _unrecognized(command: str, extras: list[str]) -> UsageError:
     """An unknown flag gets a suggestion; a stray word after `run` gets a hint about `--`."""
+    import difflib
+
     flags = [o.flag for o in COMMANDS[command][2]]
     first_flag = next((arg for arg in extras if arg.startswith("-")), None)
     if first_flag is not None:

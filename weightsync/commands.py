@@ -234,7 +234,7 @@ def run_gc(values: dict[str, Any], _: list[str]) -> int:
 
     return collect(Path(values["dest"]), keep=values["keep"], staging_older_than=values["staging_older_than"],
                    name=values.get("name"), lock_mode=values.get("lock_mode") or "auto",
-                   lease_timeout=values.get("lease_timeout") or 60.0)
+                   lease_timeout=values.get("lease_timeout") or 60.0, dry_run=bool(values.get("dry_run")))
 
 
 def run_status(values: dict[str, Any], _: list[str]) -> int:

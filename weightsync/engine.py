@@ -152,6 +152,7 @@ class Engine:
         self.volume = ModelVolume(request.dest.absolute(), request.name or default_name(self.source, request.selection))
         self.started = time.monotonic()
         self.damaged: dict[str, set[str]] = {}  # revision -> paths that failed the warm check (repaired, not reused)
+        self._manifests: dict[str, Manifest] = {}
 
     # -- public entry points ---------------------------------------------------
     def sync(self) -> SyncResult:
@@ -161,12 +162,12 @@ class Engine:
 
     def _sync(self) -> SyncResult:
         request, source, volume = self.request, self.source, self.volume
+        volume.check_dest()  # what can be refused without a request comes first, before any log line
+        self._check_binding()
+        pinned = source.pinned_revision(request.revision)
         event("start", "sync %s%s into %s", source.uri, f" revision {request.revision}" if request.revision else "",
               volume.root, source=source.uri, revision=request.revision, dest=str(volume.root),
               offline=request.offline, verify=request.verify)
-        volume.check_dest()
-        self._check_binding()
-        pinned = source.pinned_revision(request.revision)
         known = revision_key(pinned, request.selection) if pinned else None
         if request.offline and not known:
             known = self._offline_revision()
@@ -216,7 +217,7 @@ class Engine:
         if current is None or request.rebind:
             return
         try:
-            serving = Manifest.load(volume.manifest_path(current))
+            serving = self._manifest(current)
         except ManifestError:
             return  # nothing trustworthy to compare with: the sync will re-verify or replace it
         wanted = {"include": list(request.selection.include), "exclude": list(request.selection.exclude)}
@@ -261,13 +262,20 @@ class Engine:
         return directory, describe_problems(problems)
 
     # -- warm path ---------------------------------------------------------------
+    def _manifest(self, key: str) -> Manifest:
+        """A revision's manifest, parsed once per run (the binding check and the warm check read the same one;
+        a published manifest never changes, a repair writes it only after both)."""
+        if key not in self._manifests:
+            self._manifests[key] = Manifest.load(self.volume.manifest_path(key))
+        return self._manifests[key]
+
     def published(self, key: str) -> Manifest | None:
         """The manifest if revision `key` is published and intact (sizes, or hashes with --verify full)."""
         directory = self.volume.revision_dir(key)
         if not self.volume.is_real_revision(key):  # no symlink anywhere on the way: never hand out a path outside
             return None
         try:
-            manifest = Manifest.load(self.volume.manifest_path(key))
+            manifest = self._manifest(key)
         except ManifestError as exc:
             log.warning("revision %s is on the volume but its manifest is unusable (%s); re-verifying", key, exc)
             return None

@@ -9,6 +9,9 @@ Per model under DEST (or only --name), it removes
   by a pod that died and never came back), unless their lock is held;
 * leftovers of interrupted repairs in `.trash/`.
 
+`--dry-run` walks the same decisions, prints the same lines ("would remove") and the space that would be
+freed, and removes nothing.
+
 Each revision is removed under its own lock: renamed into `.trash/` in one step
 (readers see it complete or gone), then deleted. If `current` flipped to it in
 the meantime (a warm start of a pinned revision takes no lock), it is renamed back.
@@ -33,13 +36,14 @@ log = logging.getLogger("weightsync")
 
 
 class _Freed:
-    """The disk space removals really give back.
+    """The disk space removals really give back, and the removals themselves (none with --dry-run).
 
     Revisions share unchanged files as hardlinks, so deleting a path frees its blocks only once the last
     link to its inode is gone: an inode counts when this gc has removed as many links as it had.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dry_run: bool = False) -> None:
+        self.dry_run = dry_run
         self.links: dict[tuple[int, int], tuple[int, int, int]] = {}  # inode -> (links, links removed, bytes)
         self.total = 0
 
@@ -113,11 +117,13 @@ def _age_key(volume: ModelVolume, revision: str) -> float:
 
 
 def collect(dest: Path, keep: int, staging_older_than: float, name: str | None = None, lock_mode: str = "auto",
-            lease_timeout: float = 60.0) -> int:
+            lease_timeout: float = 60.0, dry_run: bool = False) -> int:
+    """Remove what nothing needs; with `dry_run`, say what that would be and remove nothing."""
     dest = dest.absolute()
     if not is_real_dir(dest):
         raise UsageError(f"--dest {dest} is not a directory")
-    freed, removed = _Freed(), 0
+    freed, removed = _Freed(dry_run), 0
+    verb = "would remove" if dry_run else "removed"
     for model in _models(dest, name):
         volume = ModelVolume(dest, model)
         trash = volume.root / ".trash"
@@ -128,8 +134,8 @@ def collect(dest: Path, keep: int, staging_older_than: float, name: str | None =
         if is_real_dir(revisions_dir):
             for entry in revisions_dir.iterdir():
                 if entry.is_symlink():  # not something weightsync makes: drop the link, never its target
-                    log.warning("gc: removing symlink %s planted in the revisions directory", entry)
-                    entry.unlink()
+                    log.warning("gc: %s symlink %s planted in the revisions directory", verb, entry)
+                    _remove(entry, freed)
             reasons = _referenced(volume)
             newest_first = sorted(volume.revisions(), key=lambda r: _age_key(volume, r), reverse=True)
             for index, revision in enumerate(newest_first):
@@ -145,7 +151,7 @@ def collect(dest: Path, keep: int, staging_older_than: float, name: str | None =
             now = time.time()
             for entry in sorted(staging.iterdir()):
                 if entry.is_symlink() or not entry.is_dir():
-                    entry.unlink()
+                    _remove(entry, freed)
                     continue
                 age = now - _newest_mtime(entry)
                 if age < staging_older_than:
@@ -157,11 +163,11 @@ def collect(dest: Path, keep: int, staging_older_than: float, name: str | None =
                                  describe_holder(volume.lock_path(entry.name)))
                         continue
                     size = _remove(entry, freed)
-                    log.info("gc: removed abandoned staging %s of %s (%s, untouched for %.0fs)", entry.name, model,
+                    log.info("gc: %s abandoned staging %s of %s (%s, untouched for %.0fs)", verb, entry.name, model,
                              human_bytes(size), age)
-    event("gc", "gc: removed %s, freed %s on %s (files still linked from kept revisions count as not freed)",
-          counted(removed, "revision"), human_bytes(freed.total), dest, revisions_removed=removed,
-          bytes_freed=freed.total, dest=str(dest))
+    event("gc", "gc: %s %s, %s %s on %s (files still linked from kept revisions count as not freed)", verb,
+          counted(removed, "revision"), "would free" if dry_run else "freed", human_bytes(freed.total), dest,
+          revisions_removed=removed, bytes_freed=freed.total, dest=str(dest), dry_run=dry_run)
     return 0
 
 
@@ -173,6 +179,11 @@ def _remove_revision(volume: ModelVolume, revision: str, lock_mode: str, lease_t
             log.info("gc: keeping %s revision %s: in use by %s", volume.name, revision, describe_holder(lock))
             return False
         directory = volume.revision_dir(revision)
+        if freed.dry_run:
+            size = freed.tree(directory)
+            log.info("gc: would remove %s revision %s (would free %s)", volume.name, revision, human_bytes(size))
+            print(directory, flush=True)
+            return True
         aside = volume.ensure(".trash") / f"{revision}.gc.{os.getpid()}"
         os.rename(directory, aside)
         if volume.current_revision() == revision:  # a warm start flipped `current` to it meanwhile
@@ -191,8 +202,10 @@ def _remove(path: Path, freed: _Freed) -> int:
     """Delete a file or tree without following symlinks; return the bytes that freed."""
     if path.is_symlink() or not path.is_dir():
         size = freed.note(str(path))
-        path.unlink(missing_ok=True)
+        if not freed.dry_run:
+            path.unlink(missing_ok=True)
         return size
     size = freed.tree(path)
-    shutil.rmtree(path, ignore_errors=True)
+    if not freed.dry_run:
+        shutil.rmtree(path, ignore_errors=True)
     return size

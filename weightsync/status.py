@@ -100,7 +100,10 @@ def format_table(report: dict[str, Any]) -> str:
     if not report["models"]:
         lines.append("  no models")
     for model in report["models"]:
-        lines.append(f"model {model['name']}  (current: {model.get('current') or '-'})")
+        sources = {rev.get("source") for rev in model.get("revisions", []) if rev.get("current")}
+        source = next(iter(sources - {None}), None)
+        lines.append(f"model {model['name']}  (current: {model.get('current') or '-'}"
+                     + (f", from {source}" if source else "") + ")")
         lines.append(f"  {'':2}{'REVISION':<42} {'FILES':>6} {'SIZE':>10}  {'PUBLISHED':<12} {'VERIFIED':<12}")
         for rev in model.get("revisions", []):
             mark = "*" if rev["current"] else " "
