@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from weightsync import testhooks
 from weightsync.checksums import Evidence, Verified, describe_tally, feed_file, tally
 from weightsync.errors import DiskSpaceError, IntegrityError, NetworkError, SourceError, UsageError, WeightsyncError
-from weightsync.layout import ModelVolume, check_listing, safe_makedirs
+from weightsync.layout import LOCKS, MANIFESTS, REVISIONS, STAGING, ModelVolume, check_listing, safe_makedirs
 from weightsync.lockfile import Lockfile
 from weightsync.locking import Held, volume_lock
 from weightsync.manifest import Manifest, ManifestEntry, ManifestError, write_atomic
@@ -193,7 +193,7 @@ class Engine:
         if manifest is not None:
             return self._finish_warm(manifest, key, ref=snapshot.ref, source_revision=snapshot.revision)
 
-        volume.ensure(".locks")
+        volume.ensure(LOCKS)
         with volume_lock(volume.lock_path(key), request.lock_timeout, f"{volume.name} revision {key}",
                          mode=request.lock_mode, lease_timeout=request.lease_timeout) as held:
             testhooks.pause("locked")
@@ -390,11 +390,11 @@ class Engine:
 
     def _set_aside(self, key: str) -> Path | None:
         """Move a damaged or manifest-less revision out of the way of its repaired tree, into `.trash`."""
-        self.volume.ensure("revisions")  # refuses a planted symlink: never move or delete anything outside DEST
+        self.volume.ensure(REVISIONS)  # refuses a planted symlink: never move or delete anything outside DEST
         directory = self.volume.revision_dir(key)
         if not os.path.lexists(directory):
             return None
-        trash = self.volume.ensure(".trash") / f"{key}.{int(time.time())}.{os.getpid()}"
+        trash = self.volume.trash_path(f"{key}.{int(time.time())}.{os.getpid()}")
         os.rename(directory, trash)
         return trash
 
@@ -403,8 +403,8 @@ class Engine:
         from weightsync.fetch import Fetcher, FileDownload, recheck_staged, report_verified
 
         request, volume = self.request, self.volume
-        staging = volume.ensure(f".staging/{key}")
-        parts, tree = volume.ensure(f".staging/{key}/parts"), volume.ensure(f".staging/{key}/tree")
+        staging = volume.ensure(f"{STAGING}/{key}")
+        parts, tree = volume.ensure(f"{STAGING}/{key}/parts"), volume.ensure(f"{STAGING}/{key}/tree")
         verified: dict[str, Verified] = {}
         pending: list[RemoteFile] = []
         reused = 0
@@ -530,13 +530,14 @@ class Engine:
         testhooks.pause("before-publish")
         held.check()
         try:
-            write_atomic(volume.ensure("manifests") / f"{key}.json", manifest.to_json())
+            volume.ensure(MANIFESTS)
+            write_atomic(volume.manifest_path(key), manifest.to_json())
             testhooks.pause("manifest-written")
             tree = staging / "tree"
             _make_read_only(tree)
             if self.request.fsync:
                 _fsync_tree(tree)
-            revisions = volume.ensure("revisions")
+            revisions = volume.ensure(REVISIONS)
             held.check()
             aside = self._set_aside(key)
             os.rename(tree, volume.revision_dir(key))
@@ -559,7 +560,7 @@ class Engine:
 def mark_verified(volume: ModelVolume, key: str) -> None:
     """Record when every byte of a revision was last hashed (shown by `weightsync status`)."""
     try:
-        write_atomic(volume.root / "manifests" / f"{key}.verified", f"{time.time():.3f}\n".encode(), durable=False)
+        write_atomic(volume.verified_path(key), f"{time.time():.3f}\n".encode(), durable=False)
     except OSError as exc:
         log.debug("not recording the verification time: %s", exc.strerror)
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from weightsync.errors import UsageError
-from weightsync.layout import SAFE_NAME, ModelVolume, is_real_dir, model_names
+from weightsync.layout import REVISIONS, SAFE_NAME, ModelVolume, is_real_dir, model_names
 from weightsync.locking import describe_holder, try_lock
 from weightsync.manifest import Manifest, ManifestError
 from weightsync.progress import counted, event, human_bytes
@@ -126,11 +126,11 @@ def collect(dest: Path, keep: int, staging_older_than: float, name: str | None =
     verb = "would remove" if dry_run else "removed"
     for model in _models(dest, name):
         volume = ModelVolume(dest, model)
-        trash = volume.root / ".trash"
+        trash = volume.trash
         if is_real_dir(trash):
             for leftover in trash.iterdir():
                 _remove(leftover, freed)
-        revisions_dir = volume.root / "revisions"
+        revisions_dir = volume.root / REVISIONS
         if is_real_dir(revisions_dir):
             for entry in revisions_dir.iterdir():
                 if entry.is_symlink():  # not something weightsync makes: drop the link, never its target
@@ -146,7 +146,7 @@ def collect(dest: Path, keep: int, staging_older_than: float, name: str | None =
                 else:
                     if _remove_revision(volume, revision, lock_mode, lease_timeout, freed):
                         removed += 1
-        staging = volume.root / ".staging"
+        staging = volume.staging_root
         if is_real_dir(staging):
             now = time.time()
             for entry in sorted(staging.iterdir()):
@@ -184,14 +184,14 @@ def _remove_revision(volume: ModelVolume, revision: str, lock_mode: str, lease_t
             log.info("gc: would remove %s revision %s (would free %s)", volume.name, revision, human_bytes(size))
             print(directory, flush=True)
             return True
-        aside = volume.ensure(".trash") / f"{revision}.gc.{os.getpid()}"
+        aside = volume.trash_path(f"{revision}.gc.{os.getpid()}")
         os.rename(directory, aside)
         if volume.current_revision() == revision:  # a warm start flipped `current` to it meanwhile
             os.rename(aside, directory)
             log.info("gc: keeping %s revision %s (it just became current)", volume.name, revision)
             return False
-        for suffix in (".json", ".verified"):
-            (volume.root / "manifests" / f"{revision}{suffix}").unlink(missing_ok=True)
+        for path in (volume.manifest_path(revision), volume.verified_path(revision)):
+            path.unlink(missing_ok=True)
         size = _remove(aside, freed)
         log.info("gc: removed %s revision %s (freed %s)", volume.name, revision, human_bytes(size))
         print(directory, flush=True)

@@ -26,6 +26,8 @@ from urllib.parse import quote
 
 from weightsync.errors import DiskSpaceError, IntegrityError, UsageError, WeightsyncError
 
+# The directories of one model, relative to DEST/<name>/ (the module docstring draws them).
+REVISIONS, MANIFESTS, REFS, STAGING, LOCKS, TRASH = "revisions", "manifests", "refs", ".staging", ".locks", ".trash"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 MAX_PATH_BYTES = 4000
 MAX_COMPONENT_BYTES = 255
@@ -101,7 +103,7 @@ def model_names(dest: Path) -> list[str]:
         return []
     return [child.name for child in children
             if SAFE_NAME.match(child.name) and is_real_dir(child)
-            and (is_real_dir(child / "revisions") or is_real_dir(child / ".staging"))]
+            and (is_real_dir(child / REVISIONS) or is_real_dir(child / STAGING))]
 
 
 class ModelVolume:
@@ -116,19 +118,39 @@ class ModelVolume:
         self.current = self.root / "current"
 
     def revision_dir(self, revision: str) -> Path:
-        return self.root / "revisions" / revision
+        return self.root / REVISIONS / revision
 
     def manifest_path(self, revision: str) -> Path:
-        return self.root / "manifests" / f"{revision}.json"
+        return self.root / MANIFESTS / f"{revision}.json"
+
+    def verified_path(self, revision: str) -> Path:
+        """When every byte of the revision was last hashed (`weightsync status`)."""
+        return self.root / MANIFESTS / f"{revision}.verified"
+
+    def trash_path(self, label: str) -> Path:
+        """A place to move a revision or staging tree into, in one rename, before it is deleted."""
+        return self.ensure(TRASH) / label
+
+    @property
+    def trash(self) -> Path:
+        return self.root / TRASH
+
+    @property
+    def staging_root(self) -> Path:
+        return self.root / STAGING
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / LOCKS
 
     def staging_dir(self, revision: str) -> Path:
-        return self.root / ".staging" / revision
+        return self.root / STAGING / revision
 
     def lock_path(self, revision: str) -> Path:
-        return self.root / ".locks" / f"{revision}.lock"
+        return self.root / LOCKS / f"{revision}.lock"
 
     def ref_path(self, ref: str) -> Path:
-        return self.root / "refs" / quote(ref, safe="")
+        return self.root / REFS / quote(ref, safe="")
 
     def check_dest(self) -> None:
         """Refuse, before any request, a --dest that can never hold a volume: a file, a dangling symlink."""
@@ -170,7 +192,7 @@ class ModelVolume:
 
     def is_real_revision(self, revision: str) -> bool:
         """revisions/<revision> is a directory reached without any symlink (DEST/<name>, revisions, itself)."""
-        for path in (self.root, self.root / "revisions", self.revision_dir(revision), self.root / "manifests"):
+        for path in (self.root, self.root / REVISIONS, self.revision_dir(revision), self.root / MANIFESTS):
             try:
                 if not stat.S_ISDIR(os.lstat(path).st_mode):
                     return False
@@ -184,7 +206,7 @@ class ModelVolume:
         except OSError:
             return None
         parts = PurePosixPath(target).parts
-        if len(parts) == 2 and parts[0] == "revisions" and SAFE_NAME.match(parts[1]):
+        if len(parts) == 2 and parts[0] == REVISIONS and SAFE_NAME.match(parts[1]):
             return parts[1]
         return None
 
@@ -195,7 +217,7 @@ class ModelVolume:
         temporary = self.root / f".current.{os.getpid()}.tmp"
         try:
             temporary.unlink(missing_ok=True)
-            os.symlink(f"revisions/{revision}", temporary)
+            os.symlink(f"{REVISIONS}/{revision}", temporary)
             os.replace(temporary, self.current)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
@@ -206,7 +228,7 @@ class ModelVolume:
         from weightsync.manifest import write_atomic
 
         if self.read_ref(ref) != revision:
-            self.ensure("refs")
+            self.ensure(REFS)
             write_atomic(self.ref_path(ref), revision.encode() + b"\n")
 
     def read_ref(self, ref: str) -> str | None:
@@ -220,6 +242,6 @@ class ModelVolume:
 
     def revisions(self) -> list[str]:
         try:
-            return sorted(p.name for p in (self.root / "revisions").iterdir() if p.is_dir())
+            return sorted(p.name for p in (self.root / REVISIONS).iterdir() if p.is_dir())
         except OSError:
             return []

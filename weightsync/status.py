@@ -58,17 +58,17 @@ def model_status(volume: ModelVolume) -> dict[str, Any]:
         except ManifestError as exc:
             entry["problem"] = str(exc)
         try:
-            entry["last_verified"] = float((volume.root / "manifests" / f"{revision}.verified").read_text())
+            entry["last_verified"] = float(volume.verified_path(revision).read_text())
         except (OSError, ValueError):
             entry["last_verified"] = None
         revisions.append(entry)
     staging = []
-    for directory in sorted((volume.root / ".staging").glob("*")):
+    for directory in sorted(volume.staging_root.glob("*")):
         if directory.is_dir() and not directory.is_symlink():
             staging.append({"revision": directory.name, "bytes_on_disk": _tree_bytes(directory),
                             "age_seconds": round(time.time() - directory.stat().st_mtime)})
     locks = []
-    for lock in sorted((volume.root / ".locks").glob("*.lock")):
+    for lock in sorted(volume.locks_dir.glob("*.lock")):
         held = _held(lock)
         holder = None
         if held:
