@@ -167,7 +167,7 @@ def run_verify(values: dict[str, Any], _: list[str]) -> int:
     directory, problems = engine.verify(values.get("revision"))
     if problems:
         repair = shlex.join(["weightsync", "sync", "--source", engine.source.uri, "--dest", values["dest"],
-                             "--name", engine.volume.name, *_filter_flags(values), "--revision",
+                             "--name", engine.volume.name, *engine.request.selection.flags(), "--revision",
                              engine.source_revision_of(directory.name), "--verify", "full"])
         raise IntegrityError(f"{directory} failed verification: " + "; ".join(problems[:5])
                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
@@ -179,18 +179,12 @@ def run_verify(values: dict[str, Any], _: list[str]) -> int:
     return 0
 
 
-def _filter_flags(values: dict[str, Any]) -> list[str]:
-    flags = [f"--include={glob}" for glob in values.get("include") or ()]
-    return flags + [f"--exclude={glob}" for glob in values.get("exclude") or ()]
-
-
 def _recorded_model(dest: Path, name: str | None) -> dict[str, Any]:
     """The name, source and filters a volume records for a model (from its `current` manifest)."""
-    from weightsync.layout import ModelVolume, model_names
+    from weightsync.layout import ModelVolume, model_names, require_volume
     from weightsync.manifest import Manifest, ManifestError
 
-    if not dest.is_dir():
-        raise UsageError(f"--dest {dest} does not exist or is not a directory; point it at the volume")
+    require_volume(dest)
     names = model_names(dest)
     if name is not None and name not in names:
         raise UsageError(f"--dest {dest} has no model {name!r} (models: {', '.join(names) or 'none'})")
@@ -201,7 +195,7 @@ def _recorded_model(dest: Path, name: str | None) -> dict[str, Any]:
                              "to verify")
         name = names[0]
     volume = ModelVolume(dest, name)
-    revision = volume.current_revision() or next(iter(reversed(volume.revisions())), None)
+    revision = volume.current_revision() or next(iter(volume.revisions()), None)  # any: one name, one source
     try:
         if revision is None:
             raise ManifestError("nothing is published")

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import stat
 import time
@@ -220,8 +221,9 @@ class Engine:
             serving = self._manifest(current)
         except ManifestError:
             return  # nothing trustworthy to compare with: the sync will re-verify or replace it
-        wanted = {"include": list(request.selection.include), "exclude": list(request.selection.exclude)}
-        recorded = {"include": serving.selection.get("include", []), "exclude": serving.selection.get("exclude", [])}
+        wanted = request.selection
+        recorded = Selection(include=tuple(serving.selection.get("include", ())),
+                             exclude=tuple(serving.selection.get("exclude", ())))
         if serving.source == self.source.uri and recorded == wanted:
             return
         raise UsageError(
@@ -565,10 +567,9 @@ def mark_verified(volume: ModelVolume, key: str) -> None:
         log.debug("not recording the verification time: %s", exc.strerror)
 
 
-def _describe_filters(selection: dict[str, list[str]]) -> str:
-    flags = [f"--include {glob!r}" for glob in selection["include"]]
-    flags += [f"--exclude {glob!r}" for glob in selection["exclude"]]
-    return f" with {' '.join(flags)}" if flags else " (every file)"
+def _describe_filters(selection: Selection) -> str:
+    flags = selection.flags()
+    return f" with {shlex.join(flags)}" if flags else " (every file)"
 
 
 def _first_of(paths: list[str]) -> str:

@@ -95,6 +95,12 @@ def is_real_dir(path: Path) -> bool:
         return False
 
 
+def require_volume(dest: Path) -> None:
+    """For commands that only read a volume (status, verify): DEST must be an existing directory."""
+    if not dest.is_dir():
+        raise UsageError(f"--dest {dest} does not exist or is not a directory; point it at the volume")
+
+
 def model_names(dest: Path) -> list[str]:
     """The models on a volume: real directories (no symlink) holding revisions or staging."""
     try:

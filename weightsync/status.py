@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsync.checksums import describe_tally, tally
-from weightsync.errors import UsageError
-from weightsync.layout import ModelVolume, model_names
+from weightsync.layout import ModelVolume, model_names, require_volume
 from weightsync.manifest import Manifest, ManifestError
 from weightsync.progress import human_bytes, human_duration
 
@@ -83,8 +82,7 @@ def model_status(volume: ModelVolume) -> dict[str, Any]:
 
 
 def volume_status(dest: Path) -> dict[str, Any]:
-    if not dest.is_dir():
-        raise UsageError(f"--dest {dest} does not exist or is not a directory; point it at the volume")
+    require_volume(dest)
     models = []
     for name in model_names(dest):
         try:

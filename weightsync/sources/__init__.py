@@ -107,6 +107,11 @@ class Selection:
             return False
         return not any(fnmatchcase(path, pattern) for pattern in self.exclude)
 
+    def flags(self) -> list[str]:
+        """The command-line flags that ask for this filter set: `--include GLOB ... --exclude GLOB ...`."""
+        return [*(arg for glob in self.include for arg in ("--include", glob)),
+                *(arg for glob in self.exclude for arg in ("--exclude", glob))]
+
     def key(self) -> str:
         """A short stable id of the filter set, '' when nothing is filtered."""
         if not self.include and not self.exclude:
