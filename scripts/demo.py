@@ -114,8 +114,8 @@ def main() -> int:
             print(f"demo: answer {json.dumps(answer)}")
             after = os.readlink(current)
             if after == before:
-                print(f"demo: warm start: {current} -> {after} was already published and verified, so nothing "
-                      "was downloaded")
+                print(f"demo: warm start: {current} -> {after} was already published (every byte verified "
+                      "then; manifest and sizes checked now), so nothing was downloaded")
             else:
                 print(f"demo: model published at {current} -> {after}; run `make demo` again for a warm start")
         finally:
