@@ -106,7 +106,12 @@ def test_single_object_uri(s3):
     s3.put_object(Bucket="bkt", Key="models/model.gguf", Body=b"GGUF")
     src = source("s3://bkt/models/model.gguf")
     [file] = src.snapshot(None, Selection()).files
-    assert file.path == "model.gguf" and src._key(file) == "models/model.gguf"
+    assert file.path == "model.gguf" and file.locator == "models/model.gguf"
+    fresh = source("s3://bkt/models/model.gguf")  # the locator alone finds the bytes: no state from snapshot()
+    reader = fresh.open_range(file, 1, 4)
+    buffer = memoryview(bytearray(8))
+    assert buffer[: reader.readinto(buffer)].tobytes() == b"GUF"
+    reader.close()
 
 
 def test_missing_bucket_and_empty_prefix_are_source_errors(s3):

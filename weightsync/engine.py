@@ -488,6 +488,8 @@ class Engine:
         source's current one.
         """
         lockfile = self.request.lockfile
+        if not self.source.features.describes:
+            return files
 
         def describe(remote: RemoteFile) -> RemoteFile:
             thorough = self.request.require_checksum or bool(lockfile and lockfile.needs_describe(remote))

@@ -439,7 +439,7 @@ class Fetcher:
         self.source = source
         self.progress = progress
         self.concurrency, self.buffer_size = worker_plan(concurrency,
-                                                         streams_per_cpu=getattr(source, "streams_per_cpu", None))
+                                                         streams_per_cpu=source.features.streams_per_cpu)
         self.retry = retry
         self.fsync = fsync
         self.results: dict[str, Verified] = {}
@@ -537,7 +537,7 @@ class Fetcher:
             reader = self.source.open_range(download.remote, position, end)
             unhashed = 0
             try:
-                for field, reason in getattr(reader, "voids", {}).items():
+                for field, reason in reader.voids.items():
                     download.void(field, reason)
                 while position < end:
                     if self._stopping():

@@ -1,9 +1,14 @@
 """The source interface: list files (path, size, checksum) and read a byte range.
 
-Every backend (`file`, `s3`, `hf`) implements `Source`; the engine never knows
-which one it talks to. Backends import their heavy libraries (boto3,
-huggingface_hub) lazily, so constructing a Source costs nothing and the warm
-path never pays for them.
+Every backend (`file`, `s3`, `hf`) implements `Source` and passes one conformance
+suite (tests/test_source_conformance.py); the engine never knows which one it
+talks to. What a backend can do beyond the minimum is declared in its `Features`
+(as rclone's fs.Features), never probed with getattr. Each listed `RemoteFile`
+carries an opaque `locator` (an S3 key, a resolve URL, an absolute path), so
+`open_range` needs nothing but the file. Backends import their heavy libraries
+(boto3, huggingface_hub) lazily (see weightsync/lazy.py), so constructing a
+Source costs nothing and the warm path never pays for them. Adding a backend:
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class RemoteFile:
     `promises` are the checksums the source vouches for (see checksums.py); the engine
     verifies the cheapest sound one. `etag` is an opaque identity of this exact content
     at the source, used to invalidate resume state and to reuse files across revisions.
+    `locator` is where the source finds the bytes (opaque to everything but the source that listed it).
     `metadata_requests` counts the requests the describe step spent learning the promises.
     """
 
@@ -32,6 +38,7 @@ class RemoteFile:
     size: int
     promises: tuple[Promise, ...] = ()
     etag: str | None = None
+    locator: str = field(default="", compare=False)
     metadata_requests: int = field(default=0, compare=False)
 
     @property
@@ -62,7 +69,34 @@ class Snapshot:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Features:
+    """What a backend can do beyond listing and ranged reads, declared once per backend.
+
+    The engine and the fetcher read these instead of asking `hasattr`; the conformance
+    suite checks that each backend behaves as it declares.
+    """
+
+    describes: bool = False
+    """`describe` may learn promises the listing lacks (and spend requests on it); False: it never does."""
+    promises: frozenset[str] = frozenset()
+    """The checksum algorithms this source can promise (checksums.ALGORITHMS names); empty: sizes only."""
+    voids_promises: bool = False
+    """A response may prove a listed promise unsound (an SSE-KMS object's ETag is no MD5): readers say so in
+    `RangeReader.voids`, and the file is verified by the next best promise."""
+    streams_per_cpu: int | None = None
+    """Past this many concurrent streams per usable CPU a stream only adds contention (a reader that parses
+    HTTP in Python under the GIL); None: no such limit."""
+    refs: bool = False
+    """Revisions have names that move (branches, tags), recorded under refs/ for --offline."""
+
+
 class RangeReader(Protocol):
+    """One ranged read in flight: `readinto` until it returns 0, then `close`."""
+
+    voids: dict[str, str]
+    """Promise field -> why this response proved it unsound; always empty unless Features.voids_promises."""
+
     def readinto(self, buffer: memoryview) -> int: ...
 
     def close(self) -> None: ...
@@ -75,6 +109,7 @@ class Source(Protocol):
     uri: str
     default_name: str
     default_ref: str | None
+    features: Features
 
     def pinned_revision(self, revision: str | None) -> str | None:
         """The revision id if `revision` names immutable content (no network needed), else None."""
@@ -90,7 +125,8 @@ class Source(Protocol):
         """
 
     def open_range(self, file: RemoteFile, start: int, end: int) -> RangeReader:
-        """A stream of bytes [start, end) of `file`; raise TransientError on retryable failures."""
+        """A stream of bytes [start, end) of `file`, found by `file.locator` alone (no state from `snapshot`);
+        raise TransientError on retryable failures, a WeightsyncError (with its exit code) on fatal ones."""
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import unquote, urlparse
 
 from weightsync.errors import SourceError, UsageError
-from weightsync.sources import LISTING_DIGEST, RemoteFile, Selection, Snapshot, listing_digest, slugify
+from weightsync.sources import LISTING_DIGEST, Features, RemoteFile, Selection, Snapshot, listing_digest, slugify
 
 # `owner/name`: what a Hub repo id or a bucket/prefix looks like when its scheme was forgotten.
 REPO_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -23,6 +24,8 @@ REPO_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*
 
 class _FileRange:
     """A bounded reader over one byte range of a local file."""
+
+    voids: ClassVar[dict[str, str]] = {}
 
     def __init__(self, path: Path, start: int, end: int) -> None:
         self._fd = os.open(path, os.O_RDONLY)
@@ -43,10 +46,14 @@ class _FileRange:
 
 @dataclass
 class FileSource:
+    """A folder; each file's locator is its absolute path. It promises no checksum: files are checked by size,
+    and their sha256 is computed as they are copied."""
+
     root: Path
     given: str = ""  # --source as typed, for hints
     kind: str = "file"
     default_ref: str | None = None
+    features: ClassVar[Features] = Features()
 
     @classmethod
     def from_uri(cls, uri: str) -> FileSource:
@@ -95,7 +102,8 @@ class FileSource:
                     info = full.stat()
                 except OSError as exc:
                     raise SourceError(f"cannot read {full}: {exc.strerror}") from exc
-                files.append(RemoteFile(path=rel, size=info.st_size, etag=f"{info.st_size}-{info.st_mtime_ns}"))
+                files.append(RemoteFile(path=rel, size=info.st_size, etag=f"{info.st_size}-{info.st_mtime_ns}",
+                                        locator=str(full)))
         digest = listing_digest([(f.path, f.size, f.etag or "") for f in files])
         return Snapshot(revision=digest, files=tuple(files))
 
@@ -108,7 +116,6 @@ class FileSource:
 
     def open_range(self, file: RemoteFile, start: int, end: int) -> _FileRange:
         try:
-            return _FileRange(self.root / file.path, start, end)
+            return _FileRange(Path(file.locator), start, end)
         except FileNotFoundError as exc:
-            raise SourceError(f"{self.root / file.path} disappeared from the source during the sync; "
-                              "rerun") from exc
+            raise SourceError(f"{file.locator} disappeared from the source during the sync; rerun") from exc

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -25,7 +25,7 @@ from weightsync import __version__
 from weightsync.checksums import Promise
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
 from weightsync.retry import CONNECT_TIMEOUT, STALL_TIMEOUT
-from weightsync.sources import ErrorTranslator, RemoteFile, Selection, Snapshot, slugify
+from weightsync.sources import ErrorTranslator, Features, RemoteFile, Selection, Snapshot, slugify
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$|^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -68,6 +68,8 @@ def _hub() -> Any:
 
 @dataclass
 class HubSource:
+    """A Hub repo; each file's locator is its resolve URL at the listed commit."""
+
     repo_id: str
     repo_type: str = "model"
     uri_revision: str | None = None
@@ -76,8 +78,8 @@ class HubSource:
     kind: str = "hf"
     # httpx/h11 parse every response in Python under the GIL: more than two streams per CPU only
     # contend for it (fetch.worker_plan caps the workers; measured in benchmarks/README.md).
-    streams_per_cpu: ClassVar[int] = 2
-    _commit: str | None = field(default=None, repr=False)
+    features: ClassVar[Features] = Features(promises=frozenset({"sha256", "git-sha1"}), streams_per_cpu=2,
+                                            refs=True)
 
     @classmethod
     def from_uri(cls, uri: str, *, stall_timeout: float = STALL_TIMEOUT, offline: bool = False) -> HubSource:
@@ -127,35 +129,30 @@ class HubSource:
             if not commit or not COMMIT.match(commit):
                 raise SourceError(f"{self.uri}@{ref}: the Hub returned no commit id; check the revision")
             entries = api.list_repo_tree(self.repo_id, revision=commit, repo_type=self.repo_type, recursive=True)
-            files = [self._remote_file(entry) for entry in entries if hasattr(entry, "blob_id")]
-        self._commit = commit
+            files = [self._remote_file(hub, entry, commit) for entry in entries if hasattr(entry, "blob_id")]
         files = [f for f in files if selection.matches(f.path)]
         if not files:
             raise SourceError(f"{self.uri}@{ref} has no files" + (" matching --include/--exclude"
                                                                     if selection.key() else ""))
         return Snapshot(revision=commit, files=tuple(files), ref=None if COMMIT.match(ref) else ref)
 
-    @staticmethod
-    def _remote_file(entry: Any) -> RemoteFile:
+    def _remote_file(self, hub: Any, entry: Any, commit: str) -> RemoteFile:
+        url = hub.hf_hub_url(self.repo_id, entry.path, revision=quote(commit, safe=""), repo_type=self.repo_type)
         lfs = getattr(entry, "lfs", None)
         if lfs is not None:
             sha256 = lfs.sha256.lower()
             return RemoteFile(path=entry.path, size=entry.size, promises=(Promise("sha256", sha256, "lfs"),),
-                              etag=sha256)
-        return RemoteFile(path=entry.path, size=entry.size,
-                          promises=(Promise("git-sha1", entry.blob_id.lower(), "git blob id"),), etag=entry.blob_id)
+                              etag=sha256, locator=url)
+        return RemoteFile(path=entry.path, size=entry.size, etag=entry.blob_id, locator=url,
+                          promises=(Promise("git-sha1", entry.blob_id.lower(), "git blob id"),))
 
     def describe(self, file: RemoteFile, thorough: bool = False) -> RemoteFile:
         return file
 
     def open_range(self, file: RemoteFile, start: int, end: int) -> _HubRange:
-        if self._commit is None:
-            raise AssertionError("snapshot() must run before open_range()")
-        hub = _hub()
         from huggingface_hub.utils import build_hf_headers, get_session
 
-        url = hub.hf_hub_url(self.repo_id, file.path, revision=quote(self._commit, safe=""),
-                             repo_type=self.repo_type)
+        url = file.locator
         headers = build_hf_headers(library_name="weightsync", library_version=__version__)
         headers["Range"] = f"bytes={start}-{end - 1}"
         headers["Accept-Encoding"] = "identity"
@@ -199,6 +196,8 @@ class _HubRange:
     fixed-size chunks), copied into the caller's buffer until it is full. An error after
     some bytes were copied is raised on the next call, so those bytes are kept.
     """
+
+    voids: ClassVar[dict[str, str]] = {}
 
     def __init__(self, response: Any, what: str) -> None:
         self._response = response

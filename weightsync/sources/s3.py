@@ -14,13 +14,22 @@ import logging
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from weightsync import __version__
 from weightsync.checksums import ALGORITHMS, Promise, choose, from_base64
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
 from weightsync.retry import CONNECT_TIMEOUT, STALL_TIMEOUT
-from weightsync.sources import LISTING_DIGEST, ErrorTranslator, RemoteFile, Selection, Snapshot, listing_digest, slugify
+from weightsync.sources import (
+    LISTING_DIGEST,
+    ErrorTranslator,
+    Features,
+    RemoteFile,
+    Selection,
+    Snapshot,
+    listing_digest,
+    slugify,
+)
 
 log = logging.getLogger("weightsync")
 MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -93,6 +102,8 @@ def _with_layout(promise: Promise, layout: tuple[int, ...] | str, checksums: dic
 
 @dataclass
 class S3Source:
+    """A bucket and prefix; each file's locator is its object key."""
+
     bucket: str
     prefix: str
     addressing_style: str = "auto"
@@ -100,9 +111,10 @@ class S3Source:
     concurrency: int = 8
     kind: str = "s3"
     default_ref: str | None = None
+    features: ClassVar[Features] = Features(describes=True, promises=frozenset(ALGORITHMS) - {"git-sha1"},
+                                            voids_promises=True)
     _client: Any = field(default=None, repr=False)
     _client_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _single_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_uri(cls, uri: str, *, addressing_style: str = "auto", stall_timeout: float = STALL_TIMEOUT,
@@ -178,24 +190,18 @@ class S3Source:
                     key = obj["Key"]
                     if key.endswith("/"):
                         continue  # a "directory marker", not a file
-                    files.append(self._remote_file(key[len(list_prefix):], obj["Size"], obj.get("ETag", "")))
-            if not files and self.prefix:
+                    files.append(self._remote_file(key, key[len(list_prefix):], obj["Size"], obj.get("ETag", "")))
+            if not files and self.prefix:  # s3://bucket/path/to/model.safetensors: one object, not a prefix
                 head = self._head(self.prefix, missing_ok=True)
                 if head is not None:
-                    self._single_key = self.prefix
                     name = self.prefix.rsplit("/", 1)[-1]
-                    files.append(self._remote_file(name, head["ContentLength"], head.get("ETag", "")))
+                    files.append(self._remote_file(self.prefix, name, head["ContentLength"], head.get("ETag", "")))
         return files
 
     @staticmethod
-    def _remote_file(path: str, size: int, etag: str) -> RemoteFile:
+    def _remote_file(key: str, path: str, size: int, etag: str) -> RemoteFile:
         etag = etag.strip('"')
-        return RemoteFile(path=path, size=size, promises=_etag_promises(etag), etag=etag)
-
-    def _key(self, file: RemoteFile) -> str:
-        if self._single_key is not None:
-            return self._single_key
-        return f"{self.prefix}/{file.path}" if self.prefix else file.path
+        return RemoteFile(path=path, size=size, promises=_etag_promises(etag), etag=etag, locator=key)
 
     def _head(self, key: str, missing_ok: bool = False, **extra: Any) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
@@ -219,7 +225,7 @@ class S3Source:
         listed = choose(file.promises)
         if not thorough and listed is not None and (listed.cost == 0 or file.size < DESCRIBE_BELOW_MD5):
             return file
-        key = self._key(file)
+        key = file.locator
         with self._errors(f"reading metadata of s3://{self.bucket}/{key}"):
             head = self._head(key) or {}
             requests = 1
@@ -286,8 +292,8 @@ class S3Source:
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, count))) as pool:
             return list(pool.map(part_size, range(1, count + 1)))
 
-    def open_range(self, file: RemoteFile, start: int, end: int) -> Any:
-        key = self._key(file)
+    def open_range(self, file: RemoteFile, start: int, end: int) -> _S3Range:
+        key = file.locator
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
         if file.etag:
             args["IfMatch"] = f'"{file.etag}"'
@@ -320,7 +326,7 @@ class _S3Range:
     def __init__(self, body: Any, errors: _S3ErrorMapper, etag_not_md5: str) -> None:
         self._body = body
         self._errors = errors
-        self.voids = {"ETag": etag_not_md5} if etag_not_md5 else {}
+        self.voids: dict[str, str] = {"ETag": etag_not_md5} if etag_not_md5 else {}
         self._raw, self._socket_response = _direct_stream(body)
 
     def readinto(self, buffer: memoryview) -> int:
