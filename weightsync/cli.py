@@ -501,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         split = argv.index("--")
         argv, command = argv[:split], argv[split + 1:]
     debug = "--debug" in argv or (_env_value(ENV_PREFIX + "DEBUG") or "").lower() in TRUE
-    from weightsync.progress import setup_logging
+    from weightsync.logs import setup_logging
 
     log_format = _early_value(argv, "--log-format") or _env_value(ENV_PREFIX + "LOG_FORMAT") or "text"
     setup_logging(debug, "json" if log_format == "json" else "text")
@@ -527,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _fail(line: str, code: int, debug: bool, log_format: str) -> int:
     """The one error line (or, with --log-format json, one `error` event); a traceback only under --debug."""
-    from weightsync.progress import event, redact
+    from weightsync.logs import event, redact
 
     if debug:
         print(redact(traceback.format_exc()), end="", file=sys.stderr)

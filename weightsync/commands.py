@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsync.errors import IntegrityError, UsageError, WeightsyncError
-from weightsync.progress import event, write_termination_message
+from weightsync.logs import event, write_termination_message
 
 TRUE = {"1", "true", "yes", "on"}
 

@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING
 from weightsync import testhooks
 from weightsync.checksums import Evidence, Verified, describe_tally, feed_file, tally
 from weightsync.errors import DiskSpaceError, IntegrityError, NetworkError, SourceError, UsageError, WeightsyncError
+from weightsync.fsutil import fsync_dir, fsync_tree, make_read_only, write_atomic
 from weightsync.layout import LOCKS, MANIFESTS, REVISIONS, STAGING, ModelVolume, check_listing, safe_makedirs
 from weightsync.lockfile import Lockfile
 from weightsync.locking import Held, volume_lock
-from weightsync.manifest import Manifest, ManifestEntry, ManifestError, write_atomic
-from weightsync.progress import Progress, counted, event, human_bytes, human_duration
+from weightsync.logs import event
+from weightsync.manifest import Manifest, ManifestEntry, ManifestError
+from weightsync.progress import Progress, counted, human_bytes, human_duration
 from weightsync.retry import STALL_TIMEOUT, RetryPolicy, call_with_retries
 from weightsync.sources import RemoteFile, Selection, Snapshot, Source, open_source
 
@@ -538,15 +540,15 @@ class Engine:
             write_atomic(volume.manifest_path(key), manifest.to_json())
             testhooks.pause("manifest-written")
             tree = staging / "tree"
-            _make_read_only(tree)
+            make_read_only(tree)
             if self.request.fsync:
-                _fsync_tree(tree)
+                fsync_tree(tree)
             revisions = volume.ensure(REVISIONS)
             held.check()
             aside = self._set_aside(key)
             os.rename(tree, volume.revision_dir(key))
             if self.request.fsync:
-                _fsync_dir(revisions)
+                fsync_dir(revisions)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskSpaceError(f"the volume filled up while publishing {key}: {exc.strerror}; nothing was "
@@ -619,28 +621,10 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
-def _make_read_only(tree: Path) -> None:
-    """Published files are read-only (0444): a server or a shell cannot rewrite them by accident. Directories
-    stay writable by their owner, so gc and repair can still move and delete whole revisions."""
-    for dirpath, _, filenames in os.walk(tree):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            mode = stat.S_IMODE(os.lstat(path).st_mode)
-            if mode & 0o222:
-                os.chmod(path, mode & ~0o222)
 
 
-def _fsync_tree(tree: Path) -> None:
-    for dirpath, _, _ in os.walk(tree):
-        _fsync_dir(Path(dirpath))
 
 
 class ReuseIndex:

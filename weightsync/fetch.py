@@ -34,9 +34,10 @@ from typing import Any
 
 from weightsync.checksums import Verified, Verifier, verify_path
 from weightsync.errors import DiskSpaceError, IntegrityError, WeightsyncError
+from weightsync.fsutil import copy_range, is_regular_file_of_size, read_nofollow, write_atomic
 from weightsync.layout import safe_makedirs
-from weightsync.manifest import read_nofollow, write_atomic
-from weightsync.progress import Progress, event
+from weightsync.logs import event
+from weightsync.progress import Progress
 from weightsync.retry import RetryPolicy, call_with_retries
 from weightsync.sources import RemoteFile, Source
 
@@ -161,14 +162,14 @@ class FileDownload:
         final = self.tree_dir / self.remote.path
         sha256 = state.get("sha256")
         if isinstance(sha256, str) and len(sha256) == 64:
-            if _is_regular_file_of_size(final, self.remote.size):
+            if is_regular_file_of_size(final, self.remote.size):
                 return sha256
-            if _is_regular_file_of_size(self.part_path, self.remote.size):
+            if is_regular_file_of_size(self.part_path, self.remote.size):
                 self._move_into_tree()
                 return sha256
             return None
         done, partial = state.get("done"), state.get("partial") or {}
-        if isinstance(done, list) and _is_regular_file_of_size(self.part_path, self.remote.size):
+        if isinstance(done, list) and is_regular_file_of_size(self.part_path, self.remote.size):
             self.done = {i for i in done if isinstance(i, int) and 0 <= i < len(self.chunks)}
             for index, count in (partial.items() if isinstance(partial, dict) else ()):
                 if str(index).isdigit() and isinstance(count, int) and int(index) < len(self.chunks):
@@ -185,7 +186,7 @@ class FileDownload:
         Copying the bytes the resume state records into a new file and renaming it over the old name leaves
         the old holder writing into an unlinked inode nobody reads. Only recorded ranges are copied.
         """
-        if not (self.done or self.partial) or not _is_regular_file_of_size(self.part_path, self.remote.size):
+        if not (self.done or self.partial) or not is_regular_file_of_size(self.part_path, self.remote.size):
             return
         fresh = self.part_path.with_name(self.part_path.name + ".detached")
         source = os.open(self.part_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -197,7 +198,11 @@ class FileDownload:
                 ranges += [(self.chunks[i][0], self.chunks[i][0] + n) for i, n in self.partial.items()
                            if i not in self.done]
                 for start, end in ranges:
-                    _copy_range(source, target, start, end - start)
+                    try:
+                        copy_range(source, target, start, end - start)
+                    except EOFError as exc:
+                        raise IntegrityError(f"{self.part_path} is shorter than its resume state says ({exc}); "
+                                             "rerun") from exc
             finally:
                 os.close(target)
         finally:
@@ -402,28 +407,8 @@ def recheck_staged(download: FileDownload) -> Verified | None:
     return verified
 
 
-def _copy_range(source: int, target: int, offset: int, length: int) -> None:
-    """Copy `length` bytes at `offset` between two files, in the kernel where it can (copy_file_range)."""
-    done = 0
-    while done < length:
-        try:
-            count = os.copy_file_range(source, target, length - done, offset + done, offset + done)
-        except OSError:
-            data = os.pread(source, min(BUFFER_SIZE * 16, length - done), offset + done)
-            count = os.pwrite(target, data, offset + done) if data else 0
-        if not count:
-            raise IntegrityError(f"part file shorter than its resume state says (at byte {offset + done})")
-        done += count
 
 
-def _is_regular_file_of_size(path: Path, size: int) -> bool:
-    import stat
-
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(info.st_mode) and info.st_size == size
 
 
 class Fetcher:

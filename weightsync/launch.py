@@ -16,7 +16,7 @@ import shlex
 from pathlib import Path
 
 from weightsync.errors import CommandNotExecutableError, CommandNotFoundError, UsageError, WeightsyncError
-from weightsync.progress import event
+from weightsync.logs import event
 
 PLACEHOLDER = "{MODEL_DIR}"
 MISSING_COMMAND = ("run needs the server command after `--`, e.g. "

@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
 from weightsync.errors import DiskSpaceError, IntegrityError, UsageError, WeightsyncError
+from weightsync.fsutil import read_nofollow, write_atomic
 
 # The directories of one model, relative to DEST/<name>/ (the module docstring draws them).
 REVISIONS, MANIFESTS, REFS, STAGING, LOCKS, TRASH = "revisions", "manifests", "refs", ".staging", ".locks", ".trash"
@@ -231,15 +232,11 @@ class ModelVolume:
 
     def record_ref(self, ref: str, revision: str) -> None:
         """Remember which revision a branch/tag resolved to, for --offline starts."""
-        from weightsync.manifest import write_atomic
-
         if self.read_ref(ref) != revision:
             self.ensure(REFS)
             write_atomic(self.ref_path(ref), revision.encode() + b"\n")
 
     def read_ref(self, ref: str) -> str | None:
-        from weightsync.manifest import read_nofollow
-
         try:
             value = read_nofollow(self.ref_path(ref), limit=4096).decode("utf-8", "replace").strip()
         except OSError:

@@ -39,7 +39,6 @@ import logging
 import os
 import secrets
 import socket
-import stat
 import threading
 import time
 import warnings
@@ -48,6 +47,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from weightsync.errors import LockLostError, LockTimeoutError, UsageError, WeightsyncError
+from weightsync.fsutil import NotRegularFileError, read_nofollow, write_atomic
 
 log = logging.getLogger("weightsync")
 WAIT_LOG_INTERVAL = 10.0
@@ -82,19 +82,14 @@ def _describe(record: dict | None) -> str:
 
 
 def _read_bytes(path: Path) -> bytes | None:
-    """A small file's content, never through a symlink; None if absent or unreadable."""
+    """A lock record's content, never through a symlink; None if absent or unreadable. Something planted in
+    its place reads as a record nobody wrote, so a waiter sees it as held, not free."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_nofollow(path, limit=64 * 1024)
+    except NotRegularFileError:
+        return b"<not a regular file>"
     except OSError:
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO planted here would block a reader forever
-            return b"<not a regular file>"
-        return os.read(fd, 64 * 1024)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -121,6 +116,23 @@ def check_filelock_version() -> None:
     if tuple(parts) < MIN_FILELOCK:
         raise WeightsyncError(f"filelock {text} is too old: it follows symlinks when opening lock files "
                               "(CVE-2025-68146, CVE-2026-22701); install filelock>=3.20.1")
+
+
+def flock_held(lock_path: Path) -> bool:
+    """Whether some process holds a flock on `lock_path` now, probed without taking it for longer than a
+    moment (a shared lock, so two probes never exclude each other); for reports, never for exclusion."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def flock_excludes(directory: Path) -> bool:
@@ -242,8 +254,6 @@ def _flock_lock(lock_path: Path, timeout: float | None, what: str) -> Iterator[f
                                   "is writable and that it is not a symlink") from exc
     waited = time.monotonic() - started
     try:
-        from weightsync.manifest import write_atomic
-
         identity = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "mode": "flock"}
         write_atomic(_holder_path(lock_path), json.dumps(identity).encode())
         yield waited

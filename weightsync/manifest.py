@@ -10,14 +10,14 @@ is never trusted: the revision is treated as unpublished and re-verified.
 from __future__ import annotations
 
 import json
-import os
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from weightsync.checksums import Evidence
+from weightsync.fsutil import read_nofollow
+from weightsync.layout import check_relative_path
 
 FORMAT = 1
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -71,8 +71,6 @@ class Manifest:
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
-        from weightsync.layout import check_relative_path
-
         try:
             body = json.loads(read_nofollow(path))
             if body.get("format") != FORMAT:
@@ -101,34 +99,3 @@ class Manifest:
             raise
         except Exception as exc:
             raise ManifestError(f"{path} is malformed: {exc}") from exc
-
-
-def read_nofollow(path: Path, limit: int = 256 * 1024 * 1024) -> bytes:
-    """A regular file's bytes, refusing a symlink (ELOOP) or a FIFO/device planted in its place, which would
-    otherwise be followed or block the reader forever."""
-    import stat
-
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
-        return handle.read(limit)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
-    """Write a small file so readers see the old or the new content, never a torn one.
-
-    `durable=False` skips the fsync: still atomic against a killed process, which is
-    all that frequently rewritten resume state needs.
-    """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from weightsync.errors import NetworkError, TransientError
-from weightsync.progress import event
+from weightsync.logs import event
 
 T = TypeVar("T")
 

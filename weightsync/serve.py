@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from weightsync.errors import WeightsyncError
-from weightsync.manifest import write_atomic
-from weightsync.progress import event
+from weightsync.fsutil import write_atomic
+from weightsync.logs import event
 
 log = logging.getLogger("weightsync")
 

@@ -5,43 +5,17 @@ Read-only: works on a read-only mount, takes no lock, never changes anything.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from weightsync.checksums import describe_tally, tally
+from weightsync.fsutil import disk_usage
 from weightsync.layout import ModelVolume, model_names, require_volume
+from weightsync.locking import flock_held
 from weightsync.manifest import Manifest, ManifestError
 from weightsync.progress import human_bytes, human_duration
-
-
-def _tree_bytes(path: Path) -> int:
-    total = 0
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
-
-
-def _held(lock_path: Path) -> bool:
-    """Whether some process holds the flock now (probed without taking it for longer than a moment)."""
-    try:
-        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def model_status(volume: ModelVolume) -> dict[str, Any]:
@@ -64,11 +38,11 @@ def model_status(volume: ModelVolume) -> dict[str, Any]:
     staging = []
     for directory in sorted(volume.staging_root.glob("*")):
         if directory.is_dir() and not directory.is_symlink():
-            staging.append({"revision": directory.name, "bytes_on_disk": _tree_bytes(directory),
+            staging.append({"revision": directory.name, "bytes_on_disk": disk_usage(directory),
                             "age_seconds": round(time.time() - directory.stat().st_mtime)})
     locks = []
     for lock in sorted(volume.locks_dir.glob("*.lock")):
-        held = _held(lock)
+        held = flock_held(lock)
         holder = None
         if held:
             try:

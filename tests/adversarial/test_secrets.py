@@ -98,7 +98,7 @@ def test_hub_runs_with_debug_private_repo_faults_and_errors(hub, hub_env, tmp_pa
 
 
 def test_redaction_covers_presigned_url_parameters_and_known_secret_values(monkeypatch):
-    from weightsync.progress import redact
+    from weightsync.logs import redact
 
     monkeypatch.setenv("AWS_SESSION_TOKEN", AWS_SESSION_SECRET)
     url = ("https://bucket.s3.amazonaws.com/w.bin?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA123%2F2025"
