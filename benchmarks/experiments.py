@@ -7,8 +7,8 @@
 
 A variant is a space-free list of comma-separated knobs (benchmarks/variant.py lists
 them; `concurrency=N` is the CLI flag), or `default`. `--baseline-ref REF` adds
-the checkout's weightsync with its transfer path (fetch.py, sources/s3.py) as it was
-at git REF (copied aside; nothing in the checkout changes). Variants run interleaved,
+the weightsync package as it was at git REF (exported aside with `git archive`; nothing
+in the checkout changes). Variants run interleaved,
 rotating the order each repetition; the table shows medians. The numbers in benchmarks/README.md came from here.
 """
 
@@ -38,21 +38,13 @@ def variant_argv(variant: str, code: Path | None, shape: bench.Shape, dest: Path
     return [bench.PY, str(bench.BENCH / "variant.py"), *knobs, "--", *sync, *flags]
 
 
-OWNED = ("weightsync/fetch.py", "weightsync/sources/s3.py")
-
-
 def export(ref: str, into: Path) -> Path:
-    """The checkout's weightsync package with the transfer path (OWNED) as it was at `ref`.
-
-    Only the files that the performance work touched go back in time, so the baseline
-    differs from `default` in exactly that work, whatever else moved since.
-    """
+    """The weightsync package as it was at `ref`, whole: since the transfer path was split into several modules
+    (fetch, download, partfile, resume, config), no single file can go back in time on its own."""
     shutil.rmtree(into, ignore_errors=True)
-    shutil.copytree(bench.ROOT / "weightsync", into / "weightsync",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    for path in OWNED:
-        old = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=bench.ROOT, capture_output=True, check=True)
-        (into / path).write_bytes(old.stdout)
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", ref, "weightsync"], cwd=bench.ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return into
 
 

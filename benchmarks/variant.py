@@ -2,8 +2,10 @@
 
 `python benchmarks/variant.py KNOB=VALUE ... -- sync --source ... --dest ...`
 
-Nothing here is a weightsync setting: each knob patches the engine in this process to
-measure what one design choice costs or saves (benchmarks/README.md, "What was tried").
+Nothing here is a weightsync setting. A tunable (chunk_mib, buffer_kib, ...) sets a field of
+`weightsync.config.DEFAULTS`, the one source of transfer defaults; a code-path knob (verify=off,
+readback=..., direct=off, ...) replaces one function in this process, refusing a name that no longer
+exists. Each measures what one design choice costs or saves (benchmarks/README.md, "What was tried").
 With `--code DIR`, the weightsync package is imported from DIR instead (e.g. an older
 commit exported by experiments.py) and no knob may be given.
 
@@ -34,39 +36,48 @@ from pathlib import Path
 
 
 def apply(knobs: dict[str, str]) -> None:
-    import weightsync.fetch as fetch
+    """Tunables change `weightsync.config.DEFAULTS` (dataclasses.replace: a renamed field fails loudly); the
+    code-path knobs replace one function, each checked to exist first."""
+    from dataclasses import replace
 
+    import weightsync.config as config
+
+    tuned: dict[str, object] = {}
     for knob, value in knobs.items():
         if knob == "verify" and value == "off":
-            fetch.FileDownload.advance_hash = lambda self, blocking: setattr(self, "_hashed", self.remote.size)
-            fetch.Verifier.finish = lambda self: "0" * 64
-        elif knob == "fsync" and value == "off":
-            import weightsync.engine as engine
+            import weightsync.checksums as checksums
+            import weightsync.download as download
 
-            finish = fetch.FileDownload.finish
-            fetch.FileDownload.finish = lambda self, fsync, finish=finish: finish(self, False)
-            fetch.FileDownload.start_writeback = lambda self, index: None
-            engine._fsync_tree = engine._fsync_dir = lambda path: None
+            _patch(download.PrefixHasher, "advance",
+                   lambda self, fd, frontier, blocking: setattr(self, "hashed", frontier()))
+            _patch(checksums.Verifier, "finish", lambda self: "0" * 64)
+        elif knob == "fsync" and value == "off":
+            tuned["fsync"] = False
         elif knob == "chunk_mib":
-            fetch.MIN_CHUNK = int(value) << 20
+            tuned["min_chunk_size"] = int(value) << 20
         elif knob == "buffer_kib":
-            fetch.BUFFER_SIZE = int(value) << 10
+            tuned["buffer_size"] = int(value) << 10
+            tuned["min_buffer_size"] = min(int(value) << 10, config.DEFAULTS.min_buffer_size)
         elif knob == "catch_up_mib":
-            fetch.CATCH_UP_EVERY = int(value) << 20
+            tuned["catch_up_every"] = int(value) << 20
         elif knob == "window_mib":
-            fetch.HASH_WINDOW = int(value) << 20
+            tuned["hash_window"] = int(value) << 20
         elif knob == "readback" and value in ("pread", "preadv"):
-            _readback(fetch, value)
+            _readback(value)
         elif knob == "prealloc" and value == "off":
-            fetch.preallocate = lambda fd, size: None
+            import weightsync.partfile as partfile
+
+            _patch(partfile, "preallocate", lambda fd, size: None)
         elif knob == "writeback" and value == "off":
-            fetch.FileDownload.start_writeback = lambda self, index: None
+            import weightsync.partfile as partfile
+
+            _patch(partfile, "start_writeback", lambda fd, offset, length: None)
         elif knob == "direct" and value == "off":
             import weightsync.sources.s3 as s3
 
-            s3._direct_stream = lambda body: (None, None)
+            _patch(s3, "_direct_stream", lambda body: (None, None))
         elif knob == "state" and value == "eager":
-            fetch.STATE_SAVE_INTERVAL = 0.0
+            tuned["state_save_interval"] = 0.0
         elif knob == "hf_read" and value == "chunked":
             _hf_chunked_reads()
         elif knob == "hf_readsize":
@@ -74,15 +85,25 @@ def apply(knobs: dict[str, str]) -> None:
 
             import weightsync.sources.hf as hf
 
-            hf.SOCKET_READ = http11.HTTP11Connection.READ_NUM_BYTES = int(value) << 10
+            _patch(hf, "SOCKET_READ", int(value) << 10)
+            http11.HTTP11Connection.READ_NUM_BYTES = int(value) << 10
         elif knob == "streams_per_cpu":
             import weightsync.sources.hf as hf
 
-            hf.HubSource.streams_per_cpu = int(value)
+            _patch(hf.HubSource, "features", replace(hf.HubSource.features, streams_per_cpu=int(value) or None))
         elif knob == "hf_direct" and value == "on":
             _hf_direct()
         else:
             raise SystemExit(f"variant.py: unknown knob {knob}={value}")
+    if tuned:
+        config.DEFAULTS = replace(config.DEFAULTS, **tuned)
+
+
+def _patch(owner: object, name: str, value: object) -> None:
+    """Replace one attribute, refusing one that does not exist (a rename must not go unnoticed)."""
+    if not hasattr(owner, name):
+        raise SystemExit(f"variant.py: {getattr(owner, '__name__', owner)} has no {name}: update this knob")
+    setattr(owner, name, value)
 
 
 def _hf_chunked_reads() -> None:
@@ -105,14 +126,14 @@ def _hf_chunked_reads() -> None:
             self._pending = self._pending[count:]
             return count
 
-    hf._HubRange = ChunkedRange
+    _patch(hf, "_HubRange", ChunkedRange)
 
 
 def _hf_direct() -> None:
     """Prototype: resolve through httpx, then GET the CDN URL with http.client and readinto (no TLS/proxy care)."""
     import http.client
     import threading
-    from urllib.parse import quote, urljoin, urlsplit
+    from urllib.parse import urljoin, urlsplit
 
     import weightsync.sources.hf as hf
 
@@ -134,8 +155,7 @@ def _hf_direct() -> None:
     def open_range(self: hf.HubSource, file: object, start: int, end: int) -> object:
         from huggingface_hub.utils import build_hf_headers, get_session
 
-        hub = hf._hub()
-        url = hub.hf_hub_url(self.repo_id, file.path, revision=quote(self._commit, safe=""), repo_type=self.repo_type)
+        url = file.locator
         headers = build_hf_headers(library_name="weightsync")
         headers["Range"] = f"bytes={start}-{end - 1}"
         session = get_session()
@@ -152,7 +172,7 @@ def _hf_direct() -> None:
         key = (parts.scheme, parts.netloc)
         if key not in connections:
             kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-            connections[key] = kind(parts.netloc, timeout=self.stall_timeout)
+            connections[key] = kind(parts.netloc, timeout=self.transfer.stall_timeout)
         connection = connections[key]
         path = parts.path + (f"?{parts.query}" if parts.query else "")
         connection.request("GET", path, headers={"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
@@ -161,21 +181,22 @@ def _hf_direct() -> None:
             raise RuntimeError(f"CDN answered {got.status}")
         return SocketRange(got)
 
-    hf.HubSource.open_range = open_range
+    _patch(hf.HubSource, "open_range", open_range)
 
 
-def _readback(fetch: object, how: str) -> None:
-    def hash_from_disk(self: object, offset: int, length: int) -> None:
+def _readback(how: str) -> None:
+    import weightsync.download as download
+
+    def hash_from_disk(self: download.PrefixHasher, fd: int, offset: int, length: int) -> None:
         if how == "pread":
-            data = os.pread(self._fd, length, offset)
-            self.verifier.update(data)
+            self.verifier.update(os.pread(fd, length, offset))
             return
-        if self._scratch is None:
-            self._scratch = memoryview(bytearray(fetch.HASH_WINDOW))
-        count = os.preadv(self._fd, [self._scratch[:length]], offset)
+        if self._scratch is None or len(self._scratch) < length:
+            self._scratch = memoryview(bytearray(max(length, self._window)))
+        count = os.preadv(fd, [self._scratch[:length]], offset)
         self.verifier.update(self._scratch[:count])
 
-    fetch.FileDownload._hash_from_disk = hash_from_disk
+    _patch(download.PrefixHasher, "_hash_from_disk", hash_from_disk)
 
 
 def main() -> int:

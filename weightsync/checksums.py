@@ -328,7 +328,8 @@ class Verifier:
     def finish(self) -> str:
         """The file's sha256 once every byte matched the promise; IntegrityError otherwise."""
         if self._seen != self.size:
-            raise IntegrityError(f"size mismatch for {self.path}: expected {self.size} bytes, got {self._seen}")
+            raise IntegrityError(f"size mismatch for {self.path}: expected {self.size} bytes, got {self._seen}",
+                                 path=self.path, expected=self.size, got=self._seen)
         sha256 = self.sha256.hexdigest()
         promise = self.evidence.promise
         if promise is None:
@@ -348,7 +349,7 @@ class Verifier:
             got = combined.digest().hex()
         if got != promise.value:
             shown = Promise(promise.algorithm, got, promise.field, promise.parts).shown
-            raise self._mismatch(promise, f"the bytes received give {shown}")
+            raise self._mismatch(promise, f"the bytes received give {shown}", got=shown)
         return sha256
 
     def _check_parts(self, promise: Promise, digests: list[bytes]) -> None:
@@ -363,11 +364,12 @@ class Verifier:
                                      " does not match its part checksum")
             start += size
 
-    def _mismatch(self, promise: Promise, detail: str) -> IntegrityError:
+    def _mismatch(self, promise: Promise, detail: str, got: str | None = None) -> IntegrityError:
         return IntegrityError(
             f"checksum mismatch for {self.path}: the source promised {promise.what} {promise.shown} "
             f"({promise.field or promise.origin}), {detail}; the file was discarded and nothing was published — "
-            "rerun; if it persists the object at the source is corrupt"
+            "rerun; if it persists the object at the source is corrupt",
+            path=self.path, expected=promise.shown, got=got,
         )
 
 

@@ -18,11 +18,11 @@ import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_args
 
 from weightsync import __version__
+from weightsync.config import DEFAULTS, AddressingStyle, LockMode, VerifyMode
 from weightsync.errors import UsageError, WeightsyncError
-from weightsync.retry import NO_PROGRESS_TIMEOUT, STALL_TIMEOUT
 
 ENV_PREFIX = "WEIGHTSYNC_"
 TRUE = {"1", "true", "yes", "on"}
@@ -216,32 +216,34 @@ ALL_OPTIONS = {option.flag: option for option in (
     Option("--rebind", "let --name switch to a different source or filter set than it serves now (pods "
            "reading DEST/NAME/current then load the new one)", switch=True, group=WHAT),
     Option("--verify", "warm-start check: fast = manifest + sizes, full = re-hash everything (and repair what "
-           "is damaged)", default="fast", choices=("fast", "full"), group=VERIFY),
+           "is damaged)", default="fast", choices=get_args(VerifyMode), group=VERIFY),
     Option("--require-checksum", "refuse (exit 4, before downloading) any file the source promises no usable "
            "checksum for, instead of checking its size only", switch=True, group=VERIFY),
-    Option("--concurrency", "parallel ranged downloads", _positive_int, default=8, group=NETWORK, metavar="N"),
+    Option("--concurrency", "parallel ranged downloads", _positive_int, default=DEFAULTS.concurrency,
+           group=NETWORK, metavar="N"),
     Option("--offline", "make no network request: use what is already published", switch=True, group=NETWORK),
     Option("--s3-addressing-style", "S3 URL style for S3-compatible servers", default="auto",
-           choices=("auto", "path", "virtual"), group=NETWORK),
+           choices=get_args(AddressingStyle), group=NETWORK),
     Option("--stall-timeout", "retry, on a fresh connection from where it stopped, a request that receives "
-           "nothing for this many seconds", _timeout, default=STALL_TIMEOUT, group=NETWORK, metavar="SECONDS"),
+           "nothing for this many seconds", _timeout, default=DEFAULTS.stall_timeout, group=NETWORK, metavar="SECONDS"),
     Option("--no-progress-timeout", "exit 7 once no byte has arrived and no request succeeded for this many "
            "seconds (a dead endpoint ends within this plus one --stall-timeout)", _timeout,
-           default=NO_PROGRESS_TIMEOUT, group=NETWORK, metavar="SECONDS"),
-    Option("--retries", "attempts per network request before exit 7", _attempts, default=6, group=NETWORK, metavar="N"),
+           default=DEFAULTS.no_progress_timeout, group=NETWORK, metavar="SECONDS"),
+    Option("--retries", "attempts per network request before exit 7", _attempts,
+           default=DEFAULTS.retries, group=NETWORK, metavar="N"),
     Option("--retry-base", "first retry delay in seconds (doubles each retry, full jitter)", _seconds,
-           default=0.5, group=NETWORK, metavar="SECONDS"),
+           default=DEFAULTS.retry_base, group=NETWORK, metavar="SECONDS"),
     Option("--lock-timeout", "give up (exit 5) after waiting this long for another process's download",
            _seconds, shown_default="wait forever", group=LOCKING, metavar="SECONDS"),
     Option("--lock-mode", "auto = flock where it excludes other processes, else a lease file; lease = always "
            "the lease (set it on every pod of a FUSE/object-store volume)", default="auto",
-           choices=("auto", "flock", "lease"), group=LOCKING),
+           choices=get_args(LockMode), group=LOCKING),
     Option("--lease-timeout", "lease mode: take over a lease whose heartbeat stopped this many seconds ago",
-           _timeout, default=60.0, group=LOCKING, metavar="SECONDS"),
+           _timeout, default=DEFAULTS.lease_timeout, group=LOCKING, metavar="SECONDS"),
     Option("--log-format", "text lines, or one JSON object per event", default="text", choices=("text", "json"),
            group=OUTPUT),
     Option("--progress-interval", "seconds between progress lines when stderr is not a terminal", _seconds,
-           default=10.0, group=OUTPUT, metavar="SECONDS"),
+           default=DEFAULTS.progress_interval, group=OUTPUT, metavar="SECONDS"),
     Option("--termination-log", "where to write the Kubernetes termination message",
            shown_default="/dev/termination-log when it exists", group=OUTPUT, metavar="PATH"),
     Option("--metrics-textfile", "write Prometheus metrics here at the end (node_exporter textfile collector)",
@@ -515,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return commands.dispatch(name, values, command)
     except WeightsyncError as exc:
-        return _fail(f"weightsync: error: {exc}", exc.exit_code, debug, log_format)
+        return _fail(f"weightsync: error: {exc}", exc.exit_code, debug, log_format, exc.fields())
     except KeyboardInterrupt:
         return _fail("weightsync: error: interrupted; rerun to resume where it stopped", 130, False, log_format)
     except Terminated as exc:
@@ -525,14 +527,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "traceback and report it)", 1, debug, log_format)
 
 
-def _fail(line: str, code: int, debug: bool, log_format: str) -> int:
+def _fail(line: str, code: int, debug: bool, log_format: str, fields: dict[str, object] | None = None) -> int:
     """The one error line (or, with --log-format json, one `error` event); a traceback only under --debug."""
     from weightsync.logs import event, redact
 
     if debug:
         print(redact(traceback.format_exc()), end="", file=sys.stderr)
     if log_format == "json":
-        event("error", "%s", line, level=logging.ERROR, exit_code=code)
+        event("error", "%s", line, level=logging.ERROR, exit_code=code, **(fields or {}))
     else:
         print(redact(line), file=sys.stderr, flush=True)
     return code

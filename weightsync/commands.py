@@ -14,9 +14,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from weightsync.config import TransferConfig
 from weightsync.errors import IntegrityError, UsageError, WeightsyncError
 from weightsync.logs import event, write_termination_message
 
@@ -36,7 +38,6 @@ def build_request(values: dict[str, Any], dest: str | None = None) -> Any:
     """A SyncRequest from options; a --lockfile supplies source, revision and filters."""
     from weightsync.engine import SyncRequest
     from weightsync.lockfile import Lockfile
-    from weightsync.retry import NO_PROGRESS_TIMEOUT, STALL_TIMEOUT, RetryPolicy
     from weightsync.sources import Selection, open_source
 
     lockfile = Lockfile.load(values["lockfile"]) if values.get("lockfile") else None
@@ -58,18 +59,20 @@ def build_request(values: dict[str, Any], dest: str | None = None) -> Any:
     return SyncRequest(
         source=source, dest=Path(dest or values["dest"]), name=values.get("name"), revision=revision,
         selection=Selection(include=tuple(include), exclude=tuple(exclude)),
-        verify=values.get("verify") or "fast", concurrency=values.get("concurrency") or 8,
-        lock_timeout=values.get("lock_timeout"), offline=offline,
-        addressing_style=values.get("s3_addressing_style") or "auto",
-        stall_timeout=values.get("stall_timeout") or STALL_TIMEOUT,
-        progress_interval=values["progress_interval"] if values.get("progress_interval") is not None else 10.0,
-        lockfile=lockfile,
-        lock_mode=values.get("lock_mode") or "auto", lease_timeout=values.get("lease_timeout") or 60.0,
-        require_checksum=bool(values.get("require_checksum")), rebind=bool(values.get("rebind")),
-        retry=RetryPolicy(attempts=values.get("retries") or 6,
-                          no_progress_timeout=values.get("no_progress_timeout") or NO_PROGRESS_TIMEOUT,
-                          base_delay=values["retry_base"] if values.get("retry_base") is not None else 0.5),
+        verify=values.get("verify") or "fast", lock_timeout=values.get("lock_timeout"), offline=offline,
+        addressing_style=values.get("s3_addressing_style") or "auto", lockfile=lockfile,
+        lock_mode=values.get("lock_mode") or "auto", require_checksum=bool(values.get("require_checksum")),
+        rebind=bool(values.get("rebind")), transfer=transfer_config(values),
     )
+
+
+def transfer_config(values: dict[str, Any]) -> TransferConfig:
+    """The defaults (config.DEFAULTS) with what the command's options set; an option a command does not
+    have (`lock` has no --retries) keeps its default."""
+    from weightsync import config
+
+    given = {name: values[name] for name in config.TransferConfig.names() if values.get(name) is not None}
+    return replace(config.DEFAULTS, **given)
 
 
 class Reporter:
@@ -107,8 +110,9 @@ class Reporter:
         code = getattr(exc, "exit_code", 1)  # a WeightsyncError's, or SIGTERM's 143
         if isinstance(exc, KeyboardInterrupt):
             code, exc = 130, Exception("interrupted; rerun to resume where it stopped")
+        structured = exc.fields() if isinstance(exc, WeightsyncError) else {}
         write_termination_message(self.termination_log, {"result": "error", "exit_code": code,
-                                                         "error": f"weightsync: error: {exc}"})
+                                                         "error": f"weightsync: error: {exc}", **structured})
 
 
 def run_sync(values: dict[str, Any], server_command: list[str]) -> int:
@@ -228,7 +232,7 @@ def run_gc(values: dict[str, Any], _: list[str]) -> int:
 
     return collect(Path(values["dest"]), keep=values["keep"], staging_older_than=values["staging_older_than"],
                    name=values.get("name"), lock_mode=values.get("lock_mode") or "auto",
-                   lease_timeout=values.get("lease_timeout") or 60.0, dry_run=bool(values.get("dry_run")))
+                   lease_timeout=transfer_config(values).lease_timeout, dry_run=bool(values.get("dry_run")))
 
 
 def run_status(values: dict[str, Any], _: list[str]) -> int:

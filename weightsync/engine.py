@@ -25,10 +25,10 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from weightsync import testhooks
+from weightsync import config, testhooks
 from weightsync.checksums import Evidence, Verified, describe_tally, feed_file, tally
+from weightsync.config import AddressingStyle, LockMode, TransferConfig, VerifyMode
 from weightsync.errors import DiskSpaceError, IntegrityError, NetworkError, SourceError, UsageError, WeightsyncError
 from weightsync.fsutil import fsync_dir, fsync_tree, make_read_only, write_atomic
 from weightsync.layout import LOCKS, MANIFESTS, REVISIONS, STAGING, ModelVolume, check_listing, safe_makedirs
@@ -37,36 +37,30 @@ from weightsync.locking import Held, volume_lock
 from weightsync.logs import event
 from weightsync.manifest import Manifest, ManifestEntry, ManifestError
 from weightsync.progress import Progress, counted, human_bytes, human_duration
-from weightsync.retry import STALL_TIMEOUT, RetryPolicy, call_with_retries
+from weightsync.retry import RetryPolicy, call_with_retries
 from weightsync.sources import RemoteFile, Selection, Snapshot, Source, open_source
-
-if TYPE_CHECKING:  # the transfer machinery is imported on the cold path only: warm starts stay fast
-    from weightsync.fetch import FileDownload
 
 log = logging.getLogger("weightsync")
 
 
 @dataclass(frozen=True)
 class SyncRequest:
+    """What to sync, where, and how strictly; how the bytes move is `transfer` (config.py)."""
+
     source: str
     dest: Path
     name: str | None = None
     revision: str | None = None
     selection: Selection = field(default_factory=Selection)
-    verify: str = "fast"
-    concurrency: int = 8
+    verify: VerifyMode = "fast"
     lock_timeout: float | None = None
     offline: bool = False
-    addressing_style: str = "auto"
-    stall_timeout: float = STALL_TIMEOUT
-    progress_interval: float = 10.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    fsync: bool = True
+    addressing_style: AddressingStyle = "auto"
     lockfile: Lockfile | None = None
-    lock_mode: str = "auto"
-    lease_timeout: float = 60.0
+    lock_mode: LockMode = "auto"
     require_checksum: bool = False
     rebind: bool = False
+    transfer: TransferConfig = field(default_factory=lambda: config.DEFAULTS)
 
 
 @dataclass
@@ -149,9 +143,9 @@ class Engine:
 
     def __init__(self, request: SyncRequest, source: Source | None = None) -> None:
         self.request = request
-        self.source = source or open_source(request.source, addressing_style=request.addressing_style,
-                                            stall_timeout=request.stall_timeout,
-                                            concurrency=request.concurrency, offline=request.offline)
+        self.source = source or open_source(request.source, request.transfer,
+                                            addressing_style=request.addressing_style, offline=request.offline)
+        self.retry = RetryPolicy.of(request.transfer)  # one progress clock for every request of this sync
         self.volume = ModelVolume(request.dest.absolute(), request.name or default_name(self.source, request.selection))
         self.started = time.monotonic()
         self.damaged: dict[str, set[str]] = {}  # revision -> paths that failed the warm check (repaired, not reused)
@@ -198,7 +192,7 @@ class Engine:
 
         volume.ensure(LOCKS)
         with volume_lock(volume.lock_path(key), request.lock_timeout, f"{volume.name} revision {key}",
-                         mode=request.lock_mode, lease_timeout=request.lease_timeout) as held:
+                         mode=request.lock_mode, lease_timeout=request.transfer.lease_timeout) as held:
             testhooks.pause("locked")
             manifest = self.published(key)
             if manifest is not None:
@@ -376,7 +370,7 @@ class Engine:
     def _resolve(self, revision: str | None) -> Snapshot:
         snapshot = call_with_retries(f"listing {self.source.uri}",
                                      lambda: self.source.snapshot(revision, self.request.selection),
-                                     self.request.retry)
+                                     self.retry)
         check_listing([f.path for f in snapshot.files], self.source.uri)
         return snapshot
 
@@ -404,7 +398,7 @@ class Engine:
 
     def _download_and_publish(self, snapshot: Snapshot, key: str, held: Held) -> SyncResult:
         """Plan (reuse, describe, staged, resume), fetch and verify what is missing, then publish."""
-        from weightsync.fetch import Fetcher, FileDownload, recheck_staged, report_verified
+        from weightsync.fetch import Fetcher, plan_fetch, report_verified
 
         request, volume = self.request, self.volume
         staging = volume.ensure(f"{STAGING}/{key}")
@@ -425,50 +419,26 @@ class Engine:
 
         described = self._describe(pending)
         self._check_promises(described, verified)
-        downloads: list[FileDownload] = []
-        for remote in described:
-            download = FileDownload(remote, parts, tree)
-            staged = recheck_staged(download)  # loads the resume state, complete or not
-            if staged is not None:
-                verified[remote.path] = staged
-            else:
-                if held.took_over:
-                    download.detach()
-                downloads.append(download)
-        resumed = sum(d.bytes_on_disk for d in downloads)
-        needed = sum(d.remote.size for d in downloads) - resumed
-        self._check_free_space(staging, sum(_space_still_needed(d) for d in downloads))
+        transfer = request.transfer
+        plan = plan_fetch(described, parts, tree, transfer, took_over=held.took_over)
+        verified.update(plan.staged)
+        self._check_free_space(staging, plan.space_needed)
 
         total = sum(f.size for f in snapshot.files)
         requests = sum(f.metadata_requests for f in described)
         event("plan", "syncing %s revision %s: %s, %s (%s to download, %s resumed, %s reused; %s) into %s",
               self.source.uri, key, counted(len(snapshot.files), "file"), human_bytes(total),
-              human_bytes(needed), human_bytes(resumed), human_bytes(reused),
+              human_bytes(plan.bytes_to_download), human_bytes(plan.bytes_resumed), human_bytes(reused),
               counted(requests, "metadata request"), volume.root, revision=key,
-              files=len(snapshot.files), bytes_total=total, bytes_to_download=needed, bytes_resumed=resumed,
-              bytes_reused=reused, metadata_requests=requests)
-        with Progress(needed, len(downloads), interval=request.progress_interval) as progress:
-            fetcher = Fetcher(self.source, progress, request.concurrency, request.retry, fsync=request.fsync,
-                              cancelled=held.lost)
+              files=len(snapshot.files), bytes_total=total, bytes_to_download=plan.bytes_to_download,
+              bytes_resumed=plan.bytes_resumed, bytes_reused=reused, metadata_requests=requests)
+        with Progress(plan.bytes_to_download, len(plan.downloads), interval=transfer.progress_interval) as progress:
+            fetcher = Fetcher(self.source, progress, transfer, self.retry, cancelled=held.lost)
             try:
-                verified.update(fetcher.run(downloads))
-            except (WeightsyncError, OSError) as exc:
+                verified.update(fetcher.run(plan))
+            except (WeightsyncError, OSError):
                 held.check()  # a lost lease stopped the download: say that, not what it caused
-                if not isinstance(exc, IntegrityError):
-                    raise
-                if not resumed:
-                    raise
-                # Resumed bytes from an earlier run failed verification (tampered or torn resume state):
-                # the bad file was discarded, so fetch what is still missing again, from scratch, once.
-                log.warning("data resumed from an earlier run failed verification (%s); re-downloading it", exc)
-                resumed = 0
-                verified.update(fetcher.results)
-                downloads = [FileDownload(d.remote, parts, tree) for d in downloads if d.remote.path not in verified]
-                for download in downloads:
-                    download.load_state()
-                fetcher = Fetcher(self.source, progress, request.concurrency, request.retry, fsync=request.fsync,
-                                  cancelled=held.lost)
-                verified.update(fetcher.run(downloads))
+                raise
 
         manifest = Manifest(source=self.source.uri, revision=key, ref=snapshot.ref,
                             selection={"include": list(request.selection.include),
@@ -479,7 +449,8 @@ class Engine:
         return SyncResult(path=volume.revision_dir(key), name=volume.name, revision=key, source=self.source.uri,
                           source_revision=snapshot.revision, files=len(snapshot.files), total_bytes=total,
                           bytes_fetched=progress.bytes_done,
-                          bytes_reused=reused, bytes_resumed=resumed, seconds=time.monotonic() - self.started,
+                          bytes_reused=reused, bytes_resumed=plan.bytes_resumed,
+                          seconds=time.monotonic() - self.started,
                           retries=fetcher.retries, file_evidence=tuple(entry.evidence for entry in manifest.files))
 
     def _describe(self, files: list[RemoteFile]) -> list[RemoteFile]:
@@ -496,11 +467,11 @@ class Engine:
         def describe(remote: RemoteFile) -> RemoteFile:
             thorough = self.request.require_checksum or bool(lockfile and lockfile.needs_describe(remote))
             return call_with_retries(f"describing {remote.path}", lambda: self.source.describe(remote, thorough),
-                                     self.request.retry)
+                                     self.retry)
 
         if len(files) <= 1:
             return [describe(f) for f in files]
-        with ThreadPoolExecutor(max_workers=min(self.request.concurrency, len(files))) as pool:
+        with ThreadPoolExecutor(max_workers=min(self.request.transfer.concurrency, len(files))) as pool:
             return list(pool.map(describe, files))
 
     def _check_promises(self, described: list[RemoteFile], verified: dict[str, Verified]) -> None:
@@ -541,13 +512,13 @@ class Engine:
             testhooks.pause("manifest-written")
             tree = staging / "tree"
             make_read_only(tree)
-            if self.request.fsync:
+            if self.request.transfer.fsync:
                 fsync_tree(tree)
             revisions = volume.ensure(REVISIONS)
             held.check()
             aside = self._set_aside(key)
             os.rename(tree, volume.revision_dir(key))
-            if self.request.fsync:
+            if self.request.transfer.fsync:
                 fsync_dir(revisions)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -581,15 +552,6 @@ def _first_of(paths: list[str]) -> str:
     return paths[0] + (f" (and {len(paths) - 1} more files)" if len(paths) > 1 else "")
 
 
-def _space_still_needed(download: FileDownload) -> int:
-    """Bytes the volume must still provide for one file: what staging already holds (written, or preallocated
-    by an earlier run) does not count twice."""
-    try:
-        info = os.lstat(download.part_path)
-        held = info.st_blocks * 512 if stat.S_ISREG(info.st_mode) else 0
-    except OSError:
-        held = 0
-    return max(0, download.remote.size - max(held, download.bytes_on_disk))
 
 
 def check_files(directory: Path, manifest: Manifest, full: bool) -> dict[str, str]:

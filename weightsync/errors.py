@@ -1,7 +1,10 @@
 """Every failure the user can act on, each with the exit code the README documents.
 
 The CLI turns a WeightsyncError into exactly one `weightsync: error: ...` line and
-its exit code, so messages here must say what failed, where, and what to do.
+its exit code, so messages here must say what failed, where, and what to do. An
+error may also carry structured fields (`path`, `expected`, `got`): they travel in
+the JSON `error` event and the Kubernetes termination message, so a log pipeline or
+an operator can act on them without parsing the sentence.
 """
 
 from __future__ import annotations
@@ -11,6 +14,18 @@ class WeightsyncError(Exception):
     """Base class: exit code 1, 'anything else'."""
 
     exit_code = 1
+
+    def __init__(self, message: str, *, path: str | None = None, expected: object = None,
+                 got: object = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.expected = expected
+        self.got = got
+
+    def fields(self) -> dict[str, object]:
+        """The structured fields that are set, for JSON events and the termination message."""
+        return {name: value for name, value in (("path", self.path), ("expected", self.expected),
+                                                ("got", self.got)) if value is not None}
 
 
 class UsageError(WeightsyncError):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from weightsync.errors import UsageError
 from weightsync.layout import REVISIONS, SAFE_NAME, ModelVolume, is_real_dir, model_names
-from weightsync.locking import describe_holder, try_lock
+from weightsync.locking import DEFAULT_LEASE_TIMEOUT, describe_holder, try_lock
 from weightsync.logs import event
 from weightsync.manifest import Manifest, ManifestError
 from weightsync.progress import counted, human_bytes
@@ -118,7 +118,7 @@ def _age_key(volume: ModelVolume, revision: str) -> float:
 
 
 def collect(dest: Path, keep: int, staging_older_than: float, name: str | None = None, lock_mode: str = "auto",
-            lease_timeout: float = 60.0, dry_run: bool = False) -> int:
+            lease_timeout: float = DEFAULT_LEASE_TIMEOUT, dry_run: bool = False) -> int:
     """Remove what nothing needs; with `dry_run`, say what that would be and remove nothing."""
     dest = dest.absolute()
     if not is_real_dir(dest):

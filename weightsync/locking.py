@@ -45,14 +45,16 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import get_args
 
+from weightsync.config import DEFAULTS, LockMode
 from weightsync.errors import LockLostError, LockTimeoutError, UsageError, WeightsyncError
 from weightsync.fsutil import NotRegularFileError, read_nofollow, write_atomic
 
 log = logging.getLogger("weightsync")
 WAIT_LOG_INTERVAL = 10.0
-LOCK_MODES = ("auto", "flock", "lease")
-DEFAULT_LEASE_TIMEOUT = 60.0
+LOCK_MODES = get_args(LockMode)
+DEFAULT_LEASE_TIMEOUT = DEFAULTS.lease_timeout
 MIN_FILELOCK = (3, 20, 1)  # CVE-2025-68146 / CVE-2026-22701: lock files opened without following symlinks
 LEASE_RECORD_BYTES = 512
 _probe_cache: dict[int, bool] = {}

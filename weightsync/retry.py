@@ -21,15 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import NetworkError, TransientError
 from weightsync.logs import event
 
 T = TypeVar("T")
-
-# The network bounds, here once (the CLI, the engine and every source take them from here).
-STALL_TIMEOUT = 30.0  # seconds a request may receive nothing before it is retried on a fresh connection
-NO_PROGRESS_TIMEOUT = 90.0  # seconds with no byte and no successful request before the sync gives up (exit 7)
-CONNECT_TIMEOUT = 10.0
 
 
 class ProgressClock:
@@ -49,11 +45,18 @@ class ProgressClock:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 6
-    base_delay: float = 0.5
-    max_delay: float = 20.0
-    no_progress_timeout: float = NO_PROGRESS_TIMEOUT
+    """The retry bounds of one sync (from its TransferConfig) and the progress clock all its requests share."""
+
+    attempts: int = DEFAULTS.retries
+    base_delay: float = DEFAULTS.retry_base
+    max_delay: float = DEFAULTS.retry_max
+    no_progress_timeout: float = DEFAULTS.no_progress_timeout
     clock: ProgressClock = field(default_factory=ProgressClock, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, config: TransferConfig) -> RetryPolicy:
+        return cls(attempts=config.retries, base_delay=config.retry_base, max_delay=config.retry_max,
+                   no_progress_timeout=config.no_progress_timeout)
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Full-jitter backoff (AWS architecture blog), never shorter than Retry-After."""

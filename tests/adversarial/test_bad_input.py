@@ -149,7 +149,8 @@ def test_a_tampered_sha256_in_the_manifest_is_caught_by_verify_full(published, h
 
 def _staging(hub, commit: str, dest: Path, path: str, data: bytes):
     from weightsync.checksums import Promise
-    from weightsync.fetch import FileDownload
+    from weightsync.config import DEFAULTS
+    from weightsync.download import FileDownload
     from weightsync.sources import RemoteFile
 
     info = hub.file_info("acme/tamper", path, commit)
@@ -158,7 +159,7 @@ def _staging(hub, commit: str, dest: Path, path: str, data: bytes):
     staging = dest / "hf--acme--tamper" / ".staging" / commit
     (staging / "parts").mkdir(parents=True, exist_ok=True)
     (staging / "tree").mkdir(parents=True, exist_ok=True)
-    return FileDownload(remote, staging / "parts", staging / "tree")
+    return FileDownload(remote, staging / "parts", staging / "tree", DEFAULTS)
 
 
 @pytest.mark.parametrize("kind", ["chunks-claimed-done", "complete-file-swapped", "garbage-state"])
@@ -170,16 +171,17 @@ def test_tampered_resume_state_is_reverified_and_repaired_in_the_same_run(hub, h
     download = _staging(hub, commit, dest, path, files[path])
     wrong = b"\0" * len(files[path])
     if kind == "chunks-claimed-done":  # the state says every chunk is on disk; the bytes are not the file's
-        download.part_path.write_bytes(wrong)
-        download.done = set(range(len(download.chunks)))
-        download.state_path.write_text(json.dumps(download._state()))
+        download.part.path.write_bytes(wrong)
+        download.state.done = set(range(len(download.chunks)))
+        download.state_path.write_bytes(download.state.to_json())
     elif kind == "complete-file-swapped":  # verified earlier, then replaced in staging before publish
         (download.tree_dir / path).write_bytes(wrong)
         import hashlib
 
-        download.state_path.write_text(json.dumps(download._state(hashlib.sha256(files[path]).hexdigest())))
+        download.state.sha256 = hashlib.sha256(files[path]).hexdigest()
+        download.state_path.write_bytes(download.state.to_json())
     else:
-        download.part_path.write_bytes(wrong)
+        download.part.path.write_bytes(wrong)
         download.state_path.write_text('{"version": 1, "done": "all"')
     result = ws("sync", "--source", "hf://acme/tamper", "--dest", str(dest), env=hub_env)
     assert result.returncode == 0, result.stderr

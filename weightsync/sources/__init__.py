@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from weightsync.checksums import Evidence, Promise
+from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import TransientError, UsageError, WeightsyncError
-from weightsync.retry import STALL_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -206,18 +206,19 @@ def slugify(*parts: str) -> str:
 NEAR_MISS = re.compile(r"^(s3|hf|gs|az|file|https?):/?(?!/)(.+)$", re.IGNORECASE)
 
 
-def open_source(uri: str, *, addressing_style: str = "auto", stall_timeout: float = STALL_TIMEOUT,
-                concurrency: int = 8, offline: bool = False) -> Source:
-    """Pick the backend from the URI scheme: s3://, hf://, file:// or a plain path."""
+def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_style: str = "auto",
+                offline: bool = False) -> Source:
+    """Pick the backend from the URI scheme: s3://, hf://, file:// or a plain path (timeouts and pool sizes
+    from `transfer`, the defaults unless given)."""
+    transfer = transfer or DEFAULTS
     if uri.startswith("s3://"):
         from weightsync.sources.s3 import S3Source
 
-        return S3Source.from_uri(uri, addressing_style=addressing_style, stall_timeout=stall_timeout,
-                                 concurrency=concurrency)
+        return S3Source.from_uri(uri, transfer, addressing_style=addressing_style)
     if uri.startswith("hf://"):
         from weightsync.sources.hf import HubSource
 
-        return HubSource.from_uri(uri, stall_timeout=stall_timeout, offline=offline)
+        return HubSource.from_uri(uri, transfer, offline=offline)
     near_miss = NEAR_MISS.match(uri)
     if near_miss:
         scheme, rest = near_miss.group(1).lower(), near_miss.group(2)

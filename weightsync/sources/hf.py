@@ -23,8 +23,8 @@ from urllib.parse import quote
 
 from weightsync import __version__
 from weightsync.checksums import Promise
+from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
-from weightsync.retry import CONNECT_TIMEOUT, STALL_TIMEOUT
 from weightsync.sources import ErrorTranslator, Features, RemoteFile, Selection, Snapshot, slugify
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -73,7 +73,7 @@ class HubSource:
     repo_id: str
     repo_type: str = "model"
     uri_revision: str | None = None
-    stall_timeout: float = STALL_TIMEOUT
+    transfer: TransferConfig = DEFAULTS
     offline: bool = False
     kind: str = "hf"
     # httpx/h11 parse every response in Python under the GIL: more than two streams per CPU only
@@ -82,7 +82,7 @@ class HubSource:
                                             refs=True)
 
     @classmethod
-    def from_uri(cls, uri: str, *, stall_timeout: float = STALL_TIMEOUT, offline: bool = False) -> HubSource:
+    def from_uri(cls, uri: str, transfer: TransferConfig = DEFAULTS, *, offline: bool = False) -> HubSource:
         rest = uri[len("hf://"):].strip("/")
         repo_type = "model"
         for prefix, kind in (("datasets/", "dataset"), ("models/", "model")):
@@ -95,7 +95,7 @@ class HubSource:
         if revision:
             _checked_ref(revision, f"the revision in --source {uri!r}:")
         return cls(repo_id=repo_id, repo_type=repo_type, uri_revision=revision or None,
-                   stall_timeout=stall_timeout, offline=offline)
+                   transfer=transfer, offline=offline)
 
     @property
     def uri(self) -> str:
@@ -122,9 +122,10 @@ class HubSource:
         hub = _hub()
         ref = revision or self.default_ref
         api = hub.HfApi(library_name="weightsync", library_version=__version__)
-        _bound_listing_timeouts(self.stall_timeout)
+        _bound_listing_timeouts(self.transfer)
         with _hub_errors(f"resolving {self.uri}@{ref}"):
-            info = api.repo_info(self.repo_id, revision=ref, repo_type=self.repo_type, timeout=self.stall_timeout)
+            info = api.repo_info(self.repo_id, revision=ref, repo_type=self.repo_type,
+                                 timeout=self.transfer.stall_timeout)
             commit = info.sha
             if not commit or not COMMIT.match(commit):
                 raise SourceError(f"{self.uri}@{ref}: the Hub returned no commit id; check the revision")
@@ -164,7 +165,7 @@ class HubSource:
         except ImportError:  # older huggingface_hub releases use plain httpx
             import httpx
 
-        timeout = httpx.Timeout(self.stall_timeout, connect=CONNECT_TIMEOUT)
+        timeout = httpx.Timeout(self.transfer.stall_timeout, connect=self.transfer.connect_timeout)
         try:
             request = session.build_request("GET", url, headers=headers, timeout=timeout)
             response = session.send(request, stream=True, follow_redirects=True)
@@ -253,7 +254,7 @@ def _larger_socket_reads() -> None:
             connection.READ_NUM_BYTES = SOCKET_READ
 
 
-def _bound_listing_timeouts(stall_timeout: float) -> None:
+def _bound_listing_timeouts(transfer: TransferConfig) -> None:
     """huggingface_hub's shared client has no timeout and its listing pagination passes none: a Hub that
     accepts and never answers would hang the sync forever. Give every request without one our stall timeout."""
     from huggingface_hub.utils import get_session
@@ -261,8 +262,9 @@ def _bound_listing_timeouts(stall_timeout: float) -> None:
     def fill_timeouts(request: Any) -> None:
         timeout = request.extensions.get("timeout") or {}
         if all(value is None for value in timeout.values()):
-            request.extensions["timeout"] = {"connect": CONNECT_TIMEOUT, "read": stall_timeout, "write": stall_timeout,
-                                             "pool": stall_timeout}
+            stall = transfer.stall_timeout
+            request.extensions["timeout"] = {"connect": transfer.connect_timeout, "read": stall, "write": stall,
+                                             "pool": stall}
 
     fill_timeouts.weightsync = True  # type: ignore[attr-defined]
     session = get_session()

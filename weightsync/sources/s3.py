@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 
 from weightsync import __version__
 from weightsync.checksums import ALGORITHMS, Promise, choose, from_base64
+from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
-from weightsync.retry import CONNECT_TIMEOUT, STALL_TIMEOUT
 from weightsync.sources import (
     LISTING_DIGEST,
     ErrorTranslator,
@@ -107,8 +107,7 @@ class S3Source:
     bucket: str
     prefix: str
     addressing_style: str = "auto"
-    stall_timeout: float = STALL_TIMEOUT
-    concurrency: int = 8
+    transfer: TransferConfig = DEFAULTS
     kind: str = "s3"
     default_ref: str | None = None
     features: ClassVar[Features] = Features(describes=True, promises=frozenset(ALGORITHMS) - {"git-sha1"},
@@ -117,14 +116,12 @@ class S3Source:
     _client_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def from_uri(cls, uri: str, *, addressing_style: str = "auto", stall_timeout: float = STALL_TIMEOUT,
-                 concurrency: int = 8) -> S3Source:
+    def from_uri(cls, uri: str, transfer: TransferConfig = DEFAULTS, *, addressing_style: str = "auto") -> S3Source:
         rest = uri[len("s3://"):]
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise UsageError(f"--source {uri!r} has no bucket; use s3://bucket/prefix")
-        return cls(bucket=bucket, prefix=prefix.strip("/"), addressing_style=addressing_style,
-                   stall_timeout=stall_timeout, concurrency=concurrency)
+        return cls(bucket=bucket, prefix=prefix.strip("/"), addressing_style=addressing_style, transfer=transfer)
 
     @property
     def uri(self) -> str:
@@ -151,9 +148,9 @@ class S3Source:
             # 503 SlowDown, with --retries as the one bound (botocore's retries would multiply it and ignore
             # Retry-After).
             retries={"mode": "standard", "total_max_attempts": 1},
-            connect_timeout=CONNECT_TIMEOUT,
-            read_timeout=self.stall_timeout,
-            max_pool_connections=self.concurrency + 4,
+            connect_timeout=self.transfer.connect_timeout,
+            read_timeout=self.transfer.stall_timeout,
+            max_pool_connections=self.transfer.concurrency + 4,
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             user_agent_extra=f"weightsync/{__version__}",
@@ -289,7 +286,7 @@ class S3Source:
         def part_size(number: int) -> int:
             return int((self._head(key, PartNumber=number) or {})["ContentLength"])
 
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, count))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(self.transfer.concurrency, count))) as pool:
             return list(pool.map(part_size, range(1, count + 1)))
 
     def open_range(self, file: RemoteFile, start: int, end: int) -> _S3Range:
@@ -328,11 +325,14 @@ class _S3Range:
         self._errors = errors
         self.voids: dict[str, str] = {"ETag": etag_not_md5} if etag_not_md5 else {}
         self._raw, self._socket_response = _direct_stream(body)
+        self._read_directly = self._socket_response is not None
 
     def readinto(self, buffer: memoryview) -> int:
         try:
-            if self._socket_response is None:
+            if not self._read_directly:
                 return self._body.readinto(buffer)
+            if self._socket_response is None:  # read to the end directly: botocore's body never saw those bytes
+                return 0
             count = self._socket_response.readinto(buffer)
             if self._socket_response.isclosed():  # the whole body is read: the connection goes back to the pool
                 self._raw.release_conn()
