@@ -595,7 +595,7 @@ def machine() -> list[str]:
                    if line.startswith("MemTotal")), 0)
     flags = Path("/proc/cpuinfo").read_text()
     sha = "sha_ni" in flags
-    from weightsync.fetch import cgroup_limits
+    from weightsync.resources import cgroup_limits
 
     cpus, limit = cgroup_limits()
     return [f"- nproc: {os.cpu_count()}; CPU: {model} ({'SHA-NI' if sha else 'no SHA extensions'}); "

@@ -217,6 +217,24 @@ def test_a_corrupted_shard_exits_4_names_the_check_and_publishes_nothing(uploade
     assert again.returncode == 0, again.stderr
 
 
+def test_a_corrupted_shard_error_carries_the_path_and_both_checksums_as_fields(s3_server, bucket, s3_env, s3_proxy,
+                                                                                tmp_path):
+    composite_model(s3_server, bucket, "fields")
+    s3_proxy.faults.corrupt_key = SHARD
+    s3_proxy.faults.corrupt_offsets = (9 * MiB + 7,)  # in the second 8 MiB part
+    termination = tmp_path / "termination"
+    result = weightsync("--log-format", "json", "sync", "--source", f"s3://{bucket}/fields", "--dest",
+                        str(tmp_path / "vol"), "--termination-log", str(termination), env=s3_env)
+    assert result.returncode == 4, result.stderr
+    [error] = [e for e in json_events(result) if e["event"] == "error"]
+    message = json.loads(termination.read_text())
+    for report in (error, message):
+        assert report["path"] == SHARD and report["exit_code"] == 4, report
+        text = report["error"] if "error" in report else report["message"]
+        assert report["expected"] != report["got"] and report["expected"] in text, report
+        assert report["expected"].endswith("-3"), report  # boto3's default: CRC32 COMPOSITE over 3 parts
+
+
 def composite_model(s3_server: Any, bucket: str, prefix: str, size_mib: int = 20, seed: int = 1) -> dict[str, bytes]:
     """A boto3-default multipart shard (CRC32 COMPOSITE, 8 MiB parts) and a small single-part config."""
     data = random.Random(seed).randbytes(size_mib * MiB)

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from weightsync.errors import IntegrityError, UsageError
-from weightsync.progress import counted
+from weightsync.logs import counted
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}

@@ -263,7 +263,7 @@ def tally(evidence: Iterable[Evidence | None], by_kind: bool = False) -> dict[st
 
 def describe_tally(counts: dict[str, int]) -> str:
     """`2 files crc64nvme (source), 1 file size only: the source promised nothing`."""
-    from weightsync.progress import counted
+    from weightsync.logs import counted
 
     return ", ".join(f"{counted(n, 'file')} {label}" for label, n in counts.items()) or "no files"
 

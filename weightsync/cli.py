@@ -515,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "to start a server")
         from weightsync import commands
 
-        return commands.dispatch(name, values, command)
+        return commands.dispatch(name, commands.Options.of(name, values), command)
     except WeightsyncError as exc:
         return _fail(f"weightsync: error: {exc}", exc.exit_code, debug, log_format, exc.fields())
     except KeyboardInterrupt:

@@ -14,35 +14,92 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
-from weightsync.config import TransferConfig
+from weightsync.config import AddressingStyle, LockMode, TransferConfig, VerifyMode
 from weightsync.errors import IntegrityError, UsageError, WeightsyncError
 from weightsync.logs import event, write_termination_message
 
+if TYPE_CHECKING:
+    from weightsync.engine import Engine, SyncRequest, SyncResult
+    from weightsync.metrics import SyncMetrics
+
 TRUE = {"1", "true", "yes", "on"}
+T = TypeVar("T")
 
 
-def dispatch(command: str, values: dict[str, Any], server_command: list[str]) -> int:
-    handlers: dict[str, Callable[[dict[str, Any], list[str]], int]] = {
+@dataclass(frozen=True)
+class Options:
+    """Every option's validated value, as cli.py resolved it (flag, else env var, else default).
+
+    A field a command has no option for keeps the default here (None: "not given"), so one type serves every
+    command. The field names are the options' (`--stall-timeout` is `stall_timeout`); cli.py's test checks that
+    every option has its field.
+    """
+
+    command: str = ""
+    source: str | None = None
+    dest: str | None = None
+    name: str | None = None
+    revision: str | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    lockfile: str | None = None
+    rebind: bool = False
+    verify: VerifyMode = "fast"
+    require_checksum: bool = False
+    concurrency: int | None = None
+    offline: bool = False
+    s3_addressing_style: AddressingStyle = "auto"
+    stall_timeout: float | None = None
+    no_progress_timeout: float | None = None
+    retries: int | None = None
+    retry_base: float | None = None
+    lock_timeout: float | None = None
+    lock_mode: LockMode = "auto"
+    lease_timeout: float | None = None
+    log_format: str = "text"
+    progress_interval: float | None = None
+    termination_log: str | None = None
+    metrics_textfile: str | None = None
+    pushgateway: str | None = None
+    metrics_port: int | None = None
+    debug: bool = False
+    skip_checks: bool = False
+    require_gpu: bool = False
+    ready_file: str | None = None
+    recheck_interval: float | None = None
+    json: bool = False
+    keep: int | None = None
+    dry_run: bool = False
+    staging_older_than: float | None = None
+
+    @classmethod
+    def of(cls, command: str, values: dict[str, object]) -> Options:
+        """From cli.py's resolved values: None for a switch or repeat not given means off / none."""
+        known = {item.name: item for item in fields(cls)}
+        given = {name: value for name, value in values.items() if value is not None or known[name].default is None}
+        return cls(command=command, **given)  # type: ignore[arg-type]  # validated by cli.py, one type per option
+
+
+def dispatch(command: str, options: Options, server_command: list[str]) -> int:
+    handlers: dict[str, Callable[[Options, list[str]], int]] = {
         "sync": run_sync, "run": run_sync, "serve": run_serve, "verify": run_verify, "lock": run_lock,
         "status": run_status, "gc": run_gc,
     }
-    values["command"] = command
-    return handlers[command](values, server_command)
+    return handlers[command](options, server_command)
 
 
-def build_request(values: dict[str, Any], dest: str | None = None) -> Any:
+def build_request(options: Options, dest: str | None = None) -> SyncRequest:
     """A SyncRequest from options; a --lockfile supplies source, revision and filters."""
     from weightsync.engine import SyncRequest
     from weightsync.lockfile import Lockfile
     from weightsync.sources import Selection, open_source
 
-    lockfile = Lockfile.load(values["lockfile"]) if values.get("lockfile") else None
-    source = values.get("source")
-    revision, include, exclude = values.get("revision"), values.get("include") or (), values.get("exclude") or ()
+    lockfile = Lockfile.load(options.lockfile) if options.lockfile else None
+    source, revision, include, exclude = options.source, options.revision, options.include, options.exclude
     if lockfile:
         if source and open_source(source).uri != open_source(lockfile.source).uri:
             raise UsageError(f"--source {source} differs from the source pinned in --lockfile {lockfile.origin} "
@@ -53,44 +110,50 @@ def build_request(values: dict[str, Any], dest: str | None = None) -> Any:
         source, revision, include, exclude = lockfile.source, lockfile.revision, lockfile.include, lockfile.exclude
     if not source:
         raise UsageError("--source is required (or set WEIGHTSYNC_SOURCE, or pass --lockfile)")
-    offline = bool(values.get("offline"))
+    offline = options.offline
     if source.startswith("hf://") and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE:
         offline = True
     return SyncRequest(
-        source=source, dest=Path(dest or values["dest"]), name=values.get("name"), revision=revision,
-        selection=Selection(include=tuple(include), exclude=tuple(exclude)),
-        verify=values.get("verify") or "fast", lock_timeout=values.get("lock_timeout"), offline=offline,
-        addressing_style=values.get("s3_addressing_style") or "auto", lockfile=lockfile,
-        lock_mode=values.get("lock_mode") or "auto", require_checksum=bool(values.get("require_checksum")),
-        rebind=bool(values.get("rebind")), transfer=transfer_config(values),
+        source=source, dest=Path(dest or _required(options.dest)), name=options.name, revision=revision,
+        selection=Selection(include=tuple(include), exclude=tuple(exclude)), verify=options.verify,
+        lock_timeout=options.lock_timeout, offline=offline, addressing_style=options.s3_addressing_style,
+        lockfile=lockfile, lock_mode=options.lock_mode, require_checksum=options.require_checksum,
+        rebind=options.rebind, transfer=transfer_config(options),
     )
 
 
-def transfer_config(values: dict[str, Any]) -> TransferConfig:
+def transfer_config(options: Options) -> TransferConfig:
     """The defaults (config.DEFAULTS) with what the command's options set; an option a command does not
     have (`lock` has no --retries) keeps its default."""
     from weightsync import config
 
-    given = {name: values[name] for name in config.TransferConfig.names() if values.get(name) is not None}
+    given = {name: getattr(options, name) for name in config.TransferConfig.names()
+             if getattr(options, name, None) is not None}
     return replace(config.DEFAULTS, **given)
+
+
+def _required(value: T | None) -> T:
+    """A value cli.py guarantees for this command (a required option)."""
+    assert value is not None
+    return value
 
 
 class Reporter:
     """Metrics and the termination message around one sync, on success and on failure."""
 
-    def __init__(self, values: dict[str, Any], engine: Any) -> None:
+    def __init__(self, options: Options, engine: Engine) -> None:
         from weightsync.metrics import MetricsOptions
 
-        self.options = MetricsOptions(textfile=values.get("metrics_textfile"),
-                                      pushgateway=values.get("pushgateway"), port=values.get("metrics_port"))
-        self.termination_log = values.get("termination_log")
-        self.metrics = None
+        self.options = MetricsOptions(textfile=options.metrics_textfile, pushgateway=options.pushgateway,
+                                      port=options.metrics_port)
+        self.termination_log = options.termination_log
+        self.metrics: SyncMetrics | None = None
         if self.options.wanted:
             from weightsync.metrics import SyncMetrics
 
             self.metrics = SyncMetrics(engine.source.kind, engine.volume.name)
 
-    def sync(self, engine: Any) -> Any:
+    def sync(self, engine: Engine) -> SyncResult:
         started = time.monotonic()
         try:
             result = engine.sync()
@@ -115,24 +178,24 @@ class Reporter:
                                                          "error": f"weightsync: error: {exc}", **structured})
 
 
-def run_sync(values: dict[str, Any], server_command: list[str]) -> int:
+def run_sync(options: Options, server_command: list[str]) -> int:
     """`sync` prints the published directory; `run` checks it and execs the server on it."""
     from weightsync.engine import Engine
 
-    running = values["command"] == "run"
+    running = options.command == "run"
     if running:
         from weightsync.launch import check_command
 
         check_command(server_command)
-    engine = Engine(build_request(values))
-    reporter = Reporter(values, engine)
-    if running and values.get("require_gpu"):
+    engine = Engine(build_request(options))
+    reporter = Reporter(options, engine)
+    if running and options.require_gpu:
         _guarded(reporter, _require_gpu)
     result = reporter.sync(engine)
     if running:
         from weightsync.launch import exec_server
 
-        if not values.get("skip_checks"):
+        if not options.skip_checks:
             from weightsync.checks import check_model
 
             checked = _guarded(reporter, lambda: check_model(result.path))
@@ -150,7 +213,7 @@ def _require_gpu() -> None:
     require_gpu()
 
 
-def _guarded(reporter: Reporter, check: Callable[[], Any]) -> Any:
+def _guarded(reporter: Reporter, check: Callable[[], T]) -> T:
     try:
         return check()
     except WeightsyncError as exc:
@@ -158,19 +221,19 @@ def _guarded(reporter: Reporter, check: Callable[[], Any]) -> Any:
         raise
 
 
-def run_verify(values: dict[str, Any], _: list[str]) -> int:
+def run_verify(options: Options, _: list[str]) -> int:
     """Re-hash a published model; without --source, the model (and its source) the volume records."""
     from weightsync.engine import Engine
 
-    if not values.get("source"):
-        if values.get("include") or values.get("exclude"):
+    if not options.source:
+        if options.include or options.exclude:
             raise UsageError("verify re-hashes a whole published revision: --include/--exclude only say which "
                              "model, together with --source; without --source, name it with --name")
-        values = {**values, **_recorded_model(Path(values["dest"]), values.get("name"))}
-    engine = Engine(build_request(values))
-    directory, problems = engine.verify(values.get("revision"))
+        options = _recorded_model(options)
+    engine = Engine(build_request(options))
+    directory, problems = engine.verify(options.revision)
     if problems:
-        repair = shlex.join(["weightsync", "sync", "--source", engine.source.uri, "--dest", values["dest"],
+        repair = shlex.join(["weightsync", "sync", "--source", engine.source.uri, "--dest", _required(options.dest),
                              "--name", engine.volume.name, *engine.request.selection.flags(), "--revision",
                              engine.source_revision_of(directory.name), "--verify", "full"])
         raise IntegrityError(f"{directory} failed verification: " + "; ".join(problems[:5])
@@ -183,11 +246,12 @@ def run_verify(values: dict[str, Any], _: list[str]) -> int:
     return 0
 
 
-def _recorded_model(dest: Path, name: str | None) -> dict[str, Any]:
-    """The name, source and filters a volume records for a model (from its `current` manifest)."""
+def _recorded_model(options: Options) -> Options:
+    """`options` with the name, source and filters the volume records for the model (its `current` manifest)."""
     from weightsync.layout import ModelVolume, model_names, require_volume
     from weightsync.manifest import Manifest, ManifestError
 
+    dest, name = Path(_required(options.dest)), options.name
     require_volume(dest)
     names = model_names(dest)
     if name is not None and name not in names:
@@ -206,18 +270,19 @@ def _recorded_model(dest: Path, name: str | None) -> dict[str, Any]:
         manifest = Manifest.load(volume.manifest_path(revision))
     except ManifestError as exc:
         raise UsageError(f"cannot tell which source {volume.root} was synced from ({exc}); pass --source") from None
-    return {"name": name, "source": manifest.source, "include": tuple(manifest.selection.get("include", ())),
-            "exclude": tuple(manifest.selection.get("exclude", ()))}
+    return replace(options, name=name, source=manifest.source,
+                   include=tuple(manifest.selection.get("include", ())),
+                   exclude=tuple(manifest.selection.get("exclude", ())))
 
 
-def run_lock(values: dict[str, Any], _: list[str]) -> int:
+def run_lock(options: Options, _: list[str]) -> int:
     """Sync once (into a throwaway directory unless --dest is given) and print the lockfile."""
     from weightsync.engine import Engine
     from weightsync.lockfile import Lockfile
     from weightsync.manifest import Manifest
 
     with tempfile.TemporaryDirectory(prefix="weightsync-lock-") as scratch:
-        request = build_request(values, dest=values.get("dest") or scratch)
+        request = build_request(options, dest=options.dest or scratch)
         engine = Engine(request)
         result = engine.sync()
         manifest = Manifest.load(engine.volume.manifest_path(result.revision))
@@ -227,27 +292,28 @@ def run_lock(values: dict[str, Any], _: list[str]) -> int:
     return 0
 
 
-def run_gc(values: dict[str, Any], _: list[str]) -> int:
+def run_gc(options: Options, _: list[str]) -> int:
     from weightsync.gc import collect
 
-    return collect(Path(values["dest"]), keep=values["keep"], staging_older_than=values["staging_older_than"],
-                   name=values.get("name"), lock_mode=values.get("lock_mode") or "auto",
-                   lease_timeout=transfer_config(values).lease_timeout, dry_run=bool(values.get("dry_run")))
+    return collect(Path(_required(options.dest)), keep=_required(options.keep),
+                   staging_older_than=_required(options.staging_older_than), name=options.name,
+                   lock_mode=options.lock_mode, lease_timeout=transfer_config(options).lease_timeout,
+                   dry_run=options.dry_run)
 
 
-def run_status(values: dict[str, Any], _: list[str]) -> int:
+def run_status(options: Options, _: list[str]) -> int:
     from weightsync.status import format_table, volume_status
 
-    report = volume_status(Path(values["dest"]))
-    print(json.dumps(report, indent=1) if values.get("json") else format_table(report))
+    report = volume_status(Path(_required(options.dest)))
+    print(json.dumps(report, indent=1) if options.json else format_table(report))
     return 0
 
 
-def run_serve(values: dict[str, Any], _: list[str]) -> int:
+def run_serve(options: Options, _: list[str]) -> int:
     from weightsync.engine import Engine
     from weightsync.serve import serve
 
-    if values.get("require_gpu"):
+    if options.require_gpu:
         _require_gpu()
-    engine = Engine(build_request(values))
-    return serve(engine, Reporter(values, engine), values)
+    engine = Engine(build_request(options))
+    return serve(engine, Reporter(options, engine), options)

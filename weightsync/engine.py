@@ -5,10 +5,21 @@
         └ pinned & published: no request   │        └ staged (resume) / reused (hardlink) / download
                                            └ someone else published meanwhile: warm
 
+Internal logic of `Engine.sync`:
+1. Refuse what needs no request: an unusable --dest, a --name that would change meaning (`_check_binding`).
+2. Warm check: a pinned (or --offline) revision whose manifest and sizes match is served as it is.
+3. Resolve: `source.snapshot()` lists the files and the immutable revision; an unreachable source falls back,
+   loudly, to the last revision published for that ref.
+4. Lock the revision, then check again: another pod may have published it while this one waited.
+5. Plan: reuse (hardlink) what other revisions hold, `describe` the rest where the source can, check the
+   lockfile and --require-checksum, then `fetch.plan_fetch` (staged, resumed, fresh; space needed).
+6. Fetch and verify: `fetch.Fetcher.run(plan)`; every byte is checked against its promise as it lands.
+7. Publish: manifest, read-only files, fsync, one rename, then `current` (`_publish`).
+
 The engine knows nothing about a particular backend (sources/), the on-disk
 layout (layout.py), locking (locking.py) or how bytes move (fetch.py); it decides
 what has to happen and in which order so that MODEL_DIR only ever shows a
-complete, verified revision.
+complete, verified revision. docs/architecture.md draws the whole picture.
 """
 
 from __future__ import annotations
@@ -28,15 +39,15 @@ from pathlib import Path
 
 from weightsync import config, testhooks
 from weightsync.checksums import Evidence, Verified, describe_tally, feed_file, tally
-from weightsync.config import AddressingStyle, LockMode, TransferConfig, VerifyMode
+from weightsync.config import AddressingStyle, LockMode, RevisionKey, TransferConfig, VerifyMode
 from weightsync.errors import DiskSpaceError, IntegrityError, NetworkError, SourceError, UsageError, WeightsyncError
 from weightsync.fsutil import fsync_dir, fsync_tree, make_read_only, write_atomic
-from weightsync.layout import LOCKS, MANIFESTS, REVISIONS, STAGING, ModelVolume, check_listing, safe_makedirs
+from weightsync.layout import LOCKS, MANIFESTS, REVISIONS, ModelVolume, check_listing, safe_makedirs
 from weightsync.lockfile import Lockfile
 from weightsync.locking import Held, volume_lock
-from weightsync.logs import event
+from weightsync.logs import counted, event, human_bytes, human_duration
 from weightsync.manifest import Manifest, ManifestEntry, ManifestError
-from weightsync.progress import Progress, counted, human_bytes, human_duration
+from weightsync.progress import Progress
 from weightsync.retry import RetryPolicy, call_with_retries
 from weightsync.sources import RemoteFile, Selection, Snapshot, Source, open_source
 
@@ -127,7 +138,7 @@ def default_name(source: Source, selection: Selection) -> str:
     return f"{source.default_name}--{variant}" if variant else source.default_name
 
 
-def revision_key(revision: str, selection: Selection) -> str:
+def revision_key(revision: str, selection: Selection) -> RevisionKey:
     """The directory name of a revision: filtered syncs of one revision must not share a directory."""
     variant = selection.key()
     return f"{revision}-{variant}" if variant else revision
@@ -241,7 +252,7 @@ class Engine:
                           f"now), and {pinned} was never synced onto {self.volume.root}: a mistyped id, or a source "
                           "that changed since the id was printed; drop --revision to take what it holds now")
 
-    def source_revision_of(self, key: str) -> str:
+    def source_revision_of(self, key: RevisionKey) -> str:
         """The source's revision id behind a revision directory name (which may carry the filter set's id)."""
         variant = self.request.selection.key()
         return key.removesuffix(f"-{variant}") if variant else key
@@ -260,14 +271,14 @@ class Engine:
         return directory, describe_problems(problems)
 
     # -- warm path ---------------------------------------------------------------
-    def _manifest(self, key: str) -> Manifest:
+    def _manifest(self, key: RevisionKey) -> Manifest:
         """A revision's manifest, parsed once per run (the binding check and the warm check read the same one;
         a published manifest never changes, a repair writes it only after both)."""
         if key not in self._manifests:
             self._manifests[key] = Manifest.load(self.volume.manifest_path(key))
         return self._manifests[key]
 
-    def published(self, key: str) -> Manifest | None:
+    def published(self, key: RevisionKey) -> Manifest | None:
         """The manifest if revision `key` is published and intact (sizes, or hashes with --verify full)."""
         directory = self.volume.revision_dir(key)
         if not self.volume.is_real_revision(key):  # no symlink anywhere on the way: never hand out a path outside
@@ -296,7 +307,7 @@ class Engine:
             return None
         return manifest
 
-    def _refuse_size_only(self, manifest: Manifest, key: str) -> None:
+    def _refuse_size_only(self, manifest: Manifest, key: RevisionKey) -> None:
         """--require-checksum on a revision published without it: refuse, and leave it as it is (pods may be
         serving it; deleting it is the operator's call)."""
         unchecked = [e.path for e in manifest.files if e.evidence is None or e.evidence.promise is None]
@@ -306,7 +317,7 @@ class Engine:
                 "only when it was published (or by a weightsync too old to record it); remove "
                 f"{self.volume.revision_dir(key)} to sync it again, or drop --require-checksum")
 
-    def _finish_warm(self, manifest: Manifest, key: str, ref: str | None, source_revision: str) -> SyncResult:
+    def _finish_warm(self, manifest: Manifest, key: RevisionKey, ref: str | None, source_revision: str) -> SyncResult:
         self._point_current(key, ref)
         how = "sha256 of every file against the manifest" if self.request.verify == "full" else "manifest and sizes"
         return SyncResult(path=self.volume.revision_dir(key), name=self.volume.name, revision=key,
@@ -314,7 +325,7 @@ class Engine:
                           total_bytes=manifest.total_bytes, seconds=time.monotonic() - self.started, warm=True,
                           checked=how, file_evidence=tuple(entry.evidence for entry in manifest.files))
 
-    def _point_current(self, key: str, ref: str | None) -> None:
+    def _point_current(self, key: RevisionKey, ref: str | None) -> None:
         """Flip `current` and record the ref; on a read-only volume leave both as they are."""
         try:
             self.volume.point_current_at(key)
@@ -374,7 +385,7 @@ class Engine:
         check_listing([f.path for f in snapshot.files], self.source.uri)
         return snapshot
 
-    def _offer_intact_files(self, reuse: ReuseIndex, key: str) -> None:
+    def _offer_intact_files(self, reuse: ReuseIndex, key: RevisionKey) -> None:
         """Repair: the files of a damaged revision that passed the warm check are kept, not fetched again."""
         damaged = self.damaged.get(key)
         if damaged is None or not self.volume.is_real_revision(key):
@@ -386,7 +397,7 @@ class Engine:
         reuse.add(self.volume.revision_dir(key), [e for e in manifest.files if e.path not in damaged],
                   hashed=self.request.verify == "full")
 
-    def _set_aside(self, key: str) -> Path | None:
+    def _set_aside(self, key: RevisionKey) -> Path | None:
         """Move a damaged or manifest-less revision out of the way of its repaired tree, into `.trash`."""
         self.volume.ensure(REVISIONS)  # refuses a planted symlink: never move or delete anything outside DEST
         directory = self.volume.revision_dir(key)
@@ -396,13 +407,12 @@ class Engine:
         os.rename(directory, trash)
         return trash
 
-    def _download_and_publish(self, snapshot: Snapshot, key: str, held: Held) -> SyncResult:
+    def _download_and_publish(self, snapshot: Snapshot, key: RevisionKey, held: Held) -> SyncResult:
         """Plan (reuse, describe, staged, resume), fetch and verify what is missing, then publish."""
         from weightsync.fetch import Fetcher, plan_fetch, report_verified
 
         request, volume = self.request, self.volume
-        staging = volume.ensure(f"{STAGING}/{key}")
-        parts, tree = volume.ensure(f"{STAGING}/{key}/parts"), volume.ensure(f"{STAGING}/{key}/tree")
+        staging, parts, tree = volume.make_staging(key)
         verified: dict[str, Verified] = {}
         pending: list[RemoteFile] = []
         reused = 0
@@ -497,7 +507,7 @@ class Engine:
                                  f"{human_bytes(needed)} ({needed} bytes) more, {human_bytes(free)} ({free} bytes) "
                                  "free; grow the volume or remove old revisions")
 
-    def _publish(self, manifest: Manifest, staging: Path, key: str, ref: str | None, held: Held) -> None:
+    def _publish(self, manifest: Manifest, staging: Path, key: RevisionKey, ref: str | None, held: Held) -> None:
         """Manifest first, then one rename of the verified tree; `current` flips last.
 
         The lock is checked again first: a process whose lease was taken over while it was frozen must not
@@ -534,7 +544,7 @@ class Engine:
             shutil.rmtree(aside, ignore_errors=True)
 
 
-def mark_verified(volume: ModelVolume, key: str) -> None:
+def mark_verified(volume: ModelVolume, key: RevisionKey) -> None:
     """Record when every byte of a revision was last hashed (shown by `weightsync status`)."""
     try:
         write_atomic(volume.verified_path(key), f"{time.time():.3f}\n".encode(), durable=False)

@@ -29,9 +29,8 @@ from pathlib import Path
 from weightsync.errors import UsageError
 from weightsync.layout import REVISIONS, SAFE_NAME, ModelVolume, is_real_dir, model_names
 from weightsync.locking import DEFAULT_LEASE_TIMEOUT, describe_holder, try_lock
-from weightsync.logs import event
+from weightsync.logs import counted, event, human_bytes
 from weightsync.manifest import Manifest, ManifestError
-from weightsync.progress import counted, human_bytes
 
 log = logging.getLogger("weightsync")
 

@@ -24,6 +24,7 @@ import stat
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
+from weightsync.config import RevisionKey
 from weightsync.errors import DiskSpaceError, IntegrityError, UsageError, WeightsyncError
 from weightsync.fsutil import read_nofollow, write_atomic
 
@@ -124,15 +125,15 @@ class ModelVolume:
         self.root = dest / name
         self.current = self.root / "current"
 
-    def revision_dir(self, revision: str) -> Path:
-        return self.root / REVISIONS / revision
+    def revision_dir(self, key: RevisionKey) -> Path:
+        return self.root / REVISIONS / key
 
-    def manifest_path(self, revision: str) -> Path:
-        return self.root / MANIFESTS / f"{revision}.json"
+    def manifest_path(self, key: RevisionKey) -> Path:
+        return self.root / MANIFESTS / f"{key}.json"
 
-    def verified_path(self, revision: str) -> Path:
+    def verified_path(self, key: RevisionKey) -> Path:
         """When every byte of the revision was last hashed (`weightsync status`)."""
-        return self.root / MANIFESTS / f"{revision}.verified"
+        return self.root / MANIFESTS / f"{key}.verified"
 
     def trash_path(self, label: str) -> Path:
         """A place to move a revision or staging tree into, in one rename, before it is deleted."""
@@ -150,11 +151,17 @@ class ModelVolume:
     def locks_dir(self) -> Path:
         return self.root / LOCKS
 
-    def staging_dir(self, revision: str) -> Path:
-        return self.root / STAGING / revision
+    def staging_dir(self, key: RevisionKey) -> Path:
+        return self.root / STAGING / key
 
-    def lock_path(self, revision: str) -> Path:
-        return self.root / LOCKS / f"{revision}.lock"
+    def make_staging(self, key: RevisionKey) -> tuple[Path, Path, Path]:
+        """Create `.staging/<key>/` with `parts/` (downloads in progress) and `tree/` (verified files, renamed
+        into revisions/ in one step at publish); return the three, none reached through a symlink."""
+        return (self.ensure(f"{STAGING}/{key}"), self.ensure(f"{STAGING}/{key}/parts"),
+                self.ensure(f"{STAGING}/{key}/tree"))
+
+    def lock_path(self, key: RevisionKey) -> Path:
+        return self.root / LOCKS / f"{key}.lock"
 
     def ref_path(self, ref: str) -> Path:
         return self.root / REFS / quote(ref, safe="")
@@ -197,9 +204,9 @@ class ModelVolume:
                               "the volume's mount point")
         return WeightsyncError(f"cannot create {where}: {exc.strerror}; check that --dest is a writable volume")
 
-    def is_real_revision(self, revision: str) -> bool:
-        """revisions/<revision> is a directory reached without any symlink (DEST/<name>, revisions, itself)."""
-        for path in (self.root, self.root / REVISIONS, self.revision_dir(revision), self.root / MANIFESTS):
+    def is_real_revision(self, key: RevisionKey) -> bool:
+        """revisions/<key> is a directory reached without any symlink (DEST/<name>, revisions, itself)."""
+        for path in (self.root, self.root / REVISIONS, self.revision_dir(key), self.root / MANIFESTS):
             try:
                 if not stat.S_ISDIR(os.lstat(path).st_mode):
                     return False
@@ -217,14 +224,14 @@ class ModelVolume:
             return parts[1]
         return None
 
-    def point_current_at(self, revision: str) -> None:
-        """Flip `current` to revisions/<revision> in one rename (readers see old or new, never none)."""
-        if self.current_revision() == revision:
+    def point_current_at(self, key: RevisionKey) -> None:
+        """Flip `current` to revisions/<key> in one rename (readers see old or new, never none)."""
+        if self.current_revision() == key:
             return
         temporary = self.root / f".current.{os.getpid()}.tmp"
         try:
             temporary.unlink(missing_ok=True)
-            os.symlink(f"{REVISIONS}/{revision}", temporary)
+            os.symlink(f"{REVISIONS}/{key}", temporary)
             os.replace(temporary, self.current)
         except OSError as exc:
             temporary.unlink(missing_ok=True)

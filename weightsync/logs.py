@@ -4,7 +4,8 @@
 (start, plan, progress, file_verified, retry, published, exec, error, ...). Every
 line, and the Kubernetes termination message, passes through `redact`, so
 credentials and presigned-URL signatures never reach a log. The progress display
-(progress.py) and the retry loop (retry.py) log through `event` here.
+(progress.py) and the retry loop (retry.py) log through `event` here, and every
+report formats counts, sizes and durations with the helpers here.
 """
 
 from __future__ import annotations
@@ -86,6 +87,28 @@ def setup_logging(debug: bool, log_format: str = "text", stream: TextIO | None =
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """`1 file`, `3 files`, `1 index`, `2 indexes`: a count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    seconds = int(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 TERMINATION_LOG = "/dev/termination-log"

@@ -2,8 +2,7 @@
 
 On a TTY progress is a tqdm bar (overall, plus one per large file); without one
 (kubectl logs, docker logs, CI) it is one `progress` event every `interval`
-seconds (logs.py). Also the few formatters every report shares (sizes, durations,
-counts).
+seconds (logs.py).
 """
 
 from __future__ import annotations
@@ -14,31 +13,9 @@ import threading
 import time
 from typing import Any, TextIO
 
-from weightsync.logs import event
+from weightsync.logs import event, human_bytes, human_duration
 
 LARGE_FILE = 256 * 1024 * 1024
-def counted(count: int, noun: str, plural: str | None = None) -> str:
-    """`1 file`, `3 files`, `1 index`, `2 indexes`: a count with its noun in the right number."""
-    return f"{count} {noun if count == 1 else plural or noun + 's'}"
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
-
-
-def human_duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    seconds = int(seconds)
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 class Progress:
     """Thread-safe transfer counters with a TTY bar or periodic plain lines."""
 

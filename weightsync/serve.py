@@ -15,17 +15,21 @@ import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from weightsync.errors import WeightsyncError
 from weightsync.fsutil import write_atomic
 from weightsync.logs import event
 
+if TYPE_CHECKING:
+    from weightsync.commands import Options, Reporter
+    from weightsync.engine import Engine, SyncResult
+
 log = logging.getLogger("weightsync")
 
 
 class _State:
-    def __init__(self, reporter: Any) -> None:
+    def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
         self.ready = threading.Event()
 
@@ -55,22 +59,22 @@ def _handler(state: _State) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def serve(engine: Any, reporter: Any, values: dict[str, Any]) -> int:
+def serve(engine: Engine, reporter: Reporter, options: Options) -> int:
     state = _State(reporter)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     server = None
-    if values.get("metrics_port"):
-        server = ThreadingHTTPServer(("0.0.0.0", values["metrics_port"]), _handler(state))
+    if options.metrics_port:
+        server = ThreadingHTTPServer(("0.0.0.0", options.metrics_port), _handler(state))
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-        event("serving", "serving /metrics, /readyz and /healthz on port %d", values["metrics_port"],
-              port=values["metrics_port"])
+        event("serving", "serving /metrics, /readyz and /healthz on port %d", options.metrics_port,
+              port=options.metrics_port)
     try:
         result = reporter.sync(engine)
         print(result.path, flush=True)
-        _mark_ready(state, values.get("ready_file"), result)
-        interval = values.get("recheck_interval") or 0.0
+        _mark_ready(state, options.ready_file, result)
+        interval = options.recheck_interval or 0.0
         current = result.revision
         while not stop.wait(interval if interval > 0 else None):
             current = _recheck(engine, reporter, current)
@@ -81,14 +85,14 @@ def serve(engine: Any, reporter: Any, values: dict[str, Any]) -> int:
             server.shutdown()
 
 
-def _mark_ready(state: _State, ready_file: str | None, result: Any) -> None:
+def _mark_ready(state: _State, ready_file: str | None, result: SyncResult) -> None:
     if ready_file:
         write_atomic(Path(ready_file), f"{result.path}\n".encode(), durable=False)
     state.ready.set()
     event("ready", "ready: %s", result.path, path=str(result.path))
 
 
-def _recheck(engine: Any, reporter: Any, current: str) -> str:
+def _recheck(engine: Engine, reporter: Reporter, current: str) -> str:
     from weightsync.engine import Engine
 
     try:

@@ -14,8 +14,8 @@ from weightsync.checksums import describe_tally, tally
 from weightsync.fsutil import disk_usage
 from weightsync.layout import ModelVolume, model_names, require_volume
 from weightsync.locking import flock_held
+from weightsync.logs import human_bytes, human_duration
 from weightsync.manifest import Manifest, ManifestError
-from weightsync.progress import human_bytes, human_duration
 
 
 def model_status(volume: ModelVolume) -> dict[str, Any]:

@@ -1,0 +1,90 @@
+"""The warm path stays light: no heavy module (weightsync/lazy.py) is imported where a warm start would load it."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.helpers import upload_model, weightsync
+from weightsync.lazy import HEAVY, is_heavy
+
+PACKAGE = Path(__file__).resolve().parent.parent / "weightsync"
+
+LOADED_HEAVY = ("import json, sys\n"
+                "from weightsync.lazy import is_heavy\n"
+                "from weightsync.cli import main\n"
+                "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exit:\n    code = exit.code\n"
+                "print(json.dumps({'code': code, 'heavy': sorted(m for m in sys.modules if is_heavy(m))}))")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _top_level_imports(tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, module) of every import at module level, outside `if TYPE_CHECKING:`."""
+    found: list[tuple[int, str]] = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found += [(node.lineno, node.module), *((node.lineno, f"{node.module}.{a.name}") for a in node.names)]
+    return found
+
+
+def _heavy_loaded(*args: str, env: dict[str, str]) -> tuple[int, list[str]]:
+    out = subprocess.run([sys.executable, "-c", LOADED_HEAVY, *args], capture_output=True, text=True, env=env,
+                         check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    return report["code"], report["heavy"]
+
+
+def test_no_light_module_imports_a_heavy_one_at_its_top():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        if is_heavy(module):
+            continue  # a heavy module may import what it likes: nothing on the warm path imports it
+        for line, imported in _top_level_imports(ast.parse(path.read_text(), str(path))):
+            if is_heavy(imported):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {imported}")
+    assert not offenders, "import these inside the function that needs them (weightsync/lazy.py):\n" + "\n".join(
+        offenders)
+
+
+def test_every_declared_heavy_module_says_why():
+    assert all(reason.strip() for reason in HEAVY.values())
+    assert not is_heavy("weightsync.engine") and is_heavy("botocore.config") and not is_heavy("boto3x")
+
+
+def test_help_imports_no_heavy_module(clean_env):
+    code, heavy = _heavy_loaded("--help", env=clean_env)
+    assert code == 0 and heavy == []
+
+
+def test_a_pinned_warm_start_imports_no_heavy_module(tmp_path, clean_env):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "weights.bin").write_bytes(b"w" * 100_000)
+    dest = str(tmp_path / "v")
+    first = weightsync("sync", "--source", str(folder), "--dest", dest, env=clean_env, check=True)
+    revision = Path(first.stdout.splitlines()[-1]).name
+    code, heavy = _heavy_loaded("sync", "--source", str(folder), "--dest", dest, "--revision", revision,
+                                env=clean_env)
+    assert code == 0 and heavy == []
+
+
+def test_a_pinned_warm_start_from_s3_imports_neither_boto3_nor_the_transfer_machinery(s3_server, bucket, s3_env,
+                                                                                      tmp_path):
+    upload_model(s3_server.client(), bucket, "warm", {"config.json": b"{}", "w.bin": b"x" * 200_000})
+    dest = str(tmp_path / "v")
+    first = weightsync("sync", "--source", f"s3://{bucket}/warm", "--dest", dest, env=s3_env, check=True)
+    revision = Path(first.stdout.splitlines()[-1]).name
+    code, heavy = _heavy_loaded("sync", "--source", f"s3://{bucket}/warm", "--dest", dest, "--revision", revision,
+                                env=s3_env)
+    assert code == 0 and heavy == []

@@ -1,0 +1,37 @@
+"""The heavy imports, declared in one place: what a warm start and `--help` must never load.
+
+A pod's start on a published model is a manifest read and a few `lstat`s; importing
+boto3 alone would cost more than all of it. So every module below is imported only
+inside the function that needs it (the cold path: listing, downloading, metrics,
+progress bars on a TTY), never at the top of a module that the warm path loads.
+tests/test_lazy_imports.py enforces both halves: no light module imports one of
+these at its top, and a pinned warm start and `--help` end with none of them in
+`sys.modules`.
+
+To add a heavy dependency, name it here with the reason it is heavy.
+"""
+
+from __future__ import annotations
+
+HEAVY: dict[str, str] = {
+    "boto3": "the S3 client (sources/s3.py): ~150 ms of imports",
+    "botocore": "boto3's core, with its service models",
+    "huggingface_hub": "the Hub client (sources/hf.py), and httpx with it",
+    "httpx": "the Hub's HTTP client",
+    "awscrt": "CRC32C / CRC64NVME checksums, only for a file promised one",
+    "tqdm": "progress bars, only on a TTY",
+    "prometheus_client": "metrics, only when asked for (--metrics-*, --pushgateway)",
+    "filelock": "flock-mode locking, only when a download must be locked",
+    "ctypes": "fallocate and sync_file_range for part files",
+    "weightsync.fetch": "the transfer machinery: plan, workers",
+    "weightsync.download": "one file's download: resume state, part file, running hash",
+    "weightsync.partfile": "the part file and its system calls",
+    "weightsync.resume": "resume state of partial downloads",
+    "weightsync.resources": "cgroup limits and the worker plan",
+}
+"""Module -> why it stays off the warm path."""
+
+
+def is_heavy(module: str) -> bool:
+    """Whether `module` is one of HEAVY or inside one (`botocore.config` is botocore)."""
+    return any(module == name or module.startswith(name + ".") for name in HEAVY)
