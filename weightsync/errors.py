@@ -15,7 +15,7 @@ class WeightsyncError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, *, path: str | None = None, expected: object = None,
+    def __init__(self, message: str = "", *, path: str | None = None, expected: object = None,
                  got: object = None) -> None:
         super().__init__(message)
         self.path = path
