@@ -22,7 +22,6 @@ Internal logic:
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import zlib
@@ -155,6 +154,8 @@ class Promise:
         """The value as the source prints it: base64 for S3 checksums, hex elsewhere; `-N` for parts."""
         text = self.value
         if self.field.startswith("Checksum"):
+            import base64
+
             text = base64.b64encode(bytes.fromhex(self.value)).decode()
         return f"{text}-{self.parts}" if self.parts else text
 
@@ -187,6 +188,8 @@ def from_base64(algorithm: str, text: str, field: str) -> Promise | None:
     """An S3 `Checksum*` header (`base64` or `base64-N`) as a Promise; None if it does not parse."""
     encoded, _, count = text.partition("-")
     try:
+        import base64
+
         raw = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         return None

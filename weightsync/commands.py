@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -24,7 +23,7 @@ from weightsync.logs import event, write_termination_message
 
 if TYPE_CHECKING:
     from weightsync.engine import Engine, SyncRequest, SyncResult
-    from weightsync.metrics import SyncMetrics
+    from weightsync.metrics import MetricsOptions, SyncMetrics
 
 TRUE = {"1", "true", "yes", "on"}
 T = TypeVar("T")
@@ -142,15 +141,14 @@ class Reporter:
     """Metrics and the termination message around one sync, on success and on failure."""
 
     def __init__(self, options: Options, engine: Engine) -> None:
-        from weightsync.metrics import MetricsOptions
-
-        self.options = MetricsOptions(textfile=options.metrics_textfile, pushgateway=options.pushgateway,
-                                      port=options.metrics_port)
         self.termination_log = options.termination_log
         self.metrics: SyncMetrics | None = None
-        if self.options.wanted:
-            from weightsync.metrics import SyncMetrics
+        self.metrics_options: MetricsOptions | None = None
+        if options.metrics_textfile or options.pushgateway or options.metrics_port:  # the module only when asked
+            from weightsync.metrics import MetricsOptions, SyncMetrics
 
+            self.metrics_options = MetricsOptions(textfile=options.metrics_textfile, pushgateway=options.pushgateway,
+                                                  port=options.metrics_port)
             self.metrics = SyncMetrics(engine.source.kind, engine.volume.name)
 
     def sync(self, engine: Engine) -> SyncResult:
@@ -162,14 +160,14 @@ class Reporter:
             raise
         if self.metrics:
             self.metrics.record_success(result)
-            self.metrics.export(self.options)
+            self.metrics.export(self.metrics_options)
         write_termination_message(self.termination_log, {"result": "success", **result.fields()})
         return result
 
     def failure(self, exc: BaseException, seconds: float) -> None:
         if self.metrics:
             self.metrics.record_failure(exc, seconds)
-            self.metrics.export(self.options)
+            self.metrics.export(self.metrics_options)
         code = getattr(exc, "exit_code", 1)  # a WeightsyncError's, or SIGTERM's 143
         if isinstance(exc, KeyboardInterrupt):
             code, exc = 130, Exception("interrupted; rerun to resume where it stopped")
@@ -277,6 +275,8 @@ def _recorded_model(options: Options) -> Options:
 
 def run_lock(options: Options, _: list[str]) -> int:
     """Sync once (into a throwaway directory unless --dest is given) and print the lockfile."""
+    import tempfile
+
     from weightsync.engine import Engine
     from weightsync.lockfile import Lockfile
     from weightsync.manifest import Manifest

@@ -29,11 +29,9 @@ import hashlib
 import logging
 import os
 import shlex
-import shutil
 import stat
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -481,6 +479,8 @@ class Engine:
 
         if len(files) <= 1:
             return [describe(f) for f in files]
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(max_workers=min(self.request.transfer.concurrency, len(files))) as pool:
             return list(pool.map(describe, files))
 
@@ -501,6 +501,8 @@ class Engine:
 
     @staticmethod
     def _check_free_space(staging: Path, needed: int) -> None:
+        import shutil
+
         free = shutil.disk_usage(staging).free
         if needed > free:
             raise DiskSpaceError(f"not enough space on {staging.parent.parent.parent}: need "
@@ -536,6 +538,8 @@ class Engine:
                                      "published and the verified files stay in staging — free space and rerun"
                                      ) from exc
             raise
+        import shutil
+
         testhooks.pause("renamed")
         self._point_current(key, ref)
         mark_verified(volume, key)
@@ -658,6 +662,8 @@ class ReuseIndex:
             try:
                 os.link(source_path, target)
             except OSError:
+                import shutil
+
                 shutil.copyfile(source_path, target, follow_symlinks=False)
         except OSError:
             return None

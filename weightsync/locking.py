@@ -37,8 +37,6 @@ import fcntl
 import json
 import logging
 import os
-import secrets
-import socket
 import threading
 import time
 import warnings
@@ -256,6 +254,8 @@ def _flock_lock(lock_path: Path, timeout: float | None, what: str) -> Iterator[f
                                   "is writable and that it is not a symlink") from exc
     waited = time.monotonic() - started
     try:
+        import socket  # cold path only: a warm start takes no lock (weightsync/lazy.py)
+
         identity = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "mode": "flock"}
         write_atomic(_holder_path(lock_path), json.dumps(identity).encode())
         yield waited
@@ -311,6 +311,9 @@ class _Lease:
     def __init__(self, path: Path, lease_timeout: float) -> None:
         self.path = path
         self.timeout = lease_timeout
+        import secrets
+        import socket
+
         self.token = secrets.token_hex(8)
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
                        "token": self.token, "beat": 0, "mode": "lease"}
@@ -436,6 +439,8 @@ def _parse(content: bytes) -> dict | None:
 
 def _take_over(path: Path, content: bytes, silent_for: float) -> bool:
     """Move a stale lease aside, unless it changed at the last moment (then put it back); True if moved."""
+    import secrets
+
     aside = path.with_name(f"{path.name}.stale.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         os.rename(path, aside)

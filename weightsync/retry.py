@@ -15,7 +15,6 @@ stall timeout, while a slow transfer whose bytes keep coming never trips it.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +59,8 @@ class RetryPolicy:
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Full-jitter backoff (AWS architecture blog), never shorter than Retry-After."""
+        import random  # only once something failed
+
         backoff = random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
         if retry_after is not None:
             return max(backoff, min(retry_after, self.max_delay * 3))
