@@ -21,34 +21,22 @@ import random
 import re
 import subprocess
 import sys
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from awscrt import checksums as crt
 
-from tests.support.helpers import error_line, weightsync
+from tests.support.helpers import error_line, reference_digests, weightsync
 
 MiB = 1024 * 1024
 SHARD = "model.safetensors"
 
 
-def _crc(function: Callable[[bytes, int], int], width: int) -> Callable[[bytes], bytes]:
-    return lambda data: function(data, 0).to_bytes(width, "big")
-
-
-# Independent reference implementations: not weightsync's code.
-DIGESTS: dict[str, Callable[[bytes], bytes]] = {
-    "CRC32": _crc(zlib.crc32, 4),
-    "CRC32C": _crc(crt.crc32c, 4),
-    "CRC64NVME": _crc(crt.crc64nvme, 8),
-    "SHA1": lambda data: hashlib.sha1(data).digest(),
-    "SHA256": lambda data: hashlib.sha256(data).digest(),
-    "MD5": lambda data: hashlib.md5(data).digest(),
-}
+# Independent reference implementations: not weightsync's code. Keyed as S3 names them (ChecksumCRC32, ...).
+DIGESTS: dict[str, Callable[[bytes], bytes]] = {name.upper(): digest for name, digest in reference_digests().items()
+                                                if name != "git-sha1"}
 
 
 def composite(algorithm: str, data: bytes, sizes: list[int]) -> bytes:

@@ -30,7 +30,6 @@ import random
 import re
 import socket
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -38,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from awscrt import checksums as crt
 
+from tests.support.helpers import reference_digests
 from tests.support.hubserver import HubServer, configure_huggingface_hub
 from weightsync.checksums import ALGORITHMS, Evidence, Promise, Verifier, verify_path
 from weightsync.errors import NetworkError, TransientError, WeightsyncError
@@ -73,20 +72,8 @@ def model_files() -> dict[str, bytes]:
     return dict(_model_bytes())
 
 
-def _crc(function: Callable[[bytes, int], int], width: int) -> Callable[[bytes], bytes]:
-    return lambda data: function(data, 0).to_bytes(width, "big")
-
-
-# Reference digests, independent of weightsync's checksums.py (awscrt for the two CRCs zlib lacks).
-REFERENCE: dict[str, Callable[[bytes], bytes]] = {
-    "crc32": _crc(zlib.crc32, 4),
-    "crc32c": _crc(crt.crc32c, 4),
-    "crc64nvme": _crc(crt.crc64nvme, 8),
-    "sha1": lambda data: hashlib.sha1(data).digest(),
-    "git-sha1": lambda data: hashlib.sha1(b"blob %d\0" % len(data) + data).digest(),
-    "sha256": lambda data: hashlib.sha256(data).digest(),
-    "md5": lambda data: hashlib.md5(data).digest(),
-}
+# Reference digests, independent of weightsync's checksums.py.
+REFERENCE = reference_digests()
 
 
 def split(data: bytes, layout: tuple[int, ...]) -> list[bytes]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +57,23 @@ def safetensors_bytes(payload: bytes) -> bytes:
                                      "data_offsets": [0, len(payload)]}}).encode()
     header += b" " * (-len(header) % 8)
     return struct.pack("<Q", len(header)) + header + payload
+
+
+def _crc(function: Callable[[bytes, int], int], width: int) -> Callable[[bytes], bytes]:
+    return lambda data: function(data, 0).to_bytes(width, "big")
+
+
+def reference_digests() -> dict[str, Callable[[bytes], bytes]]:
+    """Each checksum algorithm by weightsync's name, computed independently of weightsync's checksums.py:
+    hashlib, zlib, and awscrt for the two CRCs zlib lacks."""
+    from awscrt import checksums as crt
+
+    return {
+        "crc32": _crc(zlib.crc32, 4),
+        "crc32c": _crc(crt.crc32c, 4),
+        "crc64nvme": _crc(crt.crc64nvme, 8),
+        "sha1": lambda data: hashlib.sha1(data).digest(),
+        "git-sha1": lambda data: hashlib.sha1(b"blob %d\0" % len(data) + data).digest(),
+        "sha256": lambda data: hashlib.sha256(data).digest(),
+        "md5": lambda data: hashlib.md5(data).digest(),
+    }
