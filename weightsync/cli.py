@@ -219,6 +219,18 @@ ALL_OPTIONS = {option.flag: option for option in (
            "is damaged)", default="fast", choices=get_args(VerifyMode), group=VERIFY),
     Option("--require-checksum", "refuse (exit 4, before downloading) any file the source promises no usable "
            "checksum for, instead of checking its size only", switch=True, group=VERIFY),
+    Option("--signature", "check the model's OpenSSF model-signing signature before publishing: `auto` = the "
+           "model.sig next to the model at the source, or a bundle file on this machine (exit 4 if it does not "
+           "verify)", shown_default="auto once a --trust-* policy is given", group=VERIFY, metavar="PATH|auto"),
+    Option("--trust-key", "trust signatures made with this public key (PEM)", group=VERIFY, metavar="PEM"),
+    Option("--trust-certificate", "trust signatures whose certificate chains to this CA (PEM)", group=VERIFY,
+           metavar="PEM"),
+    Option("--trust-identity", "the signer's identity: the sigstore email/URI (with --trust-issuer), or a name "
+           "its certificate must carry (with --trust-certificate)", group=VERIFY, metavar="ID"),
+    Option("--trust-issuer", "the OIDC issuer of a sigstore signer (with --trust-identity)", group=VERIFY,
+           metavar="URL"),
+    Option("--trust-root", "sigstore trust root (a ClientTrustConfig JSON) for air-gapped clusters",
+           shown_default="sigstore's public one (network)", group=VERIFY, metavar="JSON"),
     Option("--concurrency", "parallel ranged downloads", _positive_int, default=DEFAULTS.concurrency,
            group=NETWORK, metavar="N"),
     Option("--offline", "make no network request: use what is already published", switch=True, group=NETWORK),
@@ -278,8 +290,10 @@ def _options(*flags: str, **changed: dict[str, Any]) -> tuple[Option, ...]:
 
 
 SOURCE_FLAGS = ("--source", "--name", "--revision", "--include", "--exclude", "--s3-addressing-style")
+TRUST_FLAGS = ("--signature", "--trust-key", "--trust-certificate", "--trust-identity", "--trust-issuer",
+               "--trust-root")
 SYNC_FLAGS = ("--source", "--dest", "--name", "--revision", "--include", "--exclude", "--lockfile", "--rebind",
-              "--verify", "--require-checksum", "--concurrency", "--offline", "--s3-addressing-style",
+              "--verify", "--require-checksum", *TRUST_FLAGS, "--concurrency", "--offline", "--s3-addressing-style",
               "--stall-timeout", "--no-progress-timeout", "--retries", "--retry-base", "--lock-timeout",
               "--lock-mode", "--lease-timeout",
               "--log-format", "--progress-interval", "--termination-log", "--metrics-textfile", "--pushgateway",
@@ -301,7 +315,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[Option, ...]]] = {
     "serve": ("native-sidecar mode: sync, report ready, serve metrics, pick up new revisions", "",
               _options(*SYNC_FLAGS, "--metrics-port", "--ready-file", "--recheck-interval", "--require-gpu")),
     "verify": ("re-hash a published model against its manifest", "",
-               _options("--dest", *SOURCE_FLAGS, "--log-format", "--debug",
+               _options("--dest", *SOURCE_FLAGS, *TRUST_FLAGS, "--log-format", "--debug",
                         source={"help": "the source it was synced from",
                                 "shown_default": "the one recorded on the volume"},
                         name={"help": "the model to verify", "shown_default": "the only model on DEST"},
@@ -309,6 +323,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[Option, ...]]] = {
     "lock": ("sync once and print a lockfile pinning the revision and every file's sha256", "",
              _options("--source", "--revision", "--include", "--exclude", "--s3-addressing-style", "--dest",
                       "--name", "--concurrency", "--stall-timeout", "--no-progress-timeout", "--require-checksum",
+                      *TRUST_FLAGS,
                       "--log-format", "--debug",
                       dest={"required": False, "help": "keep the synced model on this volume",
                             "shown_default": "a temporary directory"})),

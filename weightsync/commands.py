@@ -24,6 +24,7 @@ from weightsync.logs import event, write_termination_message
 if TYPE_CHECKING:
     from weightsync.engine import Engine, SyncRequest, SyncResult
     from weightsync.metrics import MetricsOptions, SyncMetrics
+    from weightsync.signature import SignaturePolicy
 
 TRUE = {"1", "true", "yes", "on"}
 T = TypeVar("T")
@@ -49,6 +50,12 @@ class Options:
     rebind: bool = False
     verify: VerifyMode = "fast"
     require_checksum: bool = False
+    signature: str | None = None
+    trust_key: str | None = None
+    trust_certificate: str | None = None
+    trust_identity: str | None = None
+    trust_issuer: str | None = None
+    trust_root: str | None = None
     concurrency: int | None = None
     offline: bool = False
     s3_addressing_style: AddressingStyle = "auto"
@@ -117,8 +124,15 @@ def build_request(options: Options, dest: str | None = None) -> SyncRequest:
         selection=Selection(include=tuple(include), exclude=tuple(exclude)), verify=options.verify,
         lock_timeout=options.lock_timeout, offline=offline, addressing_style=options.s3_addressing_style,
         lockfile=lockfile, lock_mode=options.lock_mode, require_checksum=options.require_checksum,
-        rebind=options.rebind, transfer=transfer_config(options),
+        rebind=options.rebind, transfer=transfer_config(options), signature=signature_policy(options),
     )
+
+
+def signature_policy(options: Options) -> SignaturePolicy | None:
+    from weightsync.signature import SignaturePolicy
+
+    return SignaturePolicy.build(options.signature, options.trust_key, options.trust_certificate,
+                                 options.trust_identity, options.trust_issuer, options.trust_root)
 
 
 def transfer_config(options: Options) -> TransferConfig:
@@ -229,7 +243,7 @@ def run_verify(options: Options, _: list[str]) -> int:
                              "model, together with --source; without --source, name it with --name")
         options = _recorded_model(options)
     engine = Engine(build_request(options))
-    directory, problems = engine.verify(options.revision)
+    directory, problems, manifest = engine.verify(options.revision)
     if problems:
         repair = shlex.join(["weightsync", "sync", "--source", engine.source.uri, "--dest", _required(options.dest),
                              "--name", engine.volume.name, *engine.request.selection.flags(), "--revision",
@@ -238,8 +252,16 @@ def run_verify(options: Options, _: list[str]) -> int:
                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
                              + f" — repair it (only the damaged files are downloaded again, while the source "
                              f"still holds that revision) with `{repair}`")
-    event("verified", "verified %s: every file matches the sha256 its manifest recorded when it was published",
-          directory, path=str(directory))
+    recorded = manifest.signature if manifest else None
+    if engine.request.signature is not None:
+        signed = f"; the signature verifies ({engine.request.signature.id})"
+    elif recorded is not None:
+        signed = (f"; its signature ({recorded.file}, signed by {recorded.signer}) was not re-checked: give the "
+                  "--trust-* flags to re-check it")
+    else:
+        signed = ""
+    event("verified", "verified %s: every file matches the sha256 its manifest recorded when it was published%s",
+          directory, signed, path=str(directory), signature=recorded.to_json() if recorded else None)
     print(directory)
     return 0
 
@@ -287,7 +309,8 @@ def run_lock(options: Options, _: list[str]) -> int:
         result = engine.sync()
         manifest = Manifest.load(engine.volume.manifest_path(result.revision))
     lockfile = Lockfile(source=engine.source.uri, revision=result.source_revision, files=tuple(manifest.files),
-                        include=request.selection.include, exclude=request.selection.exclude)
+                        include=request.selection.include, exclude=request.selection.exclude,
+                        signature=manifest.signature.to_json() if manifest.signature else None)
     sys.stdout.write(lockfile.to_json())
     return 0
 

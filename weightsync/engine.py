@@ -14,7 +14,8 @@ Internal logic of `Engine.sync`:
 5. Plan: reuse (hardlink) what other revisions hold, `describe` the rest where the source can, check the
    lockfile and --require-checksum, then `fetch.plan_fetch` (staged, resumed, fresh; space needed).
 6. Fetch and verify: `fetch.Fetcher.run(plan)`; every byte is checked against its promise as it lands.
-7. Publish: manifest, read-only files, fsync, one rename, then `current` (`_publish`).
+7. Signature: under a --trust-* policy, model-signing checks the verified staging tree (`_check_signature`).
+8. Publish: manifest, read-only files, fsync, one rename, then `current` (`_publish`).
 
 The engine knows nothing about a particular backend (sources/), the on-disk
 layout (layout.py), locking (locking.py) or how bytes move (fetch.py); it decides
@@ -47,6 +48,7 @@ from weightsync.logs import counted, event, human_bytes, human_duration
 from weightsync.manifest import Manifest, ManifestEntry, ManifestError
 from weightsync.progress import Progress
 from weightsync.retry import RetryPolicy, call_with_retries
+from weightsync.signature import SignaturePolicy, SignatureRecord
 from weightsync.sources import RemoteFile, Selection, Snapshot, Source, open_source
 
 log = logging.getLogger("weightsync")
@@ -69,6 +71,7 @@ class SyncRequest:
     lock_mode: LockMode = "auto"
     require_checksum: bool = False
     rebind: bool = False
+    signature: SignaturePolicy | None = None
     transfer: TransferConfig = field(default_factory=lambda: config.DEFAULTS)
 
 
@@ -91,6 +94,7 @@ class SyncResult:
 
     checked: str = ""
     file_evidence: tuple[Evidence | None, ...] = ()  # per file, None where an older manifest did not record it
+    signature: SignatureRecord | None = None
 
     @property
     def evidence(self) -> dict[str, int]:
@@ -103,8 +107,10 @@ class SyncResult:
 
     @property
     def verification(self) -> str:
-        """What every file was verified by, e.g. `2 files crc64nvme (source), 1 file md5 (source)`."""
-        return describe_tally(self.evidence)
+        """What every file was verified by, e.g. `2 files crc64nvme (source), 1 file md5 (source)`, strongest
+        first: the signature over all of them, when one was required."""
+        signed = f"signature {self.signature.file} by {self.signature.signer}; " if self.signature else ""
+        return signed + describe_tally(self.evidence)
 
     def summary(self) -> str:
         rate = self.bytes_fetched / self.seconds if self.seconds > 0 else 0.0
@@ -126,7 +132,8 @@ class SyncResult:
                 "bytes_reused": self.bytes_reused, "bytes_resumed": self.bytes_resumed,
                 "seconds": round(self.seconds, 3), "lock_wait_seconds": round(self.lock_wait_seconds, 3),
                 "retries": self.retries, "warm": self.warm, "verification": self.verification,
-                "evidence": self.evidence, **({"checked": self.checked} if self.warm else {})}
+                "evidence": self.evidence, **({"checked": self.checked} if self.warm else {}),
+                **({"signature": self.signature.to_json()} if self.signature else {})}
 
 
 def default_name(source: Source, selection: Selection) -> str:
@@ -159,6 +166,7 @@ class Engine:
         self.started = time.monotonic()
         self.damaged: dict[str, set[str]] = {}  # revision -> paths that failed the warm check (repaired, not reused)
         self._manifests: dict[str, Manifest] = {}
+        self._signatures: dict[str, SignatureRecord] = {}  # revision -> the signature this run accepted it under
 
     # -- public entry points ---------------------------------------------------
     def sync(self) -> SyncResult:
@@ -190,6 +198,7 @@ class Engine:
             snapshot = self._resolve(request.revision)
         except NetworkError as unreachable:
             return self._last_published_instead(unreachable, pinned)
+        snapshot = self._with_signature(snapshot)
         if request.lockfile:
             snapshot = replace(snapshot, files=request.lockfile.check_listing(snapshot.files))
         if pinned and snapshot.revision != pinned:
@@ -255,18 +264,25 @@ class Engine:
         variant = self.request.selection.key()
         return key.removesuffix(f"-{variant}") if variant else key
 
-    def verify(self, revision: str | None) -> tuple[Path, list[str]]:
-        """Re-hash a published revision against its manifest; return (dir, problems)."""
+    def verify(self, revision: str | None) -> tuple[Path, list[str], Manifest | None]:
+        """Re-hash a published revision against its manifest, and re-check its signature under the request's
+        policy; return (dir, problems, manifest)."""
         key = self._revision_for_verify(revision)
         directory = self.volume.revision_dir(key)
         try:
             manifest = Manifest.load(self.volume.manifest_path(key))
         except ManifestError as exc:
-            return directory, [f"manifest: {exc}"]
-        problems = check_files(directory, manifest, full=True)
+            return directory, [f"manifest: {exc}"], None
+        problems = describe_problems(check_files(directory, manifest, full=True))
+        if not problems and self.request.signature is not None:
+            try:
+                self.request.signature.check(directory, {e.path: e.sha256 for e in manifest.files}, str(directory),
+                                             self._filtered_out)
+            except IntegrityError as exc:
+                problems.append(f"signature: {exc}")
         if not problems:
             mark_verified(self.volume, key)
-        return directory, describe_problems(problems)
+        return directory, problems, manifest
 
     # -- warm path ---------------------------------------------------------------
     def _manifest(self, key: RevisionKey) -> Manifest:
@@ -303,7 +319,24 @@ class Engine:
                             "again, the intact ones kept", key, listed)
             self.damaged[key] = set(problems)
             return None
+        self._check_published_signature(manifest, directory, key)
         return manifest
+
+    def _check_published_signature(self, manifest: Manifest, directory: Path, key: RevisionKey) -> None:
+        """A warm start under a signature policy: a revision published under the same policy was checked then;
+        any other is checked now, on the volume (no request), and refused (exit 4, left in place) if it fails."""
+        policy = self.request.signature
+        if policy is None or key in self._signatures:
+            return
+        recorded = manifest.signature
+        same_bundle = policy.in_model or (recorded is not None and recorded.file == policy.signature)
+        if recorded is not None and recorded.policy == policy.id and same_bundle:
+            self._signatures[key] = recorded
+            return
+        log.warning("revision %s was published %s; checking its signature now", key,
+                    f"under another policy ({recorded.policy})" if recorded else "without a signature check")
+        self._signatures[key] = policy.check(directory, {e.path: e.sha256 for e in manifest.files},
+                                             f"{directory} (published)", self._filtered_out)
 
     def _refuse_size_only(self, manifest: Manifest, key: RevisionKey) -> None:
         """--require-checksum on a revision published without it: refuse, and leave it as it is (pods may be
@@ -321,7 +354,8 @@ class Engine:
         return SyncResult(path=self.volume.revision_dir(key), name=self.volume.name, revision=key,
                           source=self.source.uri, source_revision=source_revision, files=len(manifest.files),
                           total_bytes=manifest.total_bytes, seconds=time.monotonic() - self.started, warm=True,
-                          checked=how, file_evidence=tuple(entry.evidence for entry in manifest.files))
+                          checked=how, file_evidence=tuple(entry.evidence for entry in manifest.files),
+                          signature=self._signatures.get(key, manifest.signature))
 
     def _point_current(self, key: RevisionKey, ref: str | None) -> None:
         """Flip `current` and record the ref; on a read-only volume leave both as they are."""
@@ -382,6 +416,25 @@ class Engine:
                                      self.retry)
         check_listing([f.path for f in snapshot.files], self.source.uri)
         return snapshot
+
+    def _with_signature(self, snapshot: Snapshot) -> Snapshot:
+        """Under `--signature auto` the model.sig next to the model is synced even where --include / --exclude
+        leave it out (it is not part of the model's meaning: the directory name and binding keep the filters);
+        without one, exit 4 before any byte moves."""
+        policy = self.request.signature
+        if policy is None or policy.in_model is None or any(f.path == policy.in_model for f in snapshot.files):
+            return snapshot
+        if self.request.selection.key():
+            pinned = snapshot.revision if self.source.features.refs else None  # the same commit, not a moved ref
+            try:
+                found = call_with_retries(f"listing {policy.in_model} at {self.source.uri}",
+                                          lambda: self.source.snapshot(pinned, Selection(include=(policy.in_model,))),
+                                          self.retry)
+            except SourceError:
+                found = None
+            if found is not None:
+                return replace(snapshot, files=(*snapshot.files, *found.files))
+        raise policy.describe_missing(self.source.uri)
 
     def _offer_intact_files(self, reuse: ReuseIndex, key: RevisionKey) -> None:
         """Repair: the files of a damaged revision that passed the warm check are kept, not fetched again."""
@@ -448,18 +501,40 @@ class Engine:
                 held.check()  # a lost lease stopped the download: say that, not what it caused
                 raise
 
+        signature = self._check_signature(tree, {f.path: verified[f.path].sha256 for f in snapshot.files}, key)
         manifest = Manifest(source=self.source.uri, revision=key, ref=snapshot.ref,
                             selection={"include": list(request.selection.include),
                                        "exclude": list(request.selection.exclude)},
                             files=[ManifestEntry(path=f.path, size=f.size, sha256=verified[f.path].sha256, etag=f.etag,
-                                                 evidence=verified[f.path].evidence) for f in snapshot.files])
+                                                 evidence=verified[f.path].evidence) for f in snapshot.files],
+                            signature=signature)
         self._publish(manifest, staging, key, snapshot.ref, held)
         return SyncResult(path=volume.revision_dir(key), name=volume.name, revision=key, source=self.source.uri,
                           source_revision=snapshot.revision, files=len(snapshot.files), total_bytes=total,
                           bytes_fetched=progress.bytes_done,
                           bytes_reused=reused, bytes_resumed=plan.bytes_resumed,
                           seconds=time.monotonic() - self.started,
-                          retries=fetcher.retries, file_evidence=tuple(entry.evidence for entry in manifest.files))
+                          retries=fetcher.retries, file_evidence=tuple(entry.evidence for entry in manifest.files),
+                          signature=signature)
+
+    def _check_signature(self, tree: Path, digests: dict[str, str], key: RevisionKey) -> SignatureRecord | None:
+        """The signature check between verify and publish (signature.py); and a lockfile's pinned bundle."""
+        policy = self.request.signature
+        if policy is None:
+            return None
+        record = policy.check(tree, digests, f"{self.source.uri} revision {key}", self._filtered_out)
+        pinned = self.request.lockfile.signature if self.request.lockfile else None
+        if pinned and pinned.get("sha256") != record.sha256:
+            raise IntegrityError(f"the signature {record.file} differs from the one --lockfile "
+                                 f"{self.request.lockfile.origin} pinned (sha256 {record.sha256}, pinned "
+                                 f"{pinned.get('sha256')}); nothing was published", path=record.file)
+        event("signature_verified", "signature %s verified: signed by %s (policy %s)", record.file, record.signer,
+              record.policy, **record.to_json())
+        return record
+
+    def _filtered_out(self, path: str) -> bool:
+        """Whether --include / --exclude leave `path` out of this sync on purpose (a signed file may be)."""
+        return not self.request.selection.matches(path)
 
     def _describe(self, files: list[RemoteFile]) -> list[RemoteFile]:
         """Ask the source for the promises the listing lacks, a few files at a time.

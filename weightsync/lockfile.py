@@ -31,6 +31,9 @@ class Lockfile:
     files: tuple[ManifestEntry, ...]
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    signature: dict[str, str] | None = None
+    """The signature bundle the revision was locked with (`file`, `sha256`, `signer`, `policy`), if one was checked:
+    a sync from this lockfile refuses another bundle."""
     origin: str = field(default="", compare=False)
 
     def to_json(self) -> str:
@@ -44,6 +47,8 @@ class Lockfile:
                        **({"promise": _source_promise(f).to_json()} if _source_promise(f) else {})}
                       for f in sorted(self.files, key=lambda f: f.path)],
         }
+        if self.signature:
+            body["signature"] = self.signature
         return json.dumps(body, indent=1, ensure_ascii=False) + "\n"
 
     @classmethod
@@ -65,7 +70,7 @@ class Lockfile:
                 files.append(entry)
             return cls(source=str(body["source"]), revision=str(body["revision"]), files=tuple(files),
                        include=tuple(body.get("include") or ()), exclude=tuple(body.get("exclude") or ()),
-                       origin=path)
+                       signature=_signature(body.get("signature")), origin=path)
         except OSError as exc:
             raise UsageError(f"cannot read --lockfile {path}: {exc.strerror}") from exc
         except (ValueError, KeyError, TypeError, IntegrityError) as exc:
@@ -135,3 +140,11 @@ def _promise_problems(entry: ManifestEntry, remote: RemoteFile, missing_ok: bool
     if not current.same_claim(recorded):
         return [f"{entry.path}: the source's {recorded.field} is {current.shown}, the lockfile has {recorded.shown}"]
     return []
+
+
+def _signature(body: object) -> dict[str, str] | None:
+    if body is None:
+        return None
+    if not isinstance(body, dict) or not SHA256.match(str(body.get("sha256", ""))):
+        raise ValueError("bad signature entry")
+    return {key: str(value) for key, value in body.items()}

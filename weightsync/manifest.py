@@ -18,6 +18,7 @@ from pathlib import Path
 from weightsync.checksums import Evidence
 from weightsync.fsutil import read_nofollow
 from weightsync.layout import check_relative_path
+from weightsync.signature import SignatureRecord
 
 FORMAT = 1
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -52,6 +53,7 @@ class Manifest:
     ref: str | None = None
     selection: dict[str, list[str]] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
+    signature: SignatureRecord | None = None  # the signature the revision was published under, if one was required
 
     @property
     def total_bytes(self) -> int:
@@ -67,6 +69,8 @@ class Manifest:
             "created": self.created,
             "files": [f.to_json() for f in sorted(self.files, key=lambda f: f.path)],
         }
+        if self.signature is not None:
+            body["signature"] = self.signature.to_json()
         return json.dumps(body, indent=1, ensure_ascii=False).encode() + b"\n"
 
     @classmethod
@@ -92,7 +96,8 @@ class Manifest:
                 seen.add(entry.path)
                 entries.append(entry)
             return cls(source=body["source"], revision=body["revision"], files=entries, ref=body.get("ref"),
-                       selection=body.get("selection") or {}, created=float(body.get("created", 0)))
+                       selection=body.get("selection") or {}, created=float(body.get("created", 0)),
+                       signature=SignatureRecord.from_json(body.get("signature")))
         except FileNotFoundError as exc:
             raise ManifestError(f"{path} is missing") from exc
         except ManifestError:

@@ -27,7 +27,8 @@ def model_status(volume: ModelVolume) -> dict[str, Any]:
         try:
             manifest = Manifest.load(volume.manifest_path(revision))
             entry.update(files=len(manifest.files), bytes=manifest.total_bytes, source=manifest.source,
-                         published=manifest.created, evidence=tally(f.evidence for f in manifest.files))
+                         published=manifest.created, evidence=tally(f.evidence for f in manifest.files),
+                         signature=manifest.signature.to_json() if manifest.signature else None)
         except ManifestError as exc:
             entry["problem"] = str(exc)
         try:
@@ -87,6 +88,8 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"  {mark} {rev['revision']:<42} {rev['files']:>6} {human_bytes(rev['bytes']):>10}  "
                          f"{published:<12} {verified:<12}")
             lines.append(f"      verified by: {describe_tally(rev['evidence'])}")
+            if rev.get("signature"):
+                lines.append(f"      signed by: {rev['signature']['signer']} ({rev['signature']['file']})")
         for stage in model.get("staging", []):
             lines.append(f"  staging {stage['revision']}: {human_bytes(stage['bytes_on_disk'])} on disk, "
                          f"idle {human_duration(stage['age_seconds'])}")

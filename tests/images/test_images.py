@@ -71,6 +71,16 @@ def test_agent_image_is_small_non_root_and_labelled(agent_image: Build) -> None:
                      "ls /opt/venv/bin; id -u; stat -c models-owner=%u /models").stdout
     assert "pip" not in listing.split(), "the runtime venv must not carry pip"
     assert "10001" in listing.split() and "models-owner=10001" in listing
+    # The signing extra is in the image (charts/weightsync signature.required): a policy is accepted, and the
+    # missing model.sig of an unsigned folder model is the refusal (exit 4), not "install weightsync[signing]".
+    signed = podman(*hardened, "--entrypoint", "/bin/sh", AGENT_TAG, "-c",
+                    "mkdir -p /tmp/m && echo '{}' > /tmp/m/config.json && /opt/venv/bin/python -c "
+                    "\"from cryptography.hazmat.primitives.asymmetric import ec; from cryptography.hazmat.primitives "
+                    "import serialization as s; open('/tmp/k.pem','wb').write(ec.generate_private_key(ec.SECP256R1())"
+                    ".public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo))\" && "
+                    "weightsync sync --source /tmp/m --dest /tmp/v --trust-key /tmp/k.pem; echo exit=$?",
+                    check=False)
+    assert "exit=4" in signed.stdout and "has no model.sig" in signed.stderr, signed.stderr
 
 
 def test_agent_image_sbom(agent_image: Build, tmp_path: Path, report: Report) -> None:

@@ -223,6 +223,13 @@ def test_kustomize_overlay_is_valid_hardened_and_scanner_clean(overlay: str, tmp
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
+    "signed-key-from-secret": yaml.safe_load((CHART / "values-signed.yaml").read_text()),
+    "signed-sigstore-configmap-sidecar": {
+        "weightsync": {"mode": "sidecar", "include": ["*.safetensors", "*.json"]},
+        "signature": {"required": True, "trust": {"identity": "release@example.com",
+                                                  "issuer": "https://accounts.example.com",
+                                                  "root": "trust_config.json", "configMapName": "sigstore-root"}},
+    },
     "sidecar-gpu-servicemonitor": {
         "weightsync": {"mode": "sidecar", "revision": "main", "include": ["*.safetensors", "*.json"]},
         "server": {"image": {"repository": "registry.example.com/weightsync-example", "tag": "0.1.0-cuda"}},

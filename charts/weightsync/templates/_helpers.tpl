@@ -142,6 +142,25 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     {{- end }}
     - name: WEIGHTSYNC_LOG_FORMAT
       value: json
+    {{- if .Values.signature.required }}
+    {{- $t := .Values.signature.trust }}
+    - name: WEIGHTSYNC_SIGNATURE
+      value: {{ ternary "auto" (include "weightsync.trustPath" (dict "file" .Values.signature.file "mountPath" $t.mountPath)) (eq .Values.signature.file "auto") | quote }}
+    {{- range $field, $name := dict "key" "WEIGHTSYNC_TRUST_KEY" "certificate" "WEIGHTSYNC_TRUST_CERTIFICATE" "root" "WEIGHTSYNC_TRUST_ROOT" }}
+    {{- with index $t $field }}
+    - name: {{ $name }}
+      value: {{ include "weightsync.trustPath" (dict "file" . "mountPath" $t.mountPath) | quote }}
+    {{- end }}
+    {{- end }}
+    {{- with $t.identity }}
+    - name: WEIGHTSYNC_TRUST_IDENTITY
+      value: {{ . | quote }}
+    {{- end }}
+    {{- with $t.issuer }}
+    - name: WEIGHTSYNC_TRUST_ISSUER
+      value: {{ . | quote }}
+    {{- end }}
+    {{- end }}
     {{- with $w.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -179,6 +198,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     - name: metrics-textfile
       mountPath: /var/lib/weightsync-metrics
     {{- end }}
+    {{- if include "weightsync.trustVolume" . }}
+    - name: signature-trust
+      mountPath: {{ .Values.signature.trust.mountPath }}
+      readOnly: true
+    {{- end }}
     {{- with $w.extraVolumeMounts }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -204,3 +228,62 @@ and the example server's one prediction when the server is the example image).
 {{- end -}}
 {{- toJson $requests -}}
 {{- end -}}
+
+{{/* A trust file of signature.trust (or signature.file): an absolute path as given, a file name inside signature.trust.mountPath. */}}
+{{- define "weightsync.trustPath" -}}
+{{- if hasPrefix "/" .file -}}
+{{- .file -}}
+{{- else -}}
+{{- printf "%s/%s" (trimSuffix "/" .mountPath) .file -}}
+{{- end -}}
+{{- end }}
+
+{{/* The volume holding the trust material: "secret", "configMap", or "" (none). */}}
+{{- define "weightsync.trustVolume" -}}
+{{- $t := .Values.signature.trust -}}
+{{- if .Values.signature.required -}}
+{{- if $t.secretName }}secret{{ else if $t.configMapName }}configMap{{ end -}}
+{{- end -}}
+{{- end }}
+
+{{/* Refuse a signature policy weightsync would refuse (exit 2) or a pod Kubernetes would: fail at render time instead. */}}
+{{- define "weightsync.checkSignature" -}}
+{{- $s := .Values.signature -}}
+{{- $t := $s.trust -}}
+{{- if $s.required -}}
+{{- if and $t.key (or $t.certificate $t.issuer) -}}
+{{- fail "signature.trust.key and signature.trust.certificate / signature.trust.issuer are two trust policies; give one" -}}
+{{- end -}}
+{{- if and $t.key $t.identity -}}
+{{- fail "signature.trust.identity does not apply to a key (signature.trust.key): a key signature names no identity; use signature.trust.certificate or issuer with it, or drop it" -}}
+{{- end -}}
+{{- if and $t.issuer (not $t.identity) -}}
+{{- fail "signature.trust.issuer needs signature.trust.identity (the sigstore signer's email or URI)" -}}
+{{- end -}}
+{{- if not (or $t.key $t.certificate (and $t.identity $t.issuer)) -}}
+{{- fail "signature.required=true needs whom to trust: signature.trust.key (a public key), signature.trust.certificate (a CA certificate), or signature.trust.identity with signature.trust.issuer (sigstore keyless)" -}}
+{{- end -}}
+{{- if and $t.secretName $t.configMapName -}}
+{{- fail "signature.trust.secretName and signature.trust.configMapName: give one (the trust material is mounted from it)" -}}
+{{- end -}}
+{{- $files := list -}}
+{{- range $field := list "key" "certificate" "root" -}}
+{{- $value := index $t $field -}}
+{{- if and $value (not (hasPrefix "/" $value)) -}}
+{{- $files = append $files (printf "signature.trust.%s=%s" $field $value) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (ne $s.file "auto") (not (hasPrefix "/" $s.file)) -}}
+{{- $files = append $files (printf "signature.file=%s" $s.file) -}}
+{{- end -}}
+{{- if and $files (not (or $t.secretName $t.configMapName)) -}}
+{{- fail (printf "%s names a file in the trust Secret or ConfigMap: set signature.trust.secretName or signature.trust.configMapName (or give an absolute path, mounted through extraVolumes and weightsync.extraVolumeMounts)" (join ", " $files)) -}}
+{{- end -}}
+{{- if and (include "weightsync.trustVolume" .) .Values.weightsync.lockfile (eq (trimSuffix "/" $t.mountPath) "/etc/weightsync") -}}
+{{- fail "signature.trust.mountPath /etc/weightsync is where weightsync.lockfile is mounted: use another path (the default is /etc/weightsync/trust)" -}}
+{{- end -}}
+{{- if and (include "weightsync.trustVolume" .) (eq (trimSuffix "/" $t.mountPath) (trimSuffix "/" .Values.persistence.mountPath)) -}}
+{{- fail "signature.trust.mountPath must differ from persistence.mountPath" -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
