@@ -156,8 +156,8 @@ class SignaturePolicy:
             raise IntegrityError(f"{what}: the signature {shown} does not verify ({_reason(exc, self)}); nothing "
                                  "was published", path=shown) from exc
         body = _bundle(bundle)
-        if signed is None:
-            signed = {r["name"]: r.get("digest", "") for r in _statement(body)["predicate"]["resources"]}
+        if signed is None:  # model-signing's own verify matched the tree; only the file names are needed here
+            signed = dict.fromkeys(_signed_files(_statement(body)["predicate"]), "")
         else:
             self._compare(signed, digests, what, shown, filtered_out)
         unsigned = [f for f in sorted(digests) if f not in signed and f != self.in_model
@@ -224,6 +224,12 @@ def _signed_digests(verifier: object, bundle: Path) -> dict[str, str] | None:
     if serialization.get("method") != "files" or serialization.get("hash_type") != "sha256":
         return None
     return {rd.identifier: rd.digest.digest_hex for rd in manifest.resource_descriptors()}
+
+
+def _signed_files(predicate: dict) -> set[str]:
+    """The files a model-signing predicate covers: resource names, less the `:start:end` of shard resources."""
+    sharded = predicate.get("serialization", {}).get("method") == "shards"
+    return {r["name"].rsplit(":", 2)[0] if sharded else r["name"] for r in predicate["resources"]}
 
 
 def _bundle(path: Path) -> dict:
