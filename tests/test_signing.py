@@ -241,6 +241,8 @@ def test_a_lockfile_pins_the_signature_bundle(model, keys, tmp_path, clean_env):
     result = weightsync("sync", "--lockfile", str(lockfile), "--dest", str(tmp_path / "v"), "--signature",
                         str(resigned), "--trust-key", str(keys["pub"]), env=clean_env)
     assert result.returncode == 4 and "differs from the one --lockfile" in error_line(result), result.stderr
+    unsigned = weightsync("sync", "--lockfile", str(lockfile), "--dest", str(tmp_path / "w"), env=clean_env)
+    assert unsigned.returncode == 2 and "was made under a signature policy" in error_line(unsigned), unsigned.stderr
 
 
 def test_a_trust_policy_that_cannot_work_is_refused_with_exit_2(model, keys, tmp_path, clean_env):

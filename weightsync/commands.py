@@ -119,12 +119,17 @@ def build_request(options: Options, dest: str | None = None) -> SyncRequest:
     offline = options.offline
     if source.startswith("hf://") and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE:
         offline = True
+    signature = signature_policy(options)
+    if lockfile and lockfile.signature and signature is None:
+        raise UsageError(f"--lockfile {lockfile.origin} was made under a signature policy "
+                         f"({lockfile.signature.get('policy', '?')}): pass the same --trust-* flags (and --signature, "
+                         "if it was a file)")
     return SyncRequest(
         source=source, dest=Path(dest or _required(options.dest)), name=options.name, revision=revision,
         selection=Selection(include=tuple(include), exclude=tuple(exclude)), verify=options.verify,
         lock_timeout=options.lock_timeout, offline=offline, addressing_style=options.s3_addressing_style,
         lockfile=lockfile, lock_mode=options.lock_mode, require_checksum=options.require_checksum,
-        rebind=options.rebind, transfer=transfer_config(options), signature=signature_policy(options),
+        rebind=options.rebind, transfer=transfer_config(options), signature=signature,
     )
 
 
