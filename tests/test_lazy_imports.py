@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import ast
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.support.helpers import upload_model, weightsync
+from tests.support.helpers import heavy_modules_loaded, upload_model, weightsync
 from weightsync.lazy import HEAVY, is_heavy
 
 PACKAGE = Path(__file__).resolve().parent.parent / "weightsync"
-
-LOADED_HEAVY = ("import json, sys\n"
-                "from weightsync.lazy import is_heavy\n"
-                "from weightsync.cli import main\n"
-                "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exit:\n    code = exit.code\n"
-                "print(json.dumps({'code': code, 'heavy': sorted(m for m in sys.modules if is_heavy(m))}))")
-
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -34,13 +24,6 @@ def _top_level_imports(tree: ast.Module) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             found += [(node.lineno, node.module), *((node.lineno, f"{node.module}.{a.name}") for a in node.names)]
     return found
-
-
-def _heavy_loaded(*args: str, env: dict[str, str]) -> tuple[int, list[str]]:
-    out = subprocess.run([sys.executable, "-c", LOADED_HEAVY, *args], capture_output=True, text=True, env=env,
-                         check=True)
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    return report["code"], report["heavy"]
 
 
 def test_no_light_module_imports_a_heavy_one_at_its_top():
@@ -62,7 +45,7 @@ def test_every_declared_heavy_module_says_why():
 
 
 def test_help_imports_no_heavy_module(clean_env):
-    code, heavy = _heavy_loaded("--help", env=clean_env)
+    code, heavy = heavy_modules_loaded("--help", env=clean_env)
     assert code == 0 and heavy == []
 
 
@@ -74,7 +57,7 @@ def test_a_pinned_warm_start_imports_no_heavy_module(tmp_path, clean_env):
     dest = str(tmp_path / "v")
     first = weightsync("sync", "--source", str(folder), "--dest", dest, env=clean_env, check=True)
     revision = Path(first.stdout.splitlines()[-1]).name
-    code, heavy = _heavy_loaded("sync", "--source", str(folder), "--dest", dest, "--revision", revision,
+    code, heavy = heavy_modules_loaded("sync", "--source", str(folder), "--dest", dest, "--revision", revision,
                                 env=clean_env)
     assert code == 0 and heavy == []
 
@@ -85,6 +68,6 @@ def test_a_pinned_warm_start_from_s3_imports_neither_boto3_nor_the_transfer_mach
     dest = str(tmp_path / "v")
     first = weightsync("sync", "--source", f"s3://{bucket}/warm", "--dest", dest, env=s3_env, check=True)
     revision = Path(first.stdout.splitlines()[-1]).name
-    code, heavy = _heavy_loaded("sync", "--source", f"s3://{bucket}/warm", "--dest", dest, "--revision", revision,
-                                env=s3_env)
+    code, heavy = heavy_modules_loaded("sync", "--source", f"s3://{bucket}/warm", "--dest", dest, "--revision",
+                                       revision, env=s3_env)
     assert code == 0 and heavy == []

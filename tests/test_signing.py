@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.support.helpers import error_line, upload_model, weightsync
+from tests.support.helpers import error_line, heavy_modules_loaded, upload_model, weightsync
 
 SIG = "model.sig"
 
@@ -200,6 +200,9 @@ def test_a_signed_s3_model_warm_starts_with_zero_requests(s3_server, bucket, s3_
     assert warm.returncode == 0, warm.stderr
     assert s3_proxy.stats.connections == 0, "a pinned warm start under the same policy makes no request"
     assert "signature model.sig by key sha256:" in warm.stderr, warm.stderr
+    code, heavy = heavy_modules_loaded("sync", "--source", f"s3://{bucket}/signed", "--dest", str(dest),
+                                       "--trust-key", str(keys["pub"]), "--revision", revision, env=s3_env)
+    assert code == 0 and heavy == [], "nor imports model-signing, cryptography or boto3"
 
 
 def test_a_revision_published_without_the_policy_is_checked_on_the_volume_at_warm_start(model, keys, tmp_path,
@@ -248,7 +251,8 @@ def test_a_lockfile_pins_the_signature_bundle(model, keys, tmp_path, clean_env):
 def test_a_trust_policy_that_cannot_work_is_refused_with_exit_2(model, keys, tmp_path, clean_env):
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a key")
-    cases = [(("--trust-key", str(garbage)), "neither a PEM public key nor a PEM certificate"),
+    cases = [(("--trust-key", str(garbage)), "is not a PEM public key"),
+             (("--trust-certificate", str(keys["pub"])), "is not a PEM CA certificate"),
              (("--trust-key", str(tmp_path / "absent.pem")), "no such file"),
              (("--signature", "auto"), "needs whom to trust"),
              (("--trust-key", str(keys["pub"]), "--trust-certificate", str(keys["root"])), "give one"),

@@ -97,10 +97,9 @@ class SignaturePolicy:
                            ("--signature", None if signature in (None, "auto") else signature)):
             if path and not Path(path).is_file():
                 raise UsageError(f"{flag} {path}: no such file")
-        try:
-            import cryptography  # noqa: F401  # comes with model-signing
-            import model_signing  # noqa: F401
-        except ImportError:
+        from importlib.util import find_spec
+
+        if find_spec("model_signing") is None:  # found, not imported: a warm start under a policy never needs it
             raise UsageError("signature checks need the signing extra: pip install 'weightsync[signing]' (the "
                              "weightsync image has it)") from None
         policy = cls(signature=signature or "auto", key=Path(key) if key else None,
@@ -116,13 +115,12 @@ class SignaturePolicy:
 
     @property
     def id(self) -> str:
-        """`key sha256:<16 hex>`, `certificate <CA subject> sha256:<16 hex>[ for <identity>]` or
-        `sigstore <identity> via <issuer>`: equal ids trust the same signers."""
+        """`key sha256:<16 hex>`, `certificate sha256:<16 hex>[ for <identity>]` or `sigstore <identity> via
+        <issuer>`: equal ids trust the same signers (the fingerprint is of the key's or CA's DER)."""
         if self.key is not None:
-            return f"key sha256:{_fingerprint(self.key, '--trust-key')}"
+            return f"key sha256:{_fingerprint(self.key, '--trust-key', 'PUBLIC KEY')}"
         if self.certificate is not None:
-            fingerprint = _fingerprint(self.certificate, "--trust-certificate")
-            text = f"certificate {_subject(self.certificate)} sha256:{fingerprint}"
+            text = f"certificate sha256:{_fingerprint(self.certificate, '--trust-certificate', 'CERTIFICATE')}"
             return text + (f" for {self.identity}" if self.identity else "")
         root = f" (trust root sha256:{_file_sha256(self.trust_root)[:16]})" if self.trust_root else ""
         return f"sigstore {self.identity} via {self.issuer}{root}"
@@ -262,34 +260,21 @@ def _file_sha256(path: Path | None) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _pem_der(path: Path, flag: str) -> tuple[bytes, object]:
-    """The DER of a PEM public key or certificate, and the loaded object; exit 2 if it is neither."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
+def _fingerprint(path: Path, flag: str, label: str) -> str:
+    """sha256 (16 hex) of the first PEM block labelled `label` (its DER); exit 2 if there is none. Parsed here,
+    without cryptography, so that a warm start under a policy imports nothing heavy."""
+    import re
 
-    data = path.read_bytes()
+    text = path.read_bytes().decode("ascii", "replace")
+    match = re.search(rf"-----BEGIN {label}-----(.+?)-----END {label}-----", text, re.S)
     try:
-        certificate = x509.load_pem_x509_certificate(data)
-        return certificate.public_bytes(serialization.Encoding.DER), certificate
+        der = base64.b64decode("".join(match.group(1).split()), validate=True) if match else b""
     except ValueError:
-        pass
-    try:
-        key = serialization.load_pem_public_key(data)
-        return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo), key
-    except ValueError:
-        raise UsageError(f"{flag} {path} is neither a PEM public key nor a PEM certificate") from None
-
-
-def _fingerprint(path: Path, flag: str) -> str:
-    return hashlib.sha256(_pem_der(path, flag)[0]).hexdigest()[:16]
-
-
-def _subject(path: Path) -> str:
-    certificate = _pem_der(path, "--trust-certificate")[1]
-    subject = getattr(certificate, "subject", None)
-    if subject is None:
-        raise UsageError(f"--trust-certificate {path} is a public key, not a CA certificate; use --trust-key")
-    return subject.rfc4514_string()
+        der = b""
+    if not der:
+        wanted = "a PEM public key" if label == "PUBLIC KEY" else "a PEM CA certificate"
+        raise UsageError(f"{flag} {path} is not {wanted} (-----BEGIN {label}-----)")
+    return hashlib.sha256(der).hexdigest()[:16]
 
 
 def _leaf_identity(der: bytes) -> str:

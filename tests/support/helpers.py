@@ -77,3 +77,20 @@ def reference_digests() -> dict[str, Callable[[bytes], bytes]]:
         "sha256": lambda data: hashlib.sha256(data).digest(),
         "md5": lambda data: hashlib.md5(data).digest(),
     }
+
+
+_LOADED_HEAVY = ("import json, sys\n"
+                 "from weightsync.lazy import is_heavy\n"
+                 "from weightsync.cli import main\n"
+                 "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exit:\n    code = exit.code\n"
+                 "print(json.dumps({'code': code, 'heavy': sorted(m for m in sys.modules if is_heavy(m))}))")
+
+
+def heavy_modules_loaded(*args: str, env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run the CLI with `args` in a fresh interpreter: (exit code, the weightsync/lazy.py HEAVY modules it loaded)."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", _LOADED_HEAVY, *args], capture_output=True, text=True, env=env,
+                         check=True, cwd=ROOT)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    return report["code"], report["heavy"]
