@@ -150,6 +150,16 @@ def test_a_model_changed_after_signing_exits_4_and_publishes_nothing(model, keys
     assert published(dest) == [] and not list(dest.glob("*/current"))
 
 
+def test_the_policy_can_let_named_files_through_unsigned(model, keys, tmp_path, clean_env):
+    sign(model, keys)
+    (model / "README.md").write_text("added by the repo's maintainers after signing")
+    refused = sync(model, tmp_path / "a", clean_env, "--trust-key", str(keys["pub"]))
+    assert refused.returncode == 4 and "README.md is not covered" in error_line(refused), refused.stderr
+    allowed = sync(model, tmp_path / "b", clean_env, "--trust-key", str(keys["pub"]), "--signature-ignore", "*.md")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "(unsigned allowed: *.md)" in allowed.stderr, allowed.stderr
+
+
 def test_a_signature_by_another_key_or_ca_exits_4(model, keys, tmp_path, clean_env):
     sign(model, keys)
     wrong_key = sync(model, tmp_path / "a", clean_env, "--trust-key", str(keys["other_pub"]))

@@ -229,6 +229,8 @@ ALL_OPTIONS = {option.flag: option for option in (
            "its certificate must carry (with --trust-certificate)", group=VERIFY, metavar="ID"),
     Option("--trust-issuer", "the OIDC issuer of a sigstore signer (with --trust-identity)", group=VERIFY,
            metavar="URL"),
+    Option("--signature-ignore", "files matching this glob may be synced without being signed (repeatable; "
+           "env: comma-separated); the signature itself and git metadata always may", repeat=True, group=VERIFY),
     Option("--trust-root", "sigstore trust root (a ClientTrustConfig JSON) for air-gapped clusters",
            shown_default="sigstore's public one (network)", group=VERIFY, metavar="JSON"),
     Option("--concurrency", "parallel ranged downloads", _positive_int, default=DEFAULTS.concurrency,
@@ -291,7 +293,7 @@ def _options(*flags: str, **changed: dict[str, Any]) -> tuple[Option, ...]:
 
 SOURCE_FLAGS = ("--source", "--name", "--revision", "--include", "--exclude", "--s3-addressing-style")
 TRUST_FLAGS = ("--signature", "--trust-key", "--trust-certificate", "--trust-identity", "--trust-issuer",
-               "--trust-root")
+               "--trust-root", "--signature-ignore")
 SYNC_FLAGS = ("--source", "--dest", "--name", "--revision", "--include", "--exclude", "--lockfile", "--rebind",
               "--verify", "--require-checksum", *TRUST_FLAGS, "--concurrency", "--offline", "--s3-addressing-style",
               "--stall-timeout", "--no-progress-timeout", "--retries", "--retry-base", "--lock-timeout",

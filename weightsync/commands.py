@@ -56,6 +56,7 @@ class Options:
     trust_identity: str | None = None
     trust_issuer: str | None = None
     trust_root: str | None = None
+    signature_ignore: tuple[str, ...] = ()
     concurrency: int | None = None
     offline: bool = False
     s3_addressing_style: AddressingStyle = "auto"
@@ -137,7 +138,8 @@ def signature_policy(options: Options) -> SignaturePolicy | None:
     from weightsync.signature import SignaturePolicy
 
     return SignaturePolicy.build(options.signature, options.trust_key, options.trust_certificate,
-                                 options.trust_identity, options.trust_issuer, options.trust_root)
+                                 options.trust_identity, options.trust_issuer, options.trust_root,
+                                 options.signature_ignore)
 
 
 def transfer_config(options: Options) -> TransferConfig:

@@ -76,12 +76,14 @@ class SignaturePolicy:
     identity: str | None = None
     issuer: str | None = None
     trust_root: Path | None = None
+    ignore: tuple[str, ...] = ()
+    """Globs of files the policy lets be synced unsigned, on top of UNSIGNED_BY_DEFAULT (--signature-ignore)."""
 
     @classmethod
     def build(cls, signature: str | None, key: str | None, certificate: str | None, identity: str | None,
-              issuer: str | None, trust_root: str | None) -> SignaturePolicy | None:
+              issuer: str | None, trust_root: str | None, ignore: tuple[str, ...] = ()) -> SignaturePolicy | None:
         """The policy the flags ask for (None when none is set); exit 2 for a policy that cannot work."""
-        if not (signature or key or certificate or identity or issuer or trust_root):
+        if not (signature or key or certificate or identity or issuer or trust_root or ignore):
             return None
         if key and (certificate or issuer):
             raise UsageError("--trust-key and --trust-certificate / --trust-issuer are two trust policies; give one")
@@ -104,7 +106,7 @@ class SignaturePolicy:
                              "weightsync image has it)") from None
         policy = cls(signature=signature or "auto", key=Path(key) if key else None,
                      certificate=Path(certificate) if certificate else None, identity=identity, issuer=issuer,
-                     trust_root=Path(trust_root) if trust_root else None)
+                     trust_root=Path(trust_root) if trust_root else None, ignore=tuple(ignore))
         policy.id  # noqa: B018  # a key or CA that does not parse is refused now, before any request
         return policy
 
@@ -115,6 +117,11 @@ class SignaturePolicy:
 
     @property
     def id(self) -> str:
+        """Whom the policy trusts, and which unsigned files it lets through: equal ids accept the same revisions."""
+        unsigned = f" (unsigned allowed: {', '.join(self.ignore)})" if self.ignore else ""
+        return self._trusted() + unsigned
+
+    def _trusted(self) -> str:
         """`key sha256:<16 hex>`, `certificate sha256:<16 hex>[ for <identity>]` or `sigstore <identity> via
         <issuer>`: equal ids trust the same signers (the fingerprint is of the key's or CA's DER)."""
         if self.key is not None:
@@ -159,7 +166,7 @@ class SignaturePolicy:
         else:
             self._compare(signed, digests, what, shown, filtered_out)
         unsigned = [f for f in sorted(digests) if f not in signed and f != self.in_model
-                    and not any(fnmatchcase(f, pattern) for pattern in UNSIGNED_BY_DEFAULT)]
+                    and not any(fnmatchcase(f, pattern) for pattern in (*UNSIGNED_BY_DEFAULT, *self.ignore))]
         if unsigned:
             more = f" (and {len(unsigned) - 1} more)" if len(unsigned) > 1 else ""
             raise IntegrityError(f"{what}: {unsigned[0]}{more} is not covered by the signature {shown} (added after "

@@ -226,7 +226,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "signed-key-from-secret": yaml.safe_load((CHART / "values-signed.yaml").read_text()),
     "signed-sigstore-configmap-sidecar": {
         "weightsync": {"mode": "sidecar", "include": ["*.safetensors", "*.json"]},
-        "signature": {"required": True, "trust": {"identity": "release@example.com",
+        "signature": {"required": True, "ignore": ["README.md", "*.txt"], "trust": {"identity": "release@example.com",
                                                   "issuer": "https://accounts.example.com",
                                                   "root": "trust_config.json", "configMapName": "sigstore-root"}},
     },

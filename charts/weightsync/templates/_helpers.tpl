@@ -160,6 +160,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     - name: WEIGHTSYNC_TRUST_ISSUER
       value: {{ . | quote }}
     {{- end }}
+    {{- with .Values.signature.ignore }}
+    - name: WEIGHTSYNC_SIGNATURE_IGNORE
+      value: {{ join "," . | quote }}
+    {{- end }}
     {{- end }}
     {{- with $w.extraEnv }}
     {{- toYaml . | nindent 4 }}
