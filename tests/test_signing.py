@@ -222,11 +222,19 @@ def test_a_revision_published_without_the_policy_is_checked_on_the_volume_at_war
     first = sync(model, dest, clean_env)
     assert first.returncode == 0, first.stderr
     revision = Path(first.stdout.splitlines()[-1]).name
-    good = sync(model, dest, clean_env, "--revision", revision, "--trust-key", str(keys["pub"]))
-    assert good.returncode == 0 and "checking its signature now" in good.stderr, good.stderr
-    bad = sync(model, dest, clean_env, "--revision", revision, "--trust-key", str(keys["other_pub"]))
+    published_config = next(dest.glob(f"*/revisions/{revision}/config.json"))
+    published_config.chmod(0o644)
+    published_config.write_text(published_config.read_text().replace("tiny", "evil"))  # same size, other bytes
+    repaired = sync(model, dest, clean_env, "--revision", revision, "--trust-key", str(keys["pub"]))
+    assert repaired.returncode == 0, repaired.stderr
+    assert "re-hashing it to check its signature now" in repaired.stderr and "damaged" in repaired.stderr
+    assert published_config.read_text() == (model / "config.json").read_text(), "repaired, not served as it was"
+    bad = sync(model, tmp_path / "w", clean_env)
+    revision_w = Path(bad.stdout.splitlines()[-1]).name
+    bad = sync(model, tmp_path / "w", clean_env, "--revision", revision_w, "--trust-key", str(keys["other_pub"]))
     assert bad.returncode == 4 and "signed with another key" in error_line(bad), bad.stderr
-    assert (dest / next(dest.iterdir()).name / "revisions" / revision).is_dir(), "the revision is left in place"
+    assert "the revision and current are left as they are" in error_line(bad)
+    assert next((tmp_path / "w").glob(f"*/revisions/{revision_w}")).is_dir()
 
 
 def test_verify_re_checks_the_signature(model, keys, tmp_path, clean_env):

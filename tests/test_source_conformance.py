@@ -16,7 +16,7 @@ As rclone's fstests: adding a backend means passing this module. To pass, a new 
 
 Each backend runs against a real server on loopback: a folder under tmp_path, the session's SeaweedFS
 (through the per-test counting proxy, as the CLI tests reach it), and the in-process fake Hub.
-To add a backend: write a `_<kind>_backend` factory below and add its kind to BACKENDS.
+To add a backend: write a `_<kind>_backend` factory below and add it to FACTORIES and its kind to BACKENDS.
 """
 
 from __future__ import annotations

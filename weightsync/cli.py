@@ -219,9 +219,11 @@ ALL_OPTIONS = {option.flag: option for option in (
            "is damaged)", default="fast", choices=get_args(VerifyMode), group=VERIFY),
     Option("--require-checksum", "refuse (exit 4, before downloading) any file the source promises no usable "
            "checksum for, instead of checking its size only", switch=True, group=VERIFY),
-    Option("--signature", "check the model's OpenSSF model-signing signature before publishing: `auto` = the "
-           "model.sig next to the model at the source, or a bundle file on this machine (exit 4 if it does not "
-           "verify)", shown_default="auto once a --trust-* policy is given", group=VERIFY, metavar="PATH|auto"),
+    Option("--signature", "which OpenSSF model-signing bundle to check before publishing, under a --trust-* "
+           "policy (one of --trust-key, --trust-certificate, --trust-identity with --trust-issuer; needs "
+           "weightsync[signing]): auto = the model.sig at the source, PATH = a bundle on this machine; exit 4 if "
+           "it does not verify", shown_default="auto once a --trust-* policy is given", group=VERIFY,
+           metavar="PATH|auto"),
     Option("--trust-key", "trust signatures made with this public key (PEM)", group=VERIFY, metavar="PEM"),
     Option("--trust-certificate", "trust signatures whose certificate chains to this CA (PEM)", group=VERIFY,
            metavar="PEM"),

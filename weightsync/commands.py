@@ -251,10 +251,12 @@ def run_verify(options: Options, _: list[str]) -> int:
         options = _recorded_model(options)
     engine = Engine(build_request(options))
     directory, problems, manifest = engine.verify(options.revision)
+    if problems and problems[0].startswith("signature: "):  # the files are intact: a sync cannot repair a signer
+        raise IntegrityError(f"{directory} failed verification: {problems[0]}")
     if problems:
         repair = shlex.join(["weightsync", "sync", "--source", engine.source.uri, "--dest", _required(options.dest),
                              "--name", engine.volume.name, *engine.request.selection.flags(), "--revision",
-                             engine.source_revision_of(directory.name), "--verify", "full"])
+                             engine.source_revision_of(directory.name), "--verify", "full", *_trust_flags(options)])
         raise IntegrityError(f"{directory} failed verification: " + "; ".join(problems[:5])
                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
                              + f" — repair it (only the damaged files are downloaded again, while the source "
@@ -271,6 +273,15 @@ def run_verify(options: Options, _: list[str]) -> int:
           directory, signed, path=str(directory), signature=recorded.to_json() if recorded else None)
     print(directory)
     return 0
+
+
+def _trust_flags(options: Options) -> list[str]:
+    """The --signature / --trust-* flags as given, for a command line the user is told to run."""
+    flags = [("--signature", options.signature), ("--trust-key", options.trust_key),
+             ("--trust-certificate", options.trust_certificate), ("--trust-identity", options.trust_identity),
+             ("--trust-issuer", options.trust_issuer), ("--trust-root", options.trust_root)]
+    return [*(part for flag, value in flags if value for part in (flag, value)),
+            *(part for glob in options.signature_ignore for part in ("--signature-ignore", glob))]
 
 
 def _recorded_model(options: Options) -> Options:

@@ -276,10 +276,10 @@ class Engine:
         problems = describe_problems(check_files(directory, manifest, full=True))
         if not problems and self.request.signature is not None:
             try:
-                self.request.signature.check(directory, {e.path: e.sha256 for e in manifest.files}, str(directory),
-                                             self._filtered_out)
+                self.request.signature.check(directory, {e.path: e.sha256 for e in manifest.files}, "signature",
+                                             self._filtered_out, outcome="the revision is left as it is")
             except IntegrityError as exc:
-                problems.append(f"signature: {exc}")
+                problems.append(str(exc))
         if not problems:
             mark_verified(self.volume, key)
         return directory, problems, manifest
@@ -319,24 +319,36 @@ class Engine:
                             "again, the intact ones kept", key, listed)
             self.damaged[key] = set(problems)
             return None
-        self._check_published_signature(manifest, directory, key)
+        if not self._check_published_signature(manifest, directory, key):
+            return None
         return manifest
 
-    def _check_published_signature(self, manifest: Manifest, directory: Path, key: RevisionKey) -> None:
+    def _check_published_signature(self, manifest: Manifest, directory: Path, key: RevisionKey) -> bool:
         """A warm start under a signature policy: a revision published under the same policy was checked then;
-        any other is checked now, on the volume (no request), and refused (exit 4, left in place) if it fails."""
+        any other is re-hashed now (its files may have changed since) and its signature checked against those
+        digests, on the volume and with no request. A damaged file means a repair (False); a signature that
+        fails refuses the start (exit 4), leaving the revision and `current` as they are."""
         policy = self.request.signature
         if policy is None or key in self._signatures:
-            return
+            return True
         recorded = manifest.signature
         same_bundle = policy.in_model or (recorded is not None and recorded.file == policy.signature)
         if recorded is not None and recorded.policy == policy.id and same_bundle:
             self._signatures[key] = recorded
-            return
-        log.warning("revision %s was published %s; checking its signature now", key,
+            return True
+        log.warning("revision %s was published %s; re-hashing it to check its signature now", key,
                     f"under another policy ({recorded.policy})" if recorded else "without a signature check")
+        if self.request.verify != "full":  # --verify full has just hashed every file
+            problems = check_files(directory, manifest, full=True)
+            if problems:
+                log.warning("revision %s on the volume is damaged (%s); repairing", key,
+                            "; ".join(describe_problems(problems)[:5]))
+                self.damaged[key] = set(problems)
+                return False
         self._signatures[key] = policy.check(directory, {e.path: e.sha256 for e in manifest.files},
-                                             f"{directory} (published)", self._filtered_out)
+                                             f"published revision {directory}", self._filtered_out,
+                                             outcome="not started; the revision and current are left as they are")
+        return True
 
     def _refuse_size_only(self, manifest: Manifest, key: RevisionKey) -> None:
         """--require-checksum on a revision published without it: refuse, and leave it as it is (pods may be
@@ -528,8 +540,9 @@ class Engine:
             raise IntegrityError(f"the signature {record.file} differs from the one --lockfile "
                                  f"{self.request.lockfile.origin} pinned (sha256 {record.sha256}, pinned "
                                  f"{pinned.get('sha256')}); nothing was published", path=record.file)
-        event("signature_verified", "signature %s verified: signed by %s (policy %s)", record.file, record.signer,
-              record.policy, **record.to_json())
+        trusted = "" if record.policy == record.signer else f" (policy {record.policy})"
+        event("signature_verified", "signature %s verified: signed by %s%s", record.file, record.signer, trusted,
+              **record.to_json())
         return record
 
     def _filtered_out(self, path: str) -> bool:

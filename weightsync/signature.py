@@ -134,12 +134,14 @@ class SignaturePolicy:
 
     def describe_missing(self, uri: str) -> IntegrityError:
         return IntegrityError(f"{uri} has no {AUTO_FILE} next to the model, and a signature is required "
-                              f"({self.id}); nothing was downloaded — sign the model (model_signing sign ...) or "
-                              "give the bundle with --signature PATH", path=AUTO_FILE)
+                              f"({self._trusted()}); nothing was downloaded — sign the model (model_signing sign ...) "
+                              "or give the bundle with --signature PATH", path=AUTO_FILE)
 
     def check(self, tree: Path, digests: dict[str, str], what: str,
-              filtered_out: Callable[[str], bool] = lambda _: False) -> SignatureRecord:
-        """Check the signature over the synced files; IntegrityError (exit 4) naming what did not match.
+              filtered_out: Callable[[str], bool] = lambda _: False,
+              outcome: str = "nothing was published") -> SignatureRecord:
+        """Check the signature over the synced files; IntegrityError (exit 4) naming what did not match, what to
+        do about it, and `outcome` (what the caller did about it: nothing published, left in place, ...).
 
         `digests` is every synced file's sha256, as weightsync computed it from bytes that matched the source's
         promise. model-signing checks the bundle's cryptography and returns the digests it signs; those are
@@ -149,43 +151,53 @@ class SignaturePolicy:
         """
         bundle = tree / AUTO_FILE if self.in_model else Path(self.signature)
         shown = self.in_model or self.signature
+
+        def refuse(problem: str, hint: str, **fields: object) -> IntegrityError:
+            return IntegrityError(f"{what}: {problem}; {outcome} — {hint}", **fields)  # type: ignore[arg-type]
+
         if not bundle.is_file():
-            raise IntegrityError(f"{what}: the signature {shown} is missing while a signature is required "
-                                 f"({self.id}); nothing was published", path=shown)
+            raise refuse(f"the signature {shown} is missing while a signature is required ({self._trusted()})",
+                         "sign the model (model_signing sign ...) or give the bundle with --signature PATH",
+                         path=shown)
         verifier = self._verifier()
         try:
             signed = _signed_digests(verifier, bundle)
             if signed is None:
                 verifier.verify(tree, bundle)  # type: ignore[attr-defined]
         except Exception as exc:  # model-signing raises ValueError, cryptography, OpenSSL and sigstore errors
-            raise IntegrityError(f"{what}: the signature {shown} does not verify ({_reason(exc, self)}); nothing "
-                                 "was published", path=shown) from exc
+            raise refuse(f"the signature {shown} does not verify ({_reason(exc, self)})",
+                         "check that the --trust-* flags name the model's signer, or re-sign the model",
+                         path=shown) from exc
         body = _bundle(bundle)
         if signed is None:  # model-signing's own verify matched the tree; only the file names are needed here
             signed = dict.fromkeys(_signed_files(_statement(body)["predicate"]), "")
         else:
-            self._compare(signed, digests, what, shown, filtered_out)
+            self._compare(signed, digests, shown, filtered_out, refuse)
         unsigned = [f for f in sorted(digests) if f not in signed and f != self.in_model
                     and not any(fnmatchcase(f, pattern) for pattern in (*UNSIGNED_BY_DEFAULT, *self.ignore))]
         if unsigned:
-            more = f" (and {len(unsigned) - 1} more)" if len(unsigned) > 1 else ""
-            raise IntegrityError(f"{what}: {unsigned[0]}{more} is not covered by the signature {shown} (added after "
-                                 "signing?); nothing was published", path=unsigned[0])
-        return SignatureRecord(file=shown, sha256=_file_sha256(bundle), signer=self._signer(body), policy=self.id)
+            raise refuse(f"{_some(unsigned)} {'is' if len(unsigned) == 1 else 'are'} not covered by the signature "
+                         f"{shown} (added after signing?)",
+                         f"re-sign the model, remove the file, or let it through with --signature-ignore "
+                         f"'{unsigned[0]}'", path=unsigned[0])
+        return SignatureRecord(file=shown, sha256=_file_sha256(bundle), signer=self._signer(body, refuse),
+                               policy=self.id)
 
     @staticmethod
-    def _compare(signed: dict[str, str], digests: dict[str, str], what: str, shown: str,
-                 filtered_out: Callable[[str], bool]) -> None:
-        for path in sorted(signed.keys() & digests.keys()):
-            if signed[path] != digests[path]:
-                raise IntegrityError(f"{what}: {path} is not the file that was signed (sha256 {digests[path]}, "
-                                     f"{shown} signs {signed[path]}); nothing was published", path=path,
-                                     expected=signed[path], got=digests[path])
+    def _compare(signed: dict[str, str], digests: dict[str, str], shown: str, filtered_out: Callable[[str], bool],
+                 refuse: Callable[..., IntegrityError]) -> None:
+        changed = [path for path in sorted(signed.keys() & digests.keys()) if signed[path] != digests[path]]
+        if changed:
+            path = changed[0]
+            raise refuse(f"{_some(changed)} {'is' if len(changed) == 1 else 'are'} not the file that was signed "
+                         f"({path}: sha256 {digests[path]}, {shown} signs {signed[path]})",
+                         "restore the file at the source, or re-sign the model", path=path, expected=signed[path],
+                         got=digests[path])
         missing = [path for path in sorted(signed.keys() - digests.keys()) if not filtered_out(path)]
         if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise IntegrityError(f"{what}: {missing[0]}{more} is signed by {shown} but missing from the source "
-                                 "(removed after signing?); nothing was published", path=missing[0])
+            raise refuse(f"{_some(missing)} {'is' if len(missing) == 1 else 'are'} signed by {shown} but missing "
+                         "from the source (removed after signing?)", "restore it at the source, or re-sign the model",
+                         path=missing[0])
 
     def _verifier(self) -> object:
         from model_signing import verifying  # ~0.25 s of imports: only when a signature is checked
@@ -198,18 +210,23 @@ class SignaturePolicy:
         return config.use_sigstore_verifier(identity=self.identity, oidc_issuer=self.issuer,
                                             trust_config=self.trust_root)
 
-    def _signer(self, body: dict) -> str:
+    def _signer(self, body: dict, refuse: Callable[..., IntegrityError]) -> str:
         material = body.get("verificationMaterial") or {}
         if self.key is not None:
-            return self.id  # the holder of the trusted key: the bundle's own key hint is not signed
+            return self._trusted()  # the holder of the trusted key: the bundle's own key hint is not signed
         certificates = [c["rawBytes"] for c in (material.get("x509CertificateChain") or {}).get("certificates", [])]
         if not certificates and "certificate" in material:
             certificates = [material["certificate"]["rawBytes"]]
         leaf = _leaf_identity(base64.b64decode(certificates[0])) if certificates else "an unknown certificate"
         if self.certificate is not None and self.identity and self.identity not in leaf:
-            raise IntegrityError(f"the signature was made by {leaf}, not by --trust-identity {self.identity}; "
-                                 "nothing was published")
+            raise refuse(f"the signature was made by {leaf}, not by --trust-identity {self.identity}",
+                         "check --trust-identity, or re-sign the model with the right certificate")
         return leaf
+
+
+def _some(paths: list[str]) -> str:
+    """`a`, `a, b, c`, or `a, b, c and 4 more`: up to three files named in an error line."""
+    return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
 def _signed_digests(verifier: object, bundle: Path) -> dict[str, str] | None:
