@@ -209,7 +209,7 @@ def test_a_signed_s3_model_warm_starts_with_zero_requests(s3_server, bucket, s3_
     warm = sync(f"s3://{bucket}/signed", dest, s3_env, "--trust-key", str(keys["pub"]), "--revision", revision)
     assert warm.returncode == 0, warm.stderr
     assert s3_proxy.stats.connections == 0, "a pinned warm start under the same policy makes no request"
-    assert "signature model.sig by key sha256:" in warm.stderr, warm.stderr
+    assert "signature model.sig by key sha256:" in warm.stderr and "checked when published" in warm.stderr, warm.stderr
     code, heavy = heavy_modules_loaded("sync", "--source", f"s3://{bucket}/signed", "--dest", str(dest),
                                        "--trust-key", str(keys["pub"]), "--revision", revision, env=s3_env)
     assert code == 0 and heavy == [], "nor imports model-signing, cryptography or boto3"
@@ -222,6 +222,8 @@ def test_a_revision_published_without_the_policy_is_checked_on_the_volume_at_war
     first = sync(model, dest, clean_env)
     assert first.returncode == 0, first.stderr
     revision = Path(first.stdout.splitlines()[-1]).name
+    checked = sync(model, dest, clean_env, "--revision", revision, "--trust-key", str(keys["pub"]))
+    assert checked.returncode == 0 and "checked now, against the files re-hashed" in checked.stderr, checked.stderr
     published_config = next(dest.glob(f"*/revisions/{revision}/config.json"))
     published_config.chmod(0o644)
     published_config.write_text(published_config.read_text().replace("tiny", "evil"))  # same size, other bytes

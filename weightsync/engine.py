@@ -44,7 +44,7 @@ from weightsync.fsutil import fsync_dir, fsync_tree, make_read_only, write_atomi
 from weightsync.layout import LOCKS, MANIFESTS, REVISIONS, ModelVolume, check_listing, safe_makedirs
 from weightsync.lockfile import Lockfile
 from weightsync.locking import Held, volume_lock
-from weightsync.logs import counted, event, human_bytes, human_duration
+from weightsync.logs import counted, event, human_bytes, human_duration, named
 from weightsync.manifest import Manifest, ManifestEntry, ManifestError
 from weightsync.progress import Progress
 from weightsync.retry import RetryPolicy, call_with_retries
@@ -95,6 +95,7 @@ class SyncResult:
     checked: str = ""
     file_evidence: tuple[Evidence | None, ...] = ()  # per file, None where an older manifest did not record it
     signature: SignatureRecord | None = None
+    signature_checked_now: bool = False  # warm: the signature was checked by this run, not when it was published
 
     @property
     def evidence(self) -> dict[str, int]:
@@ -115,11 +116,15 @@ class SyncResult:
     def summary(self) -> str:
         rate = self.bytes_fetched / self.seconds if self.seconds > 0 else 0.0
         if self.warm:
+            signed = ""
+            if self.signature is not None:
+                when = "now, against the files re-hashed" if self.signature_checked_now else "when published"
+                signed = f"; signature {self.signature.file} by {self.signature.signer} checked {when}"
             return (f"already published (warm start) {self.source} revision {self.revision}: "
                     f"{counted(self.files, 'file')}, "
                     f"{human_bytes(self.total_bytes)}, checked ({self.checked}) in "
                     f"{human_duration(self.seconds)}; nothing downloaded; verified when published: "
-                    f"{self.verification}")
+                    f"{describe_tally(self.evidence)}{signed}")
         return (f"published {self.source} revision {self.revision}: {counted(self.files, 'file')}, "
                 f"{human_bytes(self.total_bytes)}; fetched {human_bytes(self.bytes_fetched)}, "
                 f"reused {human_bytes(self.bytes_reused)}, resumed {human_bytes(self.bytes_resumed)} "
@@ -356,7 +361,7 @@ class Engine:
         unchecked = [e.path for e in manifest.files if e.evidence is None or e.evidence.promise is None]
         if unchecked:
             raise IntegrityError(
-                f"--require-checksum: revision {key} on {self.volume.root} has {_first_of(unchecked)} checked by size "
+                f"--require-checksum: revision {key} on {self.volume.root} has {named(unchecked)} checked by size "
                 "only when it was published (or by a weightsync too old to record it); remove "
                 f"{self.volume.revision_dir(key)} to sync it again, or drop --require-checksum")
 
@@ -367,7 +372,8 @@ class Engine:
                           source=self.source.uri, source_revision=source_revision, files=len(manifest.files),
                           total_bytes=manifest.total_bytes, seconds=time.monotonic() - self.started, warm=True,
                           checked=how, file_evidence=tuple(entry.evidence for entry in manifest.files),
-                          signature=self._signatures.get(key, manifest.signature))
+                          signature=self._signatures.get(key, manifest.signature),
+                          signature_checked_now=self._signatures.get(key) not in (None, manifest.signature))
 
     def _point_current(self, key: RevisionKey, ref: str | None) -> None:
         """Flip `current` and record the ref; on a read-only volume leave both as they are."""
@@ -583,7 +589,7 @@ class Engine:
         if unverifiable:
             paths, reason = [path for path, _ in unverifiable], unverifiable[0][1]
             raise IntegrityError(
-                f"--require-checksum: {_first_of(paths)} has no checksum to verify it by ({reason}); nothing was "
+                f"--require-checksum: {named(paths)} has no checksum to verify it by ({reason}); nothing was "
                 "downloaded — upload it with a checksum (aws s3 cp --checksum-algorithm CRC64NVME, or boto3's "
                 "default CRC32), pin it with a lockfile (`weightsync lock`), or drop --require-checksum")
 
@@ -649,9 +655,6 @@ def _describe_filters(selection: Selection) -> str:
     return f" with {shlex.join(flags)}" if flags else " (every file)"
 
 
-def _first_of(paths: list[str]) -> str:
-    """`a.bin`, or `a.bin (and 3 more files)`: one file named in an error line, the rest counted."""
-    return paths[0] + (f" (and {len(paths) - 1} more files)" if len(paths) > 1 else "")
 
 
 

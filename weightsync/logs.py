@@ -94,6 +94,13 @@ def counted(count: int, noun: str, plural: str | None = None) -> str:
     return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
+def named(paths: list[str], shown: int = 1) -> str:
+    """`a.bin`, or `a.bin, b.bin (and 3 more files)`: the first `shown` files named in an error line, the rest
+    counted."""
+    rest = len(paths) - shown
+    return ", ".join(paths[:shown]) + (f" (and {counted(rest, 'more file', 'more files')})" if rest > 0 else "")
+
+
 def human_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(count) < 1024 or unit == "TiB":

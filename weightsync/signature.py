@@ -34,6 +34,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from weightsync.errors import IntegrityError, UsageError
+from weightsync.logs import named
 
 AUTO_FILE = "model.sig"
 # What model-signing leaves out of every signature by default (its ignore_git_paths), and so may be synced unsigned.
@@ -168,7 +169,8 @@ class SignaturePolicy:
             raise refuse(f"the signature {shown} does not verify ({_reason(exc, self)})",
                          "check that the --trust-* flags name the model's signer, or re-sign the model",
                          path=shown) from exc
-        body = _bundle(bundle)
+        data = bundle.read_bytes()
+        body = json.loads(data)
         if signed is None:  # model-signing's own verify matched the tree; only the file names are needed here
             signed = dict.fromkeys(_signed_files(_statement(body)["predicate"]), "")
         else:
@@ -176,11 +178,11 @@ class SignaturePolicy:
         unsigned = [f for f in sorted(digests) if f not in signed and f != self.in_model
                     and not any(fnmatchcase(f, pattern) for pattern in (*UNSIGNED_BY_DEFAULT, *self.ignore))]
         if unsigned:
-            raise refuse(f"{_some(unsigned)} {'is' if len(unsigned) == 1 else 'are'} not covered by the signature "
+            raise refuse(f"{named(unsigned, 3)} {'is' if len(unsigned) == 1 else 'are'} not covered by the signature "
                          f"{shown} (added after signing?)",
                          f"re-sign the model, remove the file, or let it through with --signature-ignore "
                          f"'{unsigned[0]}'", path=unsigned[0])
-        return SignatureRecord(file=shown, sha256=_file_sha256(bundle), signer=self._signer(body, refuse),
+        return SignatureRecord(file=shown, sha256=hashlib.sha256(data).hexdigest(), signer=self._signer(body, refuse),
                                policy=self.id)
 
     @staticmethod
@@ -189,13 +191,13 @@ class SignaturePolicy:
         changed = [path for path in sorted(signed.keys() & digests.keys()) if signed[path] != digests[path]]
         if changed:
             path = changed[0]
-            raise refuse(f"{_some(changed)} {'is' if len(changed) == 1 else 'are'} not the file that was signed "
+            raise refuse(f"{named(changed, 3)} {'is' if len(changed) == 1 else 'are'} not the file that was signed "
                          f"({path}: sha256 {digests[path]}, {shown} signs {signed[path]})",
                          "restore the file at the source, or re-sign the model", path=path, expected=signed[path],
                          got=digests[path])
         missing = [path for path in sorted(signed.keys() - digests.keys()) if not filtered_out(path)]
         if missing:
-            raise refuse(f"{_some(missing)} {'is' if len(missing) == 1 else 'are'} signed by {shown} but missing "
+            raise refuse(f"{named(missing, 3)} {'is' if len(missing) == 1 else 'are'} signed by {shown} but missing "
                          "from the source (removed after signing?)", "restore it at the source, or re-sign the model",
                          path=missing[0])
 
@@ -224,9 +226,6 @@ class SignaturePolicy:
         return leaf
 
 
-def _some(paths: list[str]) -> str:
-    """`a`, `a, b, c`, or `a, b, c and 4 more`: up to three files named in an error line."""
-    return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
 def _signed_digests(verifier: object, bundle: Path) -> dict[str, str] | None:
@@ -254,8 +253,6 @@ def _signed_files(predicate: dict) -> set[str]:
     return {r["name"].rsplit(":", 2)[0] if sharded else r["name"] for r in predicate["resources"]}
 
 
-def _bundle(path: Path) -> dict:
-    return json.loads(path.read_bytes())
 
 
 def _statement(body: dict) -> dict:
