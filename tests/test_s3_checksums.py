@@ -290,20 +290,19 @@ def test_the_plan_counts_the_metadata_requests(s3_server, bucket, s3_env, tmp_pa
 
 
 def test_without_get_object_attributes_each_part_size_is_asked_with_a_head(s3_server, bucket, s3_env, monkeypatch):
-    from botocore.exceptions import ClientError
-
     from weightsync.sources import Selection
     from weightsync.sources.s3 import S3Source
+    from weightsync.sources.s3api import S3Error
 
     data = composite_model(s3_server, bucket, "noattrs")[SHARD]
     for name, value in s3_env.items():
         monkeypatch.setenv(name, value)
     source = S3Source.from_uri(f"s3://{bucket}/noattrs", addressing_style="path")
 
-    def refuse(**_: Any) -> None:  # an IAM policy that grants s3:GetObject but not s3:GetObjectAttributes
-        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "denied"}}, "GetObjectAttributes")
+    def refuse(*_: Any) -> None:  # an IAM policy that grants s3:GetObject but not s3:GetObjectAttributes
+        raise S3Error(403, "AccessDenied", "denied", {})
 
-    source.client.meta.events.register("before-call.s3.GetObjectAttributes", refuse)
+    monkeypatch.setattr(source.api, "object_parts", refuse)
     [shard] = [f for f in source.snapshot(None, Selection()).files if f.path == SHARD]
     described = source.describe(shard)
     assert described.metadata_requests == 1 + 1 + 3

@@ -1,4 +1,8 @@
-"""S3 source unit tests with moto: listing, checksums it promises, revisions, error mapping."""
+"""S3 source unit tests against moto's server on loopback: listing, checksums it promises, revisions, errors.
+
+moto runs as a real HTTP server (ThreadedMotoServer): weightsync's S3 client is plain HTTP, so moto's in-process
+botocore patching would not see it, and a server is what users run anyway.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,35 @@ import base64
 import hashlib
 import os
 
-import boto3
 import pytest
-from moto import mock_aws
 
+from tests.support.s3server import MotoS3
 from weightsync.errors import SourceError, UsageError
 from weightsync.sources import Selection
 from weightsync.sources.s3 import S3Source
 
 
+@pytest.fixture(scope="module")
+def moto_server():
+    with MotoS3() as server:
+        yield server
+
+
 @pytest.fixture
-def s3(monkeypatch):
+def s3(moto_server, monkeypatch):
     for name in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-moto-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-moto-secret")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "moto")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "moto")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket="bkt")
-        yield client
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.endpoint)
+    client = moto_server.client()
+    client.create_bucket(Bucket="bkt")
+    yield client
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="bkt"):
+        for item in page.get("Contents", []):
+            client.delete_object(Bucket="bkt", Key=item["Key"])
+    client.delete_bucket(Bucket="bkt")
 
 
 def source(uri: str = "s3://bkt/models/tiny") -> S3Source:
@@ -139,11 +152,9 @@ def test_ranged_read_is_pinned_to_the_listed_etag(s3):
     assert bytes(buffer[:count]) == b"2345"
 
 
-def test_an_sse_kms_etag_is_not_taken_for_an_md5(s3):
+def test_an_sse_kms_etag_is_not_taken_for_an_md5(s3, moto_server):
     # moto stands in for AWS KMS here (SeaweedFS has no SSE-KMS); the promise logic is the same either way.
-    from botocore.config import Config
-
-    plain = boto3.client("s3", region_name="us-east-1", config=Config(request_checksum_calculation="when_required"))
+    plain = moto_server.client(request_checksum_calculation="when_required")
     plain.put_object(Bucket="bkt", Key="models/tiny/w.bin", Body=b"abc", ServerSideEncryption="aws:kms")
     src = source()
     [file] = src.snapshot(None, Selection()).files

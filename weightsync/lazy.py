@@ -14,8 +14,9 @@ To add a heavy dependency, name it here with the reason it is heavy.
 from __future__ import annotations
 
 HEAVY: dict[str, str] = {
-    "boto3": "the S3 client (sources/s3.py): ~150 ms of imports",
-    "botocore": "boto3's core, with its service models",
+    "weightsync.sources.s3api": "the S3 client: http.client, ssl, xml.etree, configparser (~25 ms)",
+    "boto3": "tests and benchmarks only; weightsync's S3 client is sources/s3api.py",
+    "botocore": "the credential chain of last resort (SSO profiles), in sources/s3api.py",
     "huggingface_hub": "the Hub client (sources/hf.py), and httpx with it",
     "httpx": "the Hub's HTTP client",
     "awscrt": "CRC32C / CRC64NVME checksums, only for a file promised one",

@@ -1,10 +1,10 @@
-"""S3 and S3-compatible source (AWS, MinIO, Ceph, SeaweedFS) through boto3.
+"""S3 and S3-compatible source (AWS, MinIO, Ceph, SeaweedFS).
 
-boto3 already honours the standard environment (AWS_ENDPOINT_URL[_S3], AWS_PROFILE,
-keys, AWS_REGION, AWS_CA_BUNDLE, IRSA web identity, instance roles), so this module
-only adds what a model sync needs: a listing under a prefix, the checksums each
-object promises, and ranged GETs pinned to the listed ETag so an object rewritten
-mid-sync is noticed instead of stitched together from two versions.
+The requests go through s3api.py (REST over http.client, SigV4), which honours the
+standard AWS environment and files as boto3 does. This module adds what a model sync
+needs: a listing under a prefix, the checksums each object promises, and ranged GETs
+pinned to the listed ETag so an object rewritten mid-sync is noticed instead of
+stitched together from two versions.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import logging
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from weightsync import __version__
 from weightsync.checksums import ALGORITHMS, Promise, choose, from_base64
 from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
@@ -30,6 +29,9 @@ from weightsync.sources import (
     listing_digest,
     slugify,
 )
+
+if TYPE_CHECKING:
+    from weightsync.sources.s3api import Body, S3Api
 
 log = logging.getLogger("weightsync")
 MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -55,23 +57,25 @@ def _etag_promises(etag: str) -> tuple[Promise, ...]:
     return ()
 
 
-def _etag_not_md5(response: dict[str, Any]) -> str:
+def _etag_not_md5(headers: dict[str, str]) -> str:
     """Why this object's ETag is not an MD5 (server-side encryption with KMS or a customer key), or ""."""
-    sse = str(response.get("ServerSideEncryption", ""))
+    sse = headers.get("x-amz-server-side-encryption", "")
     if sse.startswith("aws:kms"):
         return f"the ETag of an {sse} (SSE-KMS) object is not an MD5"
-    if response.get("SSECustomerAlgorithm"):
+    if headers.get("x-amz-server-side-encryption-customer-algorithm"):
         return "the ETag of an SSE-C object is not an MD5"
     return ""
 
 
-def _head_promises(head: dict[str, Any], listed: tuple[Promise, ...]) -> tuple[Promise, ...]:
+def _head_promises(head: dict[str, str], listed: tuple[Promise, ...]) -> tuple[Promise, ...]:
     """What the listing promised (the ETag, a lockfile's sha256) plus everything a HeadObject reply vouches for."""
+    from weightsync.sources.s3api import user_metadata
+
     not_md5 = _etag_not_md5(head)
     promises = [p.void(not_md5) if not_md5 and p.field == "ETag" else p for p in listed]
-    composite_type = head.get("ChecksumType") == "COMPOSITE"
+    composite_type = head.get("x-amz-checksum-type") == "COMPOSITE"
     for name in CHECKSUM_FIELDS:
-        text = head.get(f"Checksum{name}")
+        text = head.get(f"x-amz-checksum-{name.lower()}")
         if not text:
             continue
         promise = from_base64(name.lower(), text, f"Checksum{name}")
@@ -80,7 +84,7 @@ def _head_promises(head: dict[str, Any], listed: tuple[Promise, ...]) -> tuple[P
         if composite_type and not promise.parts:
             promise = promise.void(f"Checksum{name} is COMPOSITE but carries no part count")
         promises.append(promise)
-    metadata = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
+    metadata = {k.lower(): v for k, v in user_metadata(head).items()}
     if re.fullmatch(r"[0-9a-fA-F]{64}", metadata.get("sha256", "")):
         promises.append(Promise("sha256", metadata["sha256"].lower(), "x-amz-meta-sha256"))
     md5 = from_base64("md5", metadata.get("md5chksum", ""), "x-amz-meta-md5chksum")
@@ -112,8 +116,8 @@ class S3Source:
     default_ref: str | None = None
     features: ClassVar[Features] = Features(describes=True, promises=frozenset(ALGORITHMS) - {"git-sha1"},
                                             voids_promises=True)
-    _client: Any = field(default=None, repr=False)
-    _client_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _api: S3Api | None = field(default=None, repr=False)
+    _api_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_uri(cls, uri: str, transfer: TransferConfig = DEFAULTS, *, addressing_style: str = "auto") -> S3Source:
@@ -132,31 +136,17 @@ class S3Source:
         return slugify("s3", self.bucket, self.prefix)
 
     @property
-    def client(self) -> Any:
-        with self._client_lock:
-            if self._client is None:
-                self._client = self._make_client()
-            return self._client
+    def api(self) -> S3Api:
+        """The S3 calls, built on first use: endpoint, region and credentials come from the environment then."""
+        from weightsync.sources.s3api import S3Api
 
-    def _make_client(self) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        config = Config(
-            s3={"addressing_style": self.addressing_style},
-            # One attempt per call: weightsync's own retry loop (retry.py) retries, honouring Retry-After on
-            # 503 SlowDown, with --retries as the one bound (botocore's retries would multiply it and ignore
-            # Retry-After).
-            retries={"mode": "standard", "total_max_attempts": 1},
-            connect_timeout=self.transfer.connect_timeout,
-            read_timeout=self.transfer.stall_timeout,
-            max_pool_connections=self.transfer.concurrency + 4,
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            user_agent_extra=f"weightsync/{__version__}",
-            tcp_keepalive=True,
-        )
-        return boto3.session.Session().client("s3", config=config)
+        with self._api_lock:
+            if self._api is None:
+                # One attempt per call: weightsync's own retry loop (retry.py) retries, honouring Retry-After on
+                # 503 SlowDown, with --retries as the one bound.
+                self._api = S3Api.from_environment(self.addressing_style, self.transfer.connect_timeout,
+                                                   self.transfer.stall_timeout, self.transfer.concurrency + 4)
+            return self._api
 
     def pinned_revision(self, revision: str | None) -> str | None:
         if revision and LISTING_DIGEST.match(revision):
@@ -179,20 +169,19 @@ class S3Source:
 
     def _list(self) -> list[RemoteFile]:
         list_prefix = f"{self.prefix}/" if self.prefix else ""
+        from weightsync.sources.s3api import content_length
+
         files: list[RemoteFile] = []
-        paginator = self.client.get_paginator("list_objects_v2")
         with self._errors(f"listing {self.uri}"):
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=list_prefix):
-                for obj in page.get("Contents", []):
-                    key = obj["Key"]
-                    if key.endswith("/"):
-                        continue  # a "directory marker", not a file
-                    files.append(self._remote_file(key, key[len(list_prefix):], obj["Size"], obj.get("ETag", "")))
+            for listed in self.api.list_objects(self.bucket, list_prefix):
+                if listed.key.endswith("/"):
+                    continue  # a "directory marker", not a file
+                files.append(self._remote_file(listed.key, listed.key[len(list_prefix):], listed.size, listed.etag))
             if not files and self.prefix:  # s3://bucket/path/to/model.safetensors: one object, not a prefix
                 head = self._head(self.prefix, missing_ok=True)
                 if head is not None:
                     name = self.prefix.rsplit("/", 1)[-1]
-                    files.append(self._remote_file(self.prefix, name, head["ContentLength"], head.get("ETag", "")))
+                    files.append(self._remote_file(self.prefix, name, content_length(head), head.get("etag", "")))
         return files
 
     @staticmethod
@@ -200,13 +189,13 @@ class S3Source:
         etag = etag.strip('"')
         return RemoteFile(path=path, size=size, promises=_etag_promises(etag), etag=etag, locator=key)
 
-    def _head(self, key: str, missing_ok: bool = False, **extra: Any) -> dict[str, Any] | None:
-        from botocore.exceptions import ClientError
+    def _head(self, key: str, missing_ok: bool = False, part_number: int = 0) -> dict[str, str] | None:
+        from weightsync.sources.s3api import S3Error
 
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED", **extra)
-        except ClientError as exc:
-            if missing_ok and self._code(exc) in NOT_FOUND:
+            return self.api.head_object(self.bucket, key, part_number)
+        except S3Error as exc:
+            if missing_ok and (exc.code in NOT_FOUND or exc.status == 404):
                 return None
             raise
 
@@ -226,7 +215,7 @@ class S3Source:
         with self._errors(f"reading metadata of s3://{self.bucket}/{key}"):
             head = self._head(key) or {}
             requests = 1
-            if file.etag and head.get("ETag", "").strip('"') not in ("", file.etag):
+            if file.etag and head.get("etag", "").strip('"') not in ("", file.etag):
                 raise IntegrityError(f"s3://{self.bucket}/{key} changed at the source during the sync; rerun to "
                                      "sync the new revision")
             promises = _head_promises(head, file.promises)
@@ -247,28 +236,25 @@ class S3Source:
         own IAM permission, s3:GetObjectAttributes) or lists no parts (AWS omits them for objects uploaded
         without a checksum), HeadObject with PartNumber=N gives each part's size, asked concurrently.
         """
-        from botocore.exceptions import ClientError
+        from weightsync.sources.s3api import S3Error
 
         sizes: list[int] = []
         checksums: dict[str, list[str]] = {}
         requests, marker = 0, 0
         try:
-            while True:
+            next_marker: int | None = 0
+            while next_marker is not None:
                 requests += 1
-                reply = self.client.get_object_attributes(Bucket=self.bucket, Key=key, ObjectAttributes=["ObjectParts"],
-                                                          MaxParts=1000, PartNumberMarker=marker)
-                parts = reply.get("ObjectParts") or {}
-                for part in parts.get("Parts") or []:
-                    sizes.append(int(part["Size"]))
-                    for name, value in part.items():
-                        if name.startswith("Checksum") and name[8:].lower() in ALGORITHMS:
-                            checksums.setdefault(name[8:].lower(), []).append(value)
-                if not parts.get("IsTruncated"):
-                    break
-                marker = int(parts["NextPartNumberMarker"])
-        except ClientError as exc:
+                parts, next_marker = self.api.object_parts(self.bucket, key, marker)
+                for part in parts:
+                    sizes.append(part.size)
+                    for algorithm, value in part.checksums.items():
+                        if algorithm in ALGORITHMS:
+                            checksums.setdefault(algorithm, []).append(value)
+                marker = next_marker or 0
+        except S3Error as exc:
             log.debug("GetObjectAttributes refused for s3://%s/%s (%s); asking each part's size instead", self.bucket,
-                      key, self._code(exc))
+                      key, exc.code)
             sizes = []
         if len(sizes) != count:
             sizes, checksums = self._part_sizes_by_head(key, count), {}
@@ -283,25 +269,19 @@ class S3Source:
     def _part_sizes_by_head(self, key: str, count: int) -> list[int]:
         from concurrent.futures import ThreadPoolExecutor
 
+        from weightsync.sources.s3api import content_length
+
         def part_size(number: int) -> int:
-            return int((self._head(key, PartNumber=number) or {})["ContentLength"])
+            return content_length(self._head(key, part_number=number) or {})
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.transfer.concurrency, count))) as pool:
             return list(pool.map(part_size, range(1, count + 1)))
 
     def open_range(self, file: RemoteFile, start: int, end: int) -> _S3Range:
         key = file.locator
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
-        if file.etag:
-            args["IfMatch"] = f'"{file.etag}"'
         with self._errors(f"downloading s3://{self.bucket}/{key}"):
-            response = self.client.get_object(**args)
-        return _S3Range(response["Body"], self._errors(f"downloading s3://{self.bucket}/{key}"),
-                        _etag_not_md5(response))
-
-    @staticmethod
-    def _code(exc: Any) -> str:
-        return str(exc.response.get("Error", {}).get("Code", "")) if hasattr(exc, "response") else ""
+            body = self.api.get_object(self.bucket, key, start, end, if_match=file.etag or "")
+        return _S3Range(body, self._errors(f"downloading s3://{self.bucket}/{key}"), _etag_not_md5(body.headers))
 
     def _errors(self, what: str) -> _S3ErrorMapper:
         return _S3ErrorMapper(what)
@@ -312,32 +292,18 @@ class _S3Range:
 
     `voids` names the promise field this response proved unsound: an SSE-KMS / SSE-C
     object's ETag is not an MD5 (the engine then falls back to what else was promised).
-
-    The bytes are read with http.client's `readinto` straight from the socket into the
-    caller's buffer. botocore's StreamingBody.readinto goes through urllib3 2.x, whose
-    `readinto` is `read()` plus a copy: a fresh bytes object and a second memcpy for
-    every buffer, about a quarter of the client's CPU per byte (benchmarks/README.md).
-    The plain path stays for any body that is not exactly that stack.
+    The bytes go with http.client's `readinto` straight from the socket into the caller's
+    buffer: no bytes object and no second copy per buffer.
     """
 
-    def __init__(self, body: Any, errors: _S3ErrorMapper, etag_not_md5: str) -> None:
+    def __init__(self, body: Body, errors: _S3ErrorMapper, etag_not_md5: str) -> None:
         self._body = body
         self._errors = errors
         self.voids: dict[str, str] = {"ETag": etag_not_md5} if etag_not_md5 else {}
-        self._raw, self._socket_response = _direct_stream(body)
-        self._read_directly = self._socket_response is not None
 
     def readinto(self, buffer: memoryview) -> int:
         try:
-            if not self._read_directly:
-                return self._body.readinto(buffer)
-            if self._socket_response is None:  # read to the end directly: botocore's body never saw those bytes
-                return 0
-            count = self._socket_response.readinto(buffer)
-            if self._socket_response.isclosed():  # the whole body is read: the connection goes back to the pool
-                self._raw.release_conn()
-                self._socket_response = None
-            return count
+            return self._body.readinto(buffer)
         except Exception as exc:
             raise TransientError(f"{self._errors.what}: {type(exc).__name__}: {exc}") from exc
 
@@ -346,35 +312,21 @@ class _S3Range:
             self._body.close()
 
 
-def _direct_stream(body: Any) -> tuple[Any, Any]:
-    """(urllib3 response, http.client response) under a plain botocore StreamingBody, else (None, None)."""
-    import http.client
-
-    from botocore.response import StreamingBody
-
-    if type(body) is not StreamingBody:
-        return None, None
-    raw = getattr(body, "_raw_stream", None)
-    response = getattr(raw, "_fp", None)
-    if (not isinstance(response, http.client.HTTPResponse) or not hasattr(raw, "release_conn")
-            or getattr(raw, "_decoder", None) is not None or response.isclosed()):
-        return None, None
-    return raw, response
-
-
 class _S3ErrorMapper(ErrorTranslator):
-    """Translate botocore exceptions into weightsync's exit-code classes, in one place."""
+    """Translate S3 replies and connection errors into weightsync's exit-code classes, in one place."""
 
     def translate(self, exc: BaseException) -> Exception | None:
-        from botocore import exceptions as bx
+        import http.client
+        import ssl
+
+        from weightsync.sources.s3api import NoCredentialsError, S3Error
 
         what = self.what
-        if isinstance(exc, bx.NoCredentialsError):
+        if isinstance(exc, NoCredentialsError):
             return SourceError(f"{what}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                                "AWS_PROFILE, or use an IAM role (IRSA)")
-        if isinstance(exc, bx.ClientError):
-            code = S3Source._code(exc)
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if isinstance(exc, S3Error):
+            code, status = exc.code, exc.status
             if code in NOT_FOUND or status == 404:
                 return SourceError(f"{what}: not found ({code}); check the bucket and prefix in --source")
             if code in DENIED or status in (401, 403):
@@ -384,17 +336,12 @@ class _S3ErrorMapper(ErrorTranslator):
                 return IntegrityError(f"{what}: the object changed at the source during the sync; rerun to "
                                       "sync the new revision")
             if code in THROTTLED or status >= 500 or status == 429:
-                retry_after = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("retry-after")
-                return TransientError(f"{what}: {code or status}",
-                                      float(retry_after) if retry_after and retry_after.isdigit() else None
-                                      )
-            return SourceError(f"{what}: {code or status}: {exc.response.get('Error', {}).get('Message', '')}"
-                               )
-        if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
-                            bx.ConnectTimeoutError, bx.ResponseStreamingError, bx.IncompleteReadError)):
-            return TransientError(f"{what}: {type(exc).__name__}: {exc}")
-        if isinstance(exc, bx.ParamValidationError):
-            return UsageError(f"{what}: {exc}")
-        if isinstance(exc, (bx.BotoCoreError, OSError)):
+                retry_after = exc.headers.get("retry-after", "")
+                return TransientError(f"{what}: {code}", float(retry_after) if retry_after.isdigit() else None)
+            return SourceError(f"{what}: {code}: {exc.message}")
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return SourceError(f"{what}: the server's TLS certificate is not trusted ({exc.verify_message}); "
+                               "for a private CA set AWS_CA_BUNDLE to its PEM file")
+        if isinstance(exc, (OSError, http.client.HTTPException)):
             return TransientError(f"{what}: {type(exc).__name__}: {exc}")
         return None
