@@ -4,7 +4,7 @@
 
 Nothing here is a weightsync setting. A tunable (chunk_mib, buffer_kib, ...) sets a field of
 `weightsync.config.DEFAULTS`, the one source of transfer defaults; a code-path knob (verify=off,
-readback=..., direct=off, ...) replaces one function in this process, refusing a name that no longer
+readback=..., ...) replaces one function in this process, refusing a name that no longer
 exists. Each measures what one design choice costs or saves (benchmarks/README.md, "What was tried").
 With `--code DIR`, the weightsync package is imported from DIR instead (e.g. an older
 commit exported by experiments.py) and no knob may be given.
@@ -20,12 +20,8 @@ Knobs:
   readback=preadv read back with os.preadv into one reused buffer instead of mmap
   prealloc=off    sparse ftruncate'd part files instead of fallocate
   writeback=off   no sync_file_range as chunks finish: the final fsync writes everything
-  direct=off      read S3 bodies through botocore/urllib3 readinto (a read() and a copy)
   state=eager     save resume state every MiB (the original behaviour) instead of every 0.1 s
-  hf_read=chunked the original Hub reader: iter_raw(1 MiB), whose chunker copies every byte twice more
-  hf_readsize=N   httpcore's socket read size in KiB (weightsync sets 256; httpcore's own is 64)
-  streams_per_cpu=N  cap on streams per usable CPU for the Hub reader (0: none; weightsync uses 2)
-  hf_direct=on    prototype: GET the Hub's CDN redirect with http.client readinto (no proxy/TLS care)
+  streams_per_cpu=N  cap on streams per usable CPU for the Hub reader (0: none, weightsync's default)
 """
 
 from __future__ import annotations
@@ -72,27 +68,12 @@ def apply(knobs: dict[str, str]) -> None:
             import weightsync.partfile as partfile
 
             _patch(partfile, "start_writeback", lambda fd, offset, length: None)
-        elif knob == "direct" and value == "off":
-            import weightsync.sources.s3 as s3
-
-            _patch(s3, "_direct_stream", lambda body: (None, None))
         elif knob == "state" and value == "eager":
             tuned["state_save_interval"] = 0.0
-        elif knob == "hf_read" and value == "chunked":
-            _hf_chunked_reads()
-        elif knob == "hf_readsize":
-            import httpcore2._sync.http11 as http11
-
-            import weightsync.sources.hf as hf
-
-            _patch(hf, "SOCKET_READ", int(value) << 10)
-            http11.HTTP11Connection.READ_NUM_BYTES = int(value) << 10
         elif knob == "streams_per_cpu":
             import weightsync.sources.hf as hf
 
             _patch(hf.HubSource, "features", replace(hf.HubSource.features, streams_per_cpu=int(value) or None))
-        elif knob == "hf_direct" and value == "on":
-            _hf_direct()
         else:
             raise SystemExit(f"variant.py: unknown knob {knob}={value}")
     if tuned:
@@ -104,84 +85,6 @@ def _patch(owner: object, name: str, value: object) -> None:
     if not hasattr(owner, name):
         raise SystemExit(f"variant.py: {getattr(owner, '__name__', owner)} has no {name}: update this knob")
     setattr(owner, name, value)
-
-
-def _hf_chunked_reads() -> None:
-    """The original Hub reader: iter_raw(1 MiB) (httpx's ByteChunker), one piece per readinto."""
-    import weightsync.sources.hf as hf
-
-    class ChunkedRange(hf._HubRange):
-        def __init__(self, response: object, what: str) -> None:
-            super().__init__(response, what)
-            self._pieces = response.iter_raw(1024 * 1024)
-
-        def readinto(self, buffer: memoryview) -> int:
-            if not self._pending:
-                try:
-                    self._pending = memoryview(next(self._pieces))
-                except StopIteration:
-                    return 0
-            count = min(len(buffer), len(self._pending))
-            buffer[:count] = self._pending[:count]
-            self._pending = self._pending[count:]
-            return count
-
-    _patch(hf, "_HubRange", ChunkedRange)
-
-
-def _hf_direct() -> None:
-    """Prototype: resolve through httpx, then GET the CDN URL with http.client and readinto (no TLS/proxy care)."""
-    import http.client
-    import threading
-    from urllib.parse import urljoin, urlsplit
-
-    import weightsync.sources.hf as hf
-
-    local = threading.local()
-    original = hf.HubSource.open_range
-
-    class SocketRange:
-        def __init__(self, response: http.client.HTTPResponse) -> None:
-            self._response = response
-
-        def readinto(self, buffer: memoryview) -> int:
-            return self._response.readinto(buffer)
-
-        def close(self) -> None:
-            if not self._response.isclosed():
-                self._response.close()
-                local.connections = {}
-
-    def open_range(self: hf.HubSource, file: object, start: int, end: int) -> object:
-        from huggingface_hub.utils import build_hf_headers, get_session
-
-        url = file.locator
-        headers = build_hf_headers(library_name="weightsync")
-        headers["Range"] = f"bytes={start}-{end - 1}"
-        session = get_session()
-        response = session.send(session.build_request("GET", url, headers=headers), stream=True,
-                                follow_redirects=False)
-        if response.status_code not in (301, 302, 303, 307, 308):
-            response.close()
-            return original(self, file, start, end)
-        location = urljoin(url, response.headers["Location"])
-        response.close()
-        parts = urlsplit(location)
-        connections = getattr(local, "connections", None) or {}
-        local.connections = connections
-        key = (parts.scheme, parts.netloc)
-        if key not in connections:
-            kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-            connections[key] = kind(parts.netloc, timeout=self.transfer.stall_timeout)
-        connection = connections[key]
-        path = parts.path + (f"?{parts.query}" if parts.query else "")
-        connection.request("GET", path, headers={"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"})
-        got = connection.getresponse()
-        if got.status != 206:
-            raise RuntimeError(f"CDN answered {got.status}")
-        return SocketRange(got)
-
-    _patch(hf.HubSource, "open_range", open_range)
 
 
 def _readback(how: str) -> None:

@@ -14,7 +14,8 @@ To add a heavy dependency, name it here with the reason it is heavy.
 from __future__ import annotations
 
 HEAVY: dict[str, str] = {
-    "weightsync.sources.s3api": "the S3 client: http.client, ssl, xml.etree, configparser (~25 ms)",
+    "weightsync.sources.s3api": "the S3 client: xml.etree, configparser, hmac (~10 ms)",
+    "weightsync.sources.connections": "the sources' HTTP connections: http.client, ssl, urllib (~15 ms)",
     "boto3": "tests and benchmarks only; weightsync's S3 client is sources/s3api.py",
     "botocore": "the credential chain of last resort (SSO profiles), in sources/s3api.py",
     "huggingface_hub": "the Hub client (sources/hf.py), and httpx with it",

@@ -78,10 +78,10 @@ def worker_plan(config: TransferConfig, streams_per_cpu: int | None = None,
                 limits: tuple[float | None, int | None] | None = None) -> tuple[int, int]:
     """(workers, buffer bytes) for `config.concurrency` concurrent ranges within the cgroup's limits.
 
-    Buffers may take 1/16 of a memory limit (the interpreter, boto3 and the kernel's
+    Buffers may take 1/16 of a memory limit (the interpreter and the kernel's
     dirty page cache need the rest): buffers shrink first, down to min_buffer_size, then
     the number of workers. A source whose reader parses HTTP in Python under the GIL
-    (the Hub's httpx) sets `streams_per_cpu`: past that many streams per usable CPU,
+    sets `streams_per_cpu`: past that many streams per usable CPU,
     each stream only adds GIL contention (on 2 CPUs, 8 streams took 20-25% longer than 4).
     """
     limits = limits if limits is not None else cgroup_limits()

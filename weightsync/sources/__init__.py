@@ -6,7 +6,7 @@ talks to. What a backend can do beyond the minimum is declared in its `Features`
 (as rclone's fs.Features), never probed with getattr. Each listed `RemoteFile`
 carries an opaque `locator` (an S3 key, a resolve URL, an absolute path), so
 `open_range` needs nothing but the file. Backends import their heavy libraries
-(boto3, huggingface_hub) lazily (see weightsync/lazy.py), so constructing a
+(their HTTP clients) lazily (see weightsync/lazy.py), so constructing a
 Source costs nothing and the warm path never pays for them. Adding a backend:
 docs/architecture.md.
 """

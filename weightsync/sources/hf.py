@@ -1,12 +1,15 @@
 """Hugging Face Hub source: `hf://owner/name[@revision]` (and `hf://datasets/owner/name`).
 
-huggingface_hub does what it is good at: the endpoint (HF_ENDPOINT), auth (HF_TOKEN
-or the token file), resolving a branch/tag to its commit, the file listing with
-sizes, LFS sha256 and git blob ids, the resolve URL, its HTTP session and
-user-agent. The bytes move through weightsync's engine as ranged GETs that follow
-the Hub's 302 to its CDN, so chunking, resume, retries, locking and atomic publish
-are the same as for S3, and every file is verified: LFS files by sha256, small
-files by their git blob sha1, sizes always.
+Two JSON calls of the Hub's API (revision -> commit, then the recursive tree at that
+commit: sizes, LFS sha256, git blob ids) and ranged GETs of the resolve URLs that follow
+the Hub's 302 to its CDN, all over the sources' own connections (connections.py). The
+endpoint and token are read as huggingface_hub reads them (HF_ENDPOINT; HF_TOKEN or the
+token file), and the token goes to the Hub's host only, never to the CDN. Not importing
+huggingface_hub and httpx saves ~0.3 CPU-seconds per cold start, and reading bodies with
+http.client's readinto instead of httpx/h11 (Python parsing, two copies per read) more
+than halves the client's CPU per byte (benchmarks/README.md). Chunking, resume, retries,
+locking and atomic publish are the engine's, as for S3, and every file is verified: LFS
+files by sha256, small files by their git blob sha1, sizes always.
 
 Xet-backed repos are served over the same plain-HTTP resolve URLs, so hf_xet is
 not needed; Xet's chunk-level deduplication is not used.
@@ -14,22 +17,28 @@ not needed; Xet's chunk-level deduplication is not used.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-from dataclasses import dataclass
-from typing import Any, ClassVar
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote
 
 from weightsync import __version__
 from weightsync.checksums import Promise
 from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
-from weightsync.sources import ErrorTranslator, Features, RemoteFile, Selection, Snapshot, slugify
+from weightsync.sources import Features, RemoteFile, Selection, Snapshot, slugify
+
+if TYPE_CHECKING:
+    from weightsync.sources.connections import Body, Pool, RangeBody
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$|^[A-Za-z0-9][A-Za-z0-9._-]*$")
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+MAX_REDIRECTS = 5
+NEXT_PAGE = re.compile(r'<([^>]+)>;\s*rel="next"')
+USER_AGENT = f"weightsync/{__version__}"
 # git check-ref-format's rules, which every Hub branch and tag obeys: no space, control character, ~ ^ : ? * [ \,
 # no `..` or `@{`, no empty, leading or trailing component, no component that starts with `.` or ends in `.lock`.
 _BAD_REF_CHARACTER = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
@@ -58,12 +67,27 @@ def _checked_ref(ref: str, origin: str) -> str:
     return ref
 
 
-def _hub() -> Any:
-    """Import huggingface_hub lazily, with telemetry off (an init container phones nobody)."""
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    import huggingface_hub
+def hub_endpoint() -> str:
+    """The Hub's base URL, as huggingface_hub reads it: HF_ENDPOINT, else huggingface.co."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
-    return huggingface_hub
+
+def hub_token() -> str | None:
+    """The token huggingface_hub would send: HF_TOKEN (or the older HUGGING_FACE_HUB_TOKEN), else the token file
+    (HF_TOKEN_PATH, or $HF_HOME/token, HF_HOME defaulting to ~/.cache/huggingface) unless implicit tokens are off."""
+    env = os.environ
+    token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token.strip()
+    if env.get("HF_HUB_DISABLE_IMPLICIT_TOKEN", "").lower() in ("1", "true", "yes", "on"):
+        return None
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                              "huggingface")
+    try:
+        with open(env.get("HF_TOKEN_PATH") or os.path.join(home, "token")) as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
 
 
 @dataclass
@@ -76,10 +100,9 @@ class HubSource:
     transfer: TransferConfig = DEFAULTS
     offline: bool = False
     kind: str = "hf"
-    # httpx/h11 parse every response in Python under the GIL: more than two streams per CPU only
-    # contend for it (fetch.worker_plan caps the workers; measured in benchmarks/README.md).
-    features: ClassVar[Features] = Features(promises=frozenset({"sha256", "git-sha1"}), streams_per_cpu=2,
-                                            refs=True)
+    features: ClassVar[Features] = Features(promises=frozenset({"sha256", "git-sha1"}), refs=True)
+    _connections: Pool | None = field(default=None, repr=False)
+    _pool_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_uri(cls, uri: str, transfer: TransferConfig = DEFAULTS, *, offline: bool = False) -> HubSource:
@@ -119,164 +142,129 @@ class HubSource:
         return wanted if wanted and COMMIT.match(wanted) else None
 
     def snapshot(self, revision: str | None, selection: Selection) -> Snapshot:
-        hub = _hub()
         ref = revision or self.default_ref
-        api = hub.HfApi(library_name="weightsync", library_version=__version__)
-        _bound_listing_timeouts(self.transfer)
-        with _hub_errors(f"resolving {self.uri}@{ref}"):
-            info = api.repo_info(self.repo_id, revision=ref, repo_type=self.repo_type,
-                                 timeout=self.transfer.stall_timeout)
-            commit = info.sha
-            if not commit or not COMMIT.match(commit):
-                raise SourceError(f"{self.uri}@{ref}: the Hub returned no commit id; check the revision")
-            entries = api.list_repo_tree(self.repo_id, revision=commit, repo_type=self.repo_type, recursive=True)
-            files = [self._remote_file(hub, entry, commit) for entry in entries if hasattr(entry, "blob_id")]
+        api = f"{hub_endpoint()}/api/{self.repo_type}s/{self.repo_id}"
+        info = self._json(f"{api}/revision/{quote(ref, safe='')}", f"resolving {self.uri}@{ref}")
+        commit = info.get("sha") if isinstance(info, dict) else None
+        if not isinstance(commit, str) or not COMMIT.match(commit):
+            raise SourceError(f"{self.uri}@{ref}: the Hub returned no commit id; check the revision")
+        files: list[RemoteFile] = []
+        url: str | None = f"{api}/tree/{commit}?recursive=true&expand=false"
+        while url:  # the Hub pages long listings with a `Link: <...>; rel="next"` header
+            entries, url = self._json_page(url, f"listing {self.uri}@{commit[:12]}")
+            files.extend(self._remote_file(entry, commit) for entry in entries if entry.get("type") == "file")
         files = [f for f in files if selection.matches(f.path)]
         if not files:
             raise SourceError(f"{self.uri}@{ref} has no files" + (" matching --include/--exclude"
                                                                     if selection.key() else ""))
         return Snapshot(revision=commit, files=tuple(files), ref=None if COMMIT.match(ref) else ref)
 
-    def _remote_file(self, hub: Any, entry: Any, commit: str) -> RemoteFile:
-        url = hub.hf_hub_url(self.repo_id, entry.path, revision=quote(commit, safe=""), repo_type=self.repo_type)
-        lfs = getattr(entry, "lfs", None)
-        if lfs is not None:
-            sha256 = lfs.sha256.lower()
-            return RemoteFile(path=entry.path, size=entry.size, promises=(Promise("sha256", sha256, "lfs"),),
-                              etag=sha256, locator=url)
-        return RemoteFile(path=entry.path, size=entry.size, etag=entry.blob_id, locator=url,
-                          promises=(Promise("git-sha1", entry.blob_id.lower(), "git blob id"),))
+    def _remote_file(self, entry: dict[str, Any], commit: str) -> RemoteFile:
+        prefix = "datasets/" if self.repo_type == "dataset" else ""
+        url = f"{hub_endpoint()}/{prefix}{self.repo_id}/resolve/{commit}/{quote(entry['path'])}"
+        path, size, blob_id = str(entry["path"]), int(entry.get("size") or 0), str(entry.get("oid") or "")
+        lfs = entry.get("lfs")
+        if isinstance(lfs, dict) and lfs.get("oid"):
+            sha256 = str(lfs["oid"]).lower()
+            return RemoteFile(path=path, size=size, promises=(Promise("sha256", sha256, "lfs"),), etag=sha256,
+                              locator=url)
+        return RemoteFile(path=path, size=size, etag=blob_id, locator=url,
+                          promises=(Promise("git-sha1", blob_id.lower(), "git blob id"),))
 
     def describe(self, file: RemoteFile, thorough: bool = False) -> RemoteFile:
         return file
 
-    def open_range(self, file: RemoteFile, start: int, end: int) -> _HubRange:
-        from huggingface_hub.utils import build_hf_headers, get_session
+    def _json(self, url: str, what: str) -> Any:
+        return self._json_page(url, what)[0]
 
-        url = file.locator
-        headers = build_hf_headers(library_name="weightsync", library_version=__version__)
-        headers["Range"] = f"bytes={start}-{end - 1}"
-        headers["Accept-Encoding"] = "identity"
-        what = f"downloading {self.uri}/{file.path}"
-        session = get_session()
-        _larger_socket_reads()
-        try:
-            import httpx2 as httpx
-        except ImportError:  # older huggingface_hub releases use plain httpx
-            import httpx
+    def _json_page(self, url: str, what: str) -> tuple[Any, str | None]:
+        """One API reply's JSON and the next page's URL (None on the last)."""
+        import json
 
-        timeout = httpx.Timeout(self.transfer.stall_timeout, connect=self.transfer.connect_timeout)
+        body = self._get(url, {}, what)
+        if body.status != 200:
+            raise self._status(body, what)
         try:
-            request = session.build_request("GET", url, headers=headers, timeout=timeout)
-            response = session.send(request, stream=True, follow_redirects=True)
-        except httpx.HTTPError as exc:
+            data = body.read_all()
+        except OSError as exc:
             raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from exc
-        status = response.status_code
+        try:
+            parsed = json.loads(data)
+        except ValueError as exc:
+            raise SourceError(f"{what}: the Hub's reply is not JSON ({data[:80]!r}); check HF_ENDPOINT") from exc
+        following = NEXT_PAGE.search(body.headers.get("link", ""))
+        return parsed, following[1] if following else None
+
+    def open_range(self, file: RemoteFile, start: int, end: int) -> RangeBody:
+        """A ranged GET of the resolve URL, following the Hub's redirect to its CDN, read straight from the
+        socket (connections.py)."""
+        from weightsync.sources.connections import RangeBody
+
+        what = f"downloading {self.uri}/{file.path}"
+        body = self._get(file.locator, {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}, what)
+        status = body.status
         if status != 206 and not (status == 200 and start == 0 and end == file.size):
-            error_code = response.headers.get("X-Error-Code", "")
-            response.close()
-            if status in TRANSIENT_STATUS:
-                retry_after = response.headers.get("Retry-After", "")
-                raise TransientError(f"{what}: HTTP {status}",
-                                     float(retry_after) if retry_after.isdigit() else None)
             if status == 200:
+                body.close()
                 raise IntegrityError(f"{what}: the server ignored the byte range; cannot resume safely")
-            raise _status_error(status, error_code, what)
+            raise self._status(body, what)
         expected = f"bytes {start}-{end - 1}/"
-        if status == 206 and not response.headers.get("Content-Range", "").startswith(expected):
-            response.close()
-            raise TransientError(f"{what}: unexpected Content-Range {response.headers.get('Content-Range')!r}")
-        return _HubRange(response, what)
+        if status == 206 and not body.headers.get("content-range", "").startswith(expected):
+            body.close()
+            raise TransientError(f"{what}: unexpected Content-Range {body.headers.get('content-range')!r}")
+        return RangeBody(body, what)
+
+    def _get(self, url: str, extra: dict[str, str], what: str) -> Body:
+        """GET `url`, following redirects; the token goes to the Hub's own host only, never to its CDN."""
+        import http.client
+        import urllib.parse
+
+        hub_host = urllib.parse.urlsplit(hub_endpoint()).netloc
+        token = hub_token()
+        try:
+            for _ in range(MAX_REDIRECTS + 1):
+                parts = urllib.parse.urlsplit(url)
+                headers = {"Host": parts.netloc, "User-Agent": USER_AGENT, **extra}
+                if token and parts.netloc == hub_host:
+                    headers["Authorization"] = f"Bearer {token}"
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+                target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                body = self._pool.send(parts.scheme, parts.hostname or "", port, "GET", target, headers)
+                if body.status not in (301, 302, 303, 307, 308):
+                    return body
+                body.read_all()
+                url = urllib.parse.urljoin(url, body.headers.get("location", ""))
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        raise SourceError(f"{what}: more than {MAX_REDIRECTS} redirects")
+
+    @staticmethod
+    def _status(body: Body, what: str) -> Exception:
+        """The error an unexpected reply means, by status and the Hub's X-Error-Code; the body is dropped."""
+        status, headers = body.status, body.headers
+        body.close()
+        if status in TRANSIENT_STATUS:
+            return TransientError(f"{what}: HTTP {status}", _retry_after(headers.get("retry-after", "")))
+        error_code = headers.get("x-error-code", "")
+        if status == 401 and not error_code and hub_token():
+            return SourceError(f"{what}: the Hub rejected the token (HTTP 401); check HF_TOKEN")
+        return _status_error(status, error_code, what)
+
+    @property
+    def _pool(self) -> Pool:
+        from weightsync.sources.connections import Pool
+
+        with self._pool_lock:
+            if self._connections is None:
+                self._connections = Pool(self.transfer.connect_timeout, self.transfer.stall_timeout,
+                                         self.transfer.concurrency + 4)
+            return self._connections
 
 
-class _HubRange:
-    """readinto over an httpx streaming response; network errors become TransientError.
-
-    The body arrives as the pieces the connection read from the socket (`iter_raw()`
-    without a chunk size: httpx's ByteChunker would copy every byte twice more to cut
-    fixed-size chunks), copied into the caller's buffer until it is full. An error after
-    some bytes were copied is raised on the next call, so those bytes are kept.
-    """
-
-    voids: ClassVar[dict[str, str]] = {}
-
-    def __init__(self, response: Any, what: str) -> None:
-        self._response = response
-        self._pieces = response.iter_raw()
-        self._pending = memoryview(b"")
-        self._what = what
-        self._error: TransientError | None = None
-
-    def readinto(self, buffer: memoryview) -> int:
-        if self._error is not None:
-            raise self._error
-        filled, wanted = 0, len(buffer)
-        while filled < wanted:
-            if not self._pending:
-                try:
-                    self._pending = memoryview(next(self._pieces))
-                except StopIteration:
-                    break
-                except Exception as exc:
-                    error = TransientError(f"{self._what}: {type(exc).__name__}: {exc}")
-                    error.__cause__ = exc
-                    if not filled:
-                        raise error from exc
-                    self._error = error
-                    break
-            count = min(wanted - filled, len(self._pending))
-            buffer[filled:filled + count] = self._pending[:count]
-            self._pending = self._pending[count:]
-            filled += count
-        return filled
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):  # closing a broken stream must not hide the real error
-            self._response.close()
-
-
-SOCKET_READ = 256 * 1024
-
-
-def _larger_socket_reads() -> None:
-    """Let httpcore read responses 256 KiB at a time instead of 64 KiB.
-
-    Each read is a trip through h11's pure-Python parser with two copies, under the GIL,
-    so on a small machine the Hub path is client-CPU bound: 256 KiB reads take ~15% off
-    its CPU and wall time (benchmarks/README.md). Best effort: a release that renamed
-    the constant keeps its own read size.
-    """
-    import sys
-
-    for name in ("httpcore2._sync.http11", "httpcore._sync.http11"):
-        connection = getattr(sys.modules.get(name), "HTTP11Connection", None)
-        if connection is not None and getattr(connection, "READ_NUM_BYTES", SOCKET_READ) < SOCKET_READ:
-            connection.READ_NUM_BYTES = SOCKET_READ
-
-
-def _bound_listing_timeouts(transfer: TransferConfig) -> None:
-    """huggingface_hub's shared client has no timeout and its listing pagination passes none: a Hub that
-    accepts and never answers would hang the sync forever. Give every request without one our stall timeout."""
-    from huggingface_hub.utils import get_session
-
-    def fill_timeouts(request: Any) -> None:
-        timeout = request.extensions.get("timeout") or {}
-        if all(value is None for value in timeout.values()):
-            stall = transfer.stall_timeout
-            request.extensions["timeout"] = {"connect": transfer.connect_timeout, "read": stall, "write": stall,
-                                             "pool": stall}
-
-    fill_timeouts.weightsync = True  # type: ignore[attr-defined]
-    session = get_session()
-    hooks = [hook for hook in session.event_hooks.get("request", []) if not getattr(hook, "weightsync", False)]
-    session.event_hooks = {**session.event_hooks, "request": [*hooks, fill_timeouts]}
-
-
-def _retry_after(response: Any) -> float | None:
+def _retry_after(value: str) -> float | None:
     """Retry-After in seconds (delta form; the HTTP-date form is ignored), or None."""
-    value = (response.headers.get("Retry-After", "") if response is not None else "").strip()
     try:
-        seconds = float(value)
+        seconds = float(value.strip())
     except ValueError:
         return None
     return seconds if 0 <= seconds < float("inf") else None
@@ -294,36 +282,3 @@ def _status_error(status: int, error_code: str, what: str) -> SourceError:
     if error_code == "EntryNotFound" or status == 404:
         return SourceError(f"{what}: file not found at that revision (HTTP {status})")
     return SourceError(f"{what}: HTTP {status} {error_code}".strip())
-
-
-class _hub_errors(ErrorTranslator):
-    """Map huggingface_hub exceptions to weightsync's exit-code classes."""
-
-    def translate(self, exc: BaseException) -> Exception | None:
-        from huggingface_hub import errors
-
-        what = self.what
-        if isinstance(exc, errors.GatedRepoError):
-            return _status_error(403, "GatedRepo", what)
-        if isinstance(exc, errors.RepositoryNotFoundError):
-            return _status_error(404, "RepoNotFound", what)
-        if isinstance(exc, errors.RevisionNotFoundError):
-            return _status_error(404, "RevisionNotFound", what)
-        if isinstance(exc, errors.HfHubHTTPError):
-            response = getattr(exc, "response", None)
-            status = getattr(response, "status_code", 0) or 0
-            if status in TRANSIENT_STATUS:
-                return TransientError(f"{what}: HTTP {status}", _retry_after(response))
-            if status == 401:
-                return SourceError(f"{what}: the Hub rejected the token (HTTP 401); check HF_TOKEN")
-            return _status_error(status, response.headers.get("X-Error-Code", "") if response is not None else "",
-                                 what)
-        if isinstance(exc, errors.HFValidationError):
-            return UsageError(f"{what}: {exc}")
-        try:
-            import httpx2 as httpx
-        except ImportError:
-            import httpx
-        if isinstance(exc, (httpx.HTTPError, OSError)):
-            return TransientError(f"{what}: {type(exc).__name__}: {exc}")
-        return None

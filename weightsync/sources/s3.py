@@ -9,7 +9,6 @@ stitched together from two versions.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import threading
@@ -31,7 +30,8 @@ from weightsync.sources import (
 )
 
 if TYPE_CHECKING:
-    from weightsync.sources.s3api import Body, S3Api
+    from weightsync.sources.connections import RangeBody
+    from weightsync.sources.s3api import S3Api
 
 log = logging.getLogger("weightsync")
 MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -277,39 +277,19 @@ class S3Source:
         with ThreadPoolExecutor(max_workers=max(1, min(self.transfer.concurrency, count))) as pool:
             return list(pool.map(part_size, range(1, count + 1)))
 
-    def open_range(self, file: RemoteFile, start: int, end: int) -> _S3Range:
-        key = file.locator
-        with self._errors(f"downloading s3://{self.bucket}/{key}"):
-            body = self.api.get_object(self.bucket, key, start, end, if_match=file.etag or "")
-        return _S3Range(body, self._errors(f"downloading s3://{self.bucket}/{key}"), _etag_not_md5(body.headers))
+    def open_range(self, file: RemoteFile, start: int, end: int) -> RangeBody:
+        """A ranged GET pinned to the listed ETag; an SSE-KMS / SSE-C reply voids the ETag's MD5 promise (the
+        engine then falls back to what else was promised)."""
+        from weightsync.sources.connections import RangeBody
+
+        what = f"downloading s3://{self.bucket}/{file.locator}"
+        with self._errors(what):
+            body = self.api.get_object(self.bucket, file.locator, start, end, if_match=file.etag or "")
+        not_md5 = _etag_not_md5(body.headers)
+        return RangeBody(body, what, {"ETag": not_md5} if not_md5 else None)
 
     def _errors(self, what: str) -> _S3ErrorMapper:
         return _S3ErrorMapper(what)
-
-
-class _S3Range:
-    """A GET body whose read errors become TransientError, so the engine resumes the range.
-
-    `voids` names the promise field this response proved unsound: an SSE-KMS / SSE-C
-    object's ETag is not an MD5 (the engine then falls back to what else was promised).
-    The bytes go with http.client's `readinto` straight from the socket into the caller's
-    buffer: no bytes object and no second copy per buffer.
-    """
-
-    def __init__(self, body: Body, errors: _S3ErrorMapper, etag_not_md5: str) -> None:
-        self._body = body
-        self._errors = errors
-        self.voids: dict[str, str] = {"ETag": etag_not_md5} if etag_not_md5 else {}
-
-    def readinto(self, buffer: memoryview) -> int:
-        try:
-            return self._body.readinto(buffer)
-        except Exception as exc:
-            raise TransientError(f"{self._errors.what}: {type(exc).__name__}: {exc}") from exc
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):  # closing a broken connection must not mask the real error
-            self._body.close()
 
 
 class _S3ErrorMapper(ErrorTranslator):

@@ -29,20 +29,17 @@ import configparser
 import datetime
 import hashlib
 import hmac
-import http.client
 import os
 import re
-import socket
-import ssl
 import threading
 import urllib.parse
-import urllib.request
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from weightsync import __version__
+from weightsync.sources.connections import Body, Pool
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 USER_AGENT = f"weightsync/{__version__}"
@@ -241,80 +238,6 @@ def sign(method: str, host: str, path: str, query: dict[str, str], headers: dict
     return signed
 
 
-# ----------------------------------------------------------------------------- connections
-
-class _Pool:
-    """Idle keep-alive connections per (scheme, host, port), each used by one request at a time."""
-
-    def __init__(self, settings: S3Settings, connect_timeout: float, read_timeout: float, size: int) -> None:
-        self._connect_timeout, self._read_timeout, self._size = connect_timeout, read_timeout, size
-        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
-        self._lock = threading.Lock()
-        self._ca_bundle = settings.ca_bundle
-        self._tls: ssl.SSLContext | None = None
-
-    def _context(self) -> ssl.SSLContext:
-        with self._lock:
-            if self._tls is None:
-                self._tls = ssl.create_default_context(cafile=self._ca_bundle or None)
-            return self._tls
-
-    def take(self, scheme: str, host: str, port: int) -> tuple[http.client.HTTPConnection, bool]:
-        """A connection to (scheme, host, port), and whether it was reused (so it may be stale)."""
-        with self._lock:
-            idle = self._idle.get((scheme, host, port))
-            if idle:
-                return idle.pop(), True
-        return self._connect(scheme, host, port), False
-
-    def give_back(self, scheme: str, host: str, port: int, connection: http.client.HTTPConnection) -> None:
-        with self._lock:
-            idle = self._idle.setdefault((scheme, host, port), [])
-            if len(idle) < self._size:
-                idle.append(connection)
-                return
-        connection.close()
-
-    def _connect(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
-        proxy = _proxy_for(scheme, host)
-        connection: http.client.HTTPConnection
-        if scheme == "https":
-            if proxy:
-                connection = http.client.HTTPSConnection(proxy.hostname or "", proxy.port or 80,
-                                                         timeout=self._connect_timeout, context=self._context())
-                connection.set_tunnel(host, port, headers=_proxy_auth(proxy))
-            else:
-                connection = http.client.HTTPSConnection(host, port, timeout=self._connect_timeout,
-                                                         context=self._context())
-        else:
-            target = (proxy.hostname or "", proxy.port or 80) if proxy else (host, port)
-            connection = http.client.HTTPConnection(*target, timeout=self._connect_timeout)
-        connection.connect()
-        assert connection.sock is not None
-        connection.sock.settimeout(self._read_timeout)  # a stalled read raises after this long
-        connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return connection
-
-
-def _proxy_for(scheme: str, host: str) -> urllib.parse.SplitResult | None:
-    """The proxy the environment names for this scheme and host (`HTTPS_PROXY`, `NO_PROXY`), or None."""
-    proxies = urllib.request.getproxies_environment()
-    url = proxies.get(scheme)
-    if not url or urllib.request.proxy_bypass_environment(host, proxies):
-        return None
-    return urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-
-
-def _proxy_auth(proxy: urllib.parse.SplitResult) -> dict[str, str]:
-    if not proxy.username:
-        return {}
-    import base64
-
-    pair = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
-    return {"Proxy-Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
-
-
 # ----------------------------------------------------------------------------- the API
 
 class ListedObject(NamedTuple):
@@ -328,37 +251,13 @@ class Part(NamedTuple):
     checksums: dict[str, str]  # "crc32" -> base64, as the server lists it
 
 
-@dataclass
-class Body:
-    """A GET's body, read with http.client's `readinto` straight from the socket; the connection goes back to
-    the pool once every byte was read, and is dropped if the reader stops early."""
-
-    response: http.client.HTTPResponse
-    headers: dict[str, str]
-    _release: Any
-
-    def readinto(self, buffer: memoryview) -> int:
-        if self._release is None:
-            return 0
-        count = self.response.readinto(buffer)
-        if self.response.isclosed():
-            release, self._release = self._release, None
-            release(True)
-        return count
-
-    def close(self) -> None:
-        if self._release is not None:
-            release, self._release = self._release, None
-            release(False)
-
-
 class S3Api:
     """One endpoint's S3 calls. Thread-safe: each request takes its own connection from the pool."""
 
     def __init__(self, settings: S3Settings, connect_timeout: float, read_timeout: float, pool_size: int) -> None:
         self.settings = settings
         self.credentials = CredentialChain(settings)
-        self._pool = _Pool(settings, connect_timeout, read_timeout, pool_size)
+        self._pool = Pool(connect_timeout, read_timeout, pool_size, settings.ca_bundle)
         self._regions: dict[str, str] = {}  # bucket -> region, learnt from a redirect
 
     @classmethod
@@ -465,38 +364,10 @@ class S3Api:
                       datetime.datetime.now(datetime.UTC))
         signed["user-agent"] = USER_AGENT  # unsigned, as botocore leaves it: proxies may rewrite it
         target = path + (f"?{canonical_query(query)}" if query else "")
-        if scheme == "http" and _proxy_for(scheme, host):
-            target = f"http://{host_header}{target}"  # a plain-http proxy takes the absolute URL
-        for attempt in (1, 2):
-            connection, reused = self._pool.take(scheme, host, port)
-            try:
-                connection.request(method, target, headers=signed)
-                response = connection.getresponse()
-                break
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                connection.close()
-                if not reused or attempt == 2:  # a fresh connection that fails is the server's answer
-                    raise
-            except BaseException:
-                connection.close()
-                raise
-        reply_headers = {name.lower(): value for name, value in response.getheaders()}
-
-        def release(whole: bool) -> None:
-            if whole and not response.will_close:
-                self._pool.give_back(scheme, host, port, connection)
-            else:
-                connection.close()
-
-        if stream and response.status < 300:
-            return _Reply(response.status, reply_headers, b"", Body(response, reply_headers, release))
-        try:
-            body = response.read()
-        except BaseException:
-            connection.close()
-            raise
-        release(True)
-        return _Reply(response.status, reply_headers, body, None)
+        body = self._pool.send(scheme, host, port, method, target, signed)
+        if stream and body.status < 300:
+            return _Reply(body.status, body.headers, b"", body)
+        return _Reply(body.status, body.headers, body.read_all(), None)
 
 
 class _Reply(NamedTuple):
