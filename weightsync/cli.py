@@ -289,8 +289,8 @@ ALL_OPTIONS = {option.flag: option for option in (
 
 def _options(*flags: str, **changed: dict[str, Any]) -> tuple[Option, ...]:
     """The named options, some with command-specific changes (`--name={"help": ...}`)."""
-    return tuple(replace(ALL_OPTIONS[flag], **changed.get(flag.lstrip("-").replace("-", "_"), {}))
-                 for flag in flags)
+    options = tuple(ALL_OPTIONS[flag] for flag in flags)
+    return tuple(replace(option, **changed[option.dest]) if option.dest in changed else option for option in options)
 
 
 SOURCE_FLAGS = ("--source", "--name", "--revision", "--include", "--exclude", "--s3-addressing-style")
@@ -411,7 +411,12 @@ def _resolve(args: argparse.Namespace, options: Sequence[Option]) -> dict[str, A
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[str] = tuple(COMMANDS)) -> argparse.ArgumentParser:
+    """The whole parser; only `commands` get their options (every command is still listed in `--help`).
+
+    A command's options matter only when that command is the one given, and adding the options of all seven
+    costs more than the rest of a warm start's parsing: `parse` passes the commands its arguments name.
+    """
     parser = _Parser(prog="weightsync", description="Sync model weights into a volume (verified, resumable, "
                      "locked, atomically published), then exec the inference server.", epilog=EPILOG,
                      usage="weightsync [--log-format {text,json}] [--debug] COMMAND [options]")
@@ -423,11 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, choices=option.choices, metavar="{" + ",".join(option.choices) + "}",
                                 help=option.help_text())
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help_text, description, options) in COMMANDS.items():
         usage = f"weightsync {name} [options]" + (" -- COMMAND [ARGS...]" if name == "run" else "")
-        _add_options(commands.add_parser(name, help=help_text, description=description or help_text.capitalize(),
-                                         usage=usage, prog=f"weightsync {name}", epilog=COMMAND_EPILOG), options)
+        given = name in commands  # a command not given is only listed: no options, not even -h
+        subparser = subparsers.add_parser(name, help=help_text, description=description or help_text.capitalize(),
+                                          usage=usage, prog=f"weightsync {name}", epilog=COMMAND_EPILOG,
+                                          add_help=given)
+        if given:
+            _add_options(subparser, options)
     return parser
 
 
@@ -477,7 +486,8 @@ def _unrecognized(command: str, extras: list[str]) -> UsageError:
 def parse(argv: list[str]) -> tuple[str, dict[str, Any]]:
     """The command and its resolved option values."""
     _check_before_command(argv)
-    parser = build_parser()
+    # argparse picks a command by its exact name, so the one given is among those that appear in argv.
+    parser = build_parser([name for name in COMMANDS if name in argv] or tuple(COMMANDS))
     args, extras = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
