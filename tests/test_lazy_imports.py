@@ -11,8 +11,9 @@ from weightsync.lazy import HEAVY, is_heavy
 PACKAGE = Path(__file__).resolve().parent.parent / "weightsync"
 # Not heavy (lazy.HEAVY), but a plain warm start needs none of them, and each costs a millisecond or more of a
 # start that takes ~60: hashing (hashlib loads OpenSSL), locks and retries (a warm start takes no lock and makes
-# no request), the signature and lockfile checks (only when asked for), nvidia-smi (only --require-gpu).
-NOT_ON_A_PLAIN_WARM_START = ("hashlib", "subprocess", "weightsync.locking", "weightsync.retry",
+# no request), the signature and lockfile checks (only when asked for), nvidia-smi (only --require-gpu), shutil
+# (bz2 and lzma with it; cli.terminal_columns gives argparse the width).
+NOT_ON_A_PLAIN_WARM_START = ("hashlib", "subprocess", "shutil", "weightsync.locking", "weightsync.retry",
                              "weightsync.progress", "weightsync.signature", "weightsync.lockfile")
 
 def _module_name(path: Path) -> str:

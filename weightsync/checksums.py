@@ -69,6 +69,8 @@ def _awscrt(name: str) -> Callable[[Any, int], int]:
 
 @dataclass(frozen=True)
 class Algorithm:
+    """A checksum weightsync can compute: its name in promises, its cost, a fresh digest."""
+
     name: str
     cost: float  # extra CPU-s per GiB over the sha256, on one core (benchmarks/checks.py)
     new: Callable[[int], _Digest]  # argument: the file's size (git's blob header needs it)

@@ -29,13 +29,37 @@ TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
 
 
+def terminal_columns() -> int:
+    """`shutil.get_terminal_size().columns` (COLUMNS, else the terminal on stdout, else 80), without importing
+    shutil: it loads bz2 and lzma, ~1.5 ms of every start, and argparse asks for the width at every option."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; the width argparse's own formatter would choose, found by `terminal_columns`."""
+
+    def __init__(self, prog: str, **kwargs: Any) -> None:
+        if kwargs.get("width") is None:
+            kwargs["width"] = terminal_columns() - 2  # what argparse.HelpFormatter does with shutil's answer
+        super().__init__(prog, **kwargs)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one `weightsync: error:` line and exit 2, and flags are never abbreviated
     (`--conc` silently meaning `--concurrency` is fragile in a manifest that outlives the next new flag)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -56,6 +80,8 @@ class _StoreOnce(argparse.Action):
 
 @dataclass(frozen=True)
 class Option:
+    """One option: its flag, env var, conversion, default and how `--help` shows it."""
+
     flag: str
     help: str
     convert: Callable[[str], Any] = str
@@ -411,11 +437,12 @@ def _resolve(args: argparse.Namespace, options: Sequence[Option]) -> dict[str, A
     return values
 
 
-def build_parser(commands: Sequence[str] = tuple(COMMANDS)) -> argparse.ArgumentParser:
-    """The whole parser; only `commands` get their options (every command is still listed in `--help`).
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with `command` of that one alone.
 
-    A command's options matter only when that command is the one given, and adding the options of all seven
-    costs more than the rest of a warm start's parsing: `parse` passes the commands its arguments name.
+    A command's subparser is used only when that command is the one given, and building all seven costs more
+    than the rest of a warm start's parsing: `parse` builds all of them only for the top-level --help (which
+    lists them) and a missing or mistyped command (whose error does).
     """
     parser = _Parser(prog="weightsync", description="Sync model weights into a volume (verified, resumable, "
                      "locked, atomically published), then exec the inference server.", epilog=EPILOG,
@@ -430,22 +457,28 @@ def build_parser(commands: Sequence[str] = tuple(COMMANDS)) -> argparse.Argument
                                 help=option.help_text())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help_text, description, options) in COMMANDS.items():
+        if command not in (None, name):
+            continue
         usage = f"weightsync {name} [options]" + (" -- COMMAND [ARGS...]" if name == "run" else "")
-        given = name in commands  # a command not given is only listed: no options, not even -h
-        subparser = subparsers.add_parser(name, help=help_text, description=description or help_text.capitalize(),
-                                          usage=usage, prog=f"weightsync {name}", epilog=COMMAND_EPILOG,
-                                          add_help=given)
-        if given:
-            _add_options(subparser, options)
+        _add_options(subparsers.add_parser(name, help=help_text, description=description or help_text.capitalize(),
+                                           usage=usage, prog=f"weightsync {name}", epilog=COMMAND_EPILOG), options)
     return parser
 
 
-def _check_before_command(argv: list[str]) -> None:
-    """Only --log-format and --debug may come before COMMAND: say so, instead of argparse's `invalid choice`."""
+def _check_before_command(argv: list[str]) -> str | None:
+    """Only --log-format and --debug may come before COMMAND: say so, instead of argparse's `invalid choice`.
+
+    Returns the command given, unless the top-level parser answers first (-h, --version before it) or there is
+    none; None then.
+    """
     index = 0
+    answered = False
     while index < len(argv) and argv[index].startswith("-"):
         arg = argv[index]
-        if arg in ("-h", "--help", "--version", "--debug") or arg.startswith("--log-format="):
+        if arg in ("-h", "--help", "--version"):
+            answered = True
+            index += 1
+        elif arg == "--debug" or arg.startswith("--log-format="):
             index += 1
         elif arg == "--log-format":
             index += 2
@@ -454,10 +487,12 @@ def _check_before_command(argv: list[str]) -> None:
             where = next((name for name, (_, _, options) in COMMANDS.items()
                           if any(o.flag == flag for o in options)), None)
             if where is None:
-                return  # not an option of any command: argparse's own message (with suggestions) follows
+                return None  # not an option of any command: argparse's own message (with suggestions) follows
             command = next((token for token in argv if token in COMMANDS), where)
             raise UsageError(f"{flag} goes after the command: `weightsync {command} {flag} ...`; only "
                              "--log-format and --debug may come before it")
+    given = argv[index] if index < len(argv) else None
+    return given if given in COMMANDS and not answered else None
 
 
 def _unrecognized(command: str, extras: list[str]) -> UsageError:
@@ -485,9 +520,7 @@ def _unrecognized(command: str, extras: list[str]) -> UsageError:
 
 def parse(argv: list[str]) -> tuple[str, dict[str, Any]]:
     """The command and its resolved option values."""
-    _check_before_command(argv)
-    # argparse picks a command by its exact name, so the one given is among those that appear in argv.
-    parser = build_parser([name for name in COMMANDS if name in argv] or tuple(COMMANDS))
+    parser = build_parser(_check_before_command(argv))
     args, extras = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -78,6 +78,8 @@ class SyncRequest:
 
 @dataclass
 class SyncResult:
+    """What a sync published (or found published: `warm`), and what it took; `summary` says it in one line."""
+
     path: Path
     name: str
     revision: str

@@ -33,6 +33,8 @@ class ManifestError(Exception):
 
 @dataclass(frozen=True)
 class ManifestEntry:
+    """One file of a published revision: its path, size and sha256, and what it was verified by."""
+
     path: str
     size: int
     sha256: str
@@ -50,6 +52,8 @@ class ManifestEntry:
 
 @dataclass
 class Manifest:
+    """What a published revision holds (manifests/<revision>.json): its source, filters and every file."""
+
     source: str
     revision: str
     files: list[ManifestEntry]
