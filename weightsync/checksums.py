@@ -22,9 +22,7 @@ Internal logic:
 
 from __future__ import annotations
 
-import binascii
 import re
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -60,6 +58,13 @@ def _hashlib() -> Any:
     return hashlib
 
 
+def _zlib_crc32() -> Callable[[Any, int], int]:
+    """zlib's CRC32, imported on first use like hashlib (a shared library to load; a warm start checks no CRC)."""
+    import zlib
+
+    return zlib.crc32
+
+
 def _awscrt(name: str) -> Callable[[Any, int], int]:
     """CRC32C and CRC64/NVME from awscrt (hardware-accelerated), imported on first use only."""
     from awscrt import checksums
@@ -88,7 +93,7 @@ ALGORITHMS: dict[str, Algorithm] = {algorithm.name: algorithm for algorithm in (
     # CRC32 (awscrt's ran at half its speed); google-crc32c needs a bytes copy of every buffer.
     Algorithm("crc64nvme", 0.02, lambda _: _Crc(_awscrt("crc64nvme"), 8)),
     Algorithm("crc32c", 0.02, lambda _: _Crc(_awscrt("crc32c"), 4)),
-    Algorithm("crc32", 0.16, lambda _: _Crc(zlib.crc32, 4)),
+    Algorithm("crc32", 0.16, lambda _: _Crc(_zlib_crc32(), 4)),
     Algorithm("sha1", 0.51, lambda _: _hashlib().sha1(usedforsecurity=False)),
     Algorithm("git-sha1", 0.51, _git_blob),
     Algorithm("sha256", 0.53, lambda _: _hashlib().sha256()),
@@ -203,7 +208,7 @@ def from_base64(algorithm: str, text: str, field: str) -> Promise | None:
         import base64
 
         raw = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
+    except ValueError:  # binascii.Error is one
         return None
     if not raw or (count and not count.isdigit()):
         return None

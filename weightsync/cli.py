@@ -178,25 +178,27 @@ TEST_ENV = ("WEIGHTSYNC_TEST_PAUSE_AT", "WEIGHTSYNC_TEST_PAUSE_SECONDS")  # see 
 # or `weightsync-llama` (the chart names its Service after the release) makes them start with WEIGHTSYNC_.
 # They are the cluster's, not typos: recognised by name *and* value, so a real typo is still refused.
 _PROTOCOL = r"(?:tcp|udp|sctp)"
-_SERVICE_LINK_VALUE = {
-    "host": re.compile(r"^[0-9A-Fa-f.:]+$"),
-    "port": re.compile(r"^\d{1,5}$"),
-    "url": re.compile(rf"^{_PROTOCOL}://[0-9A-Fa-f.:\[\]]+:\d{{1,5}}$"),
-    "proto": re.compile(rf"^{_PROTOCOL}$"),
+_SERVICE_LINK_VALUE = {  # patterns, compiled by `re` (and cached) the first time a name has a service link's shape
+    "host": r"^[0-9A-Fa-f.:]+$",
+    "port": r"^\d{1,5}$",
+    "url": rf"^{_PROTOCOL}://[0-9A-Fa-f.:\[\]]+:\d{{1,5}}$",
+    "proto": rf"^{_PROTOCOL}$",
 }
 _SERVICE_LINK_NAME = (
-    (re.compile(r"_SERVICE_HOST$"), "host"),
-    (re.compile(r"_SERVICE_PORT(?:_[A-Z0-9_]+)?$"), "port"),
-    (re.compile(r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_PROTO$"), "proto"),
-    (re.compile(r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_PORT$"), "port"),
-    (re.compile(r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_ADDR$"), "host"),
-    (re.compile(r"_PORT(?:_\d{1,5}_(?:TCP|UDP|SCTP))?$"), "url"),
+    (r"_SERVICE_HOST$", "host"),
+    (r"_SERVICE_PORT(?:_[A-Z0-9_]+)?$", "port"),
+    (r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_PROTO$", "proto"),
+    (r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_PORT$", "port"),
+    (r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_ADDR$", "host"),
+    (r"_PORT(?:_\d{1,5}_(?:TCP|UDP|SCTP))?$", "url"),
 )
 
 
 def is_service_link(name: str, value: str) -> bool:
     """Whether NAME=VALUE has the shape of a variable Kubernetes injects for a Service."""
-    return any(pattern.search(name) and _SERVICE_LINK_VALUE[kind].match(value)
+    if "_PORT" not in name and not name.endswith("_SERVICE_HOST"):
+        return False  # what every name pattern above needs: WEIGHTSYNC_DEST and the like compile none of them
+    return any(re.search(pattern, name) and re.match(_SERVICE_LINK_VALUE[kind], value)
                for pattern, kind in _SERVICE_LINK_NAME)
 
 
