@@ -195,3 +195,16 @@ def test_a_transfer_config_refuses_values_that_cannot_work(bad):
     with pytest.raises(ValueError, match="TransferConfig"):
         TransferConfig(**bad)
 
+
+
+@pytest.mark.parametrize("columns", [None, "50", "0", "-3", "wide"])
+def test_help_is_as_wide_as_argparse_would_make_it(columns, monkeypatch):
+    import shutil
+
+    from weightsync.cli import terminal_columns
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert terminal_columns() == shutil.get_terminal_size().columns

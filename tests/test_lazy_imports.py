@@ -5,10 +5,16 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.support.helpers import heavy_modules_loaded, upload_model, weightsync
+from tests.support.helpers import heavy_modules_loaded, modules_loaded, upload_model, weightsync
 from weightsync.lazy import HEAVY, is_heavy
 
 PACKAGE = Path(__file__).resolve().parent.parent / "weightsync"
+# Not heavy (lazy.HEAVY), but a plain warm start needs none of them, and each costs a millisecond or more of a
+# start that takes ~60: hashing (hashlib loads OpenSSL), locks and retries (a warm start takes no lock and makes
+# no request), the signature and lockfile checks (only when asked for), nvidia-smi (only --require-gpu), shutil
+# (bz2 and lzma with it; cli.terminal_columns gives argparse the width).
+NOT_ON_A_PLAIN_WARM_START = ("hashlib", "subprocess", "shutil", "weightsync.locking", "weightsync.retry",
+                             "weightsync.progress", "weightsync.signature", "weightsync.lockfile")
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -60,6 +66,19 @@ def test_a_pinned_warm_start_imports_no_heavy_module(tmp_path, clean_env):
     code, heavy = heavy_modules_loaded("sync", "--source", str(folder), "--dest", dest, "--revision", revision,
                                 env=clean_env)
     assert code == 0 and heavy == []
+
+
+def test_a_plain_pinned_warm_start_loads_only_what_it_needs(tmp_path, clean_env):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "weights.bin").write_bytes(b"w" * 100_000)
+    dest = str(tmp_path / "v")
+    first = weightsync("sync", "--source", str(folder), "--dest", dest, "--name", "m", env=clean_env, check=True)
+    revision = Path(first.stdout.splitlines()[-1]).name
+    code, modules = modules_loaded("sync", "--source", str(folder), "--dest", dest, "--name", "m", "--revision",
+                                   revision, env=clean_env)
+    assert code == 0 and sorted(modules.intersection(NOT_ON_A_PLAIN_WARM_START)) == []
 
 
 def test_a_pinned_warm_start_from_s3_imports_neither_boto3_nor_the_transfer_machinery(s3_server, bucket, s3_env,

@@ -22,9 +22,7 @@ Internal logic:
 
 from __future__ import annotations
 
-import binascii
-import hashlib
-import zlib
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -53,6 +51,20 @@ class _Crc:
         return self._value.to_bytes(self._width, "big")
 
 
+def _hashlib() -> Any:
+    """hashlib, imported on first use: it loads OpenSSL (~4 ms), and a warm start hashes nothing."""
+    import hashlib
+
+    return hashlib
+
+
+def _zlib_crc32() -> Callable[[Any, int], int]:
+    """zlib's CRC32, imported on first use like hashlib (a shared library to load; a warm start checks no CRC)."""
+    import zlib
+
+    return zlib.crc32
+
+
 def _awscrt(name: str) -> Callable[[Any, int], int]:
     """CRC32C and CRC64/NVME from awscrt (hardware-accelerated), imported on first use only."""
     from awscrt import checksums
@@ -62,13 +74,15 @@ def _awscrt(name: str) -> Callable[[Any, int], int]:
 
 @dataclass(frozen=True)
 class Algorithm:
+    """A checksum weightsync can compute: its name in promises, its cost, a fresh digest."""
+
     name: str
     cost: float  # extra CPU-s per GiB over the sha256, on one core (benchmarks/checks.py)
     new: Callable[[int], _Digest]  # argument: the file's size (git's blob header needs it)
 
 
 def _git_blob(size: int) -> _Digest:
-    digest = hashlib.sha1(usedforsecurity=False)
+    digest = _hashlib().sha1(usedforsecurity=False)
     digest.update(f"blob {size}\0".encode())
     return digest
 
@@ -79,12 +93,15 @@ ALGORITHMS: dict[str, Algorithm] = {algorithm.name: algorithm for algorithm in (
     # CRC32 (awscrt's ran at half its speed); google-crc32c needs a bytes copy of every buffer.
     Algorithm("crc64nvme", 0.02, lambda _: _Crc(_awscrt("crc64nvme"), 8)),
     Algorithm("crc32c", 0.02, lambda _: _Crc(_awscrt("crc32c"), 4)),
-    Algorithm("crc32", 0.16, lambda _: _Crc(zlib.crc32, 4)),
-    Algorithm("sha1", 0.51, lambda _: hashlib.sha1(usedforsecurity=False)),
+    Algorithm("crc32", 0.16, lambda _: _Crc(_zlib_crc32(), 4)),
+    Algorithm("sha1", 0.51, lambda _: _hashlib().sha1(usedforsecurity=False)),
     Algorithm("git-sha1", 0.51, _git_blob),
-    Algorithm("sha256", 0.53, lambda _: hashlib.sha256()),
-    Algorithm("md5", 1.24, lambda _: hashlib.md5(usedforsecurity=False)),
+    Algorithm("sha256", 0.53, lambda _: _hashlib().sha256()),
+    Algorithm("md5", 1.24, lambda _: _hashlib().md5(usedforsecurity=False)),
 )}
+
+HEX = re.compile(r"[0-9a-f]+")
+"""A promise's value: lowercase hex digits, at least one."""
 
 # Which promise wins a tie in cost: one the user pinned, then a server-computed checksum, then the ETag,
 # then what an uploader wrote into user metadata.
@@ -179,7 +196,7 @@ class Promise:
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Promise:
         algorithm, value, parts = str(body["algorithm"]), str(body["value"]).lower(), int(body.get("parts") or 0)
-        if algorithm not in ALGORITHMS or not value or any(c not in "0123456789abcdef" for c in value) or parts < 0:
+        if algorithm not in ALGORITHMS or not HEX.fullmatch(value) or parts < 0:
             raise ValueError(f"bad checksum promise {body!r}")
         return cls(algorithm, value, str(body.get("field") or ""), parts, origin=str(body.get("origin") or "source"))
 
@@ -191,7 +208,7 @@ def from_base64(algorithm: str, text: str, field: str) -> Promise | None:
         import base64
 
         raw = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
+    except ValueError:  # binascii.Error is one
         return None
     if not raw or (count and not count.isdigit()):
         return None
@@ -278,7 +295,7 @@ class Verifier:
     path: str
     size: int
     evidence: Evidence
-    sha256: Any = field(default_factory=hashlib.sha256)
+    sha256: Any = field(default_factory=lambda: _hashlib().sha256())
     _check: _Digest | None = None
     _part: int = 0
     _left_in_part: int = 0

@@ -29,13 +29,37 @@ TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
 
 
+def terminal_columns() -> int:
+    """`shutil.get_terminal_size().columns` (COLUMNS, else the terminal on stdout, else 80), without importing
+    shutil: it loads bz2 and lzma, ~1.5 ms of every start, and argparse asks for the width at every option."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; the width argparse's own formatter would choose, found by `terminal_columns`."""
+
+    def __init__(self, prog: str, **kwargs: Any) -> None:
+        if kwargs.get("width") is None:
+            kwargs["width"] = terminal_columns() - 2  # what argparse.HelpFormatter does with shutil's answer
+        super().__init__(prog, **kwargs)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one `weightsync: error:` line and exit 2, and flags are never abbreviated
     (`--conc` silently meaning `--concurrency` is fragile in a manifest that outlives the next new flag)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -56,6 +80,8 @@ class _StoreOnce(argparse.Action):
 
 @dataclass(frozen=True)
 class Option:
+    """One option: its flag, env var, conversion, default and how `--help` shows it."""
+
     flag: str
     help: str
     convert: Callable[[str], Any] = str
@@ -152,25 +178,27 @@ TEST_ENV = ("WEIGHTSYNC_TEST_PAUSE_AT", "WEIGHTSYNC_TEST_PAUSE_SECONDS")  # see 
 # or `weightsync-llama` (the chart names its Service after the release) makes them start with WEIGHTSYNC_.
 # They are the cluster's, not typos: recognised by name *and* value, so a real typo is still refused.
 _PROTOCOL = r"(?:tcp|udp|sctp)"
-_SERVICE_LINK_VALUE = {
-    "host": re.compile(r"^[0-9A-Fa-f.:]+$"),
-    "port": re.compile(r"^\d{1,5}$"),
-    "url": re.compile(rf"^{_PROTOCOL}://[0-9A-Fa-f.:\[\]]+:\d{{1,5}}$"),
-    "proto": re.compile(rf"^{_PROTOCOL}$"),
+_SERVICE_LINK_VALUE = {  # patterns, compiled by `re` (and cached) the first time a name has a service link's shape
+    "host": r"^[0-9A-Fa-f.:]+$",
+    "port": r"^\d{1,5}$",
+    "url": rf"^{_PROTOCOL}://[0-9A-Fa-f.:\[\]]+:\d{{1,5}}$",
+    "proto": rf"^{_PROTOCOL}$",
 }
 _SERVICE_LINK_NAME = (
-    (re.compile(r"_SERVICE_HOST$"), "host"),
-    (re.compile(r"_SERVICE_PORT(?:_[A-Z0-9_]+)?$"), "port"),
-    (re.compile(r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_PROTO$"), "proto"),
-    (re.compile(r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_PORT$"), "port"),
-    (re.compile(r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_ADDR$"), "host"),
-    (re.compile(r"_PORT(?:_\d{1,5}_(?:TCP|UDP|SCTP))?$"), "url"),
+    (r"_SERVICE_HOST$", "host"),
+    (r"_SERVICE_PORT(?:_[A-Z0-9_]+)?$", "port"),
+    (r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_PROTO$", "proto"),
+    (r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_PORT$", "port"),
+    (r"_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_ADDR$", "host"),
+    (r"_PORT(?:_\d{1,5}_(?:TCP|UDP|SCTP))?$", "url"),
 )
 
 
 def is_service_link(name: str, value: str) -> bool:
     """Whether NAME=VALUE has the shape of a variable Kubernetes injects for a Service."""
-    return any(pattern.search(name) and _SERVICE_LINK_VALUE[kind].match(value)
+    if "_PORT" not in name and not name.endswith("_SERVICE_HOST"):
+        return False  # what every name pattern above needs: WEIGHTSYNC_DEST and the like compile none of them
+    return any(re.search(pattern, name) and re.match(_SERVICE_LINK_VALUE[kind], value)
                for pattern, kind in _SERVICE_LINK_NAME)
 
 
@@ -289,8 +317,8 @@ ALL_OPTIONS = {option.flag: option for option in (
 
 def _options(*flags: str, **changed: dict[str, Any]) -> tuple[Option, ...]:
     """The named options, some with command-specific changes (`--name={"help": ...}`)."""
-    return tuple(replace(ALL_OPTIONS[flag], **changed.get(flag.lstrip("-").replace("-", "_"), {}))
-                 for flag in flags)
+    options = tuple(ALL_OPTIONS[flag] for flag in flags)
+    return tuple(replace(option, **changed[option.dest]) if option.dest in changed else option for option in options)
 
 
 SOURCE_FLAGS = ("--source", "--name", "--revision", "--include", "--exclude", "--s3-addressing-style")
@@ -411,7 +439,13 @@ def _resolve(args: argparse.Namespace, options: Sequence[Option]) -> dict[str, A
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with `command` of that one alone.
+
+    A command's subparser is used only when that command is the one given, and building all seven costs more
+    than the rest of a warm start's parsing: `parse` builds all of them only for the top-level --help (which
+    lists them) and a missing or mistyped command (whose error does).
+    """
     parser = _Parser(prog="weightsync", description="Sync model weights into a volume (verified, resumable, "
                      "locked, atomically published), then exec the inference server.", epilog=EPILOG,
                      usage="weightsync [--log-format {text,json}] [--debug] COMMAND [options]")
@@ -423,20 +457,30 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, choices=option.choices, metavar="{" + ",".join(option.choices) + "}",
                                 help=option.help_text())
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help_text, description, options) in COMMANDS.items():
+        if command not in (None, name):
+            continue
         usage = f"weightsync {name} [options]" + (" -- COMMAND [ARGS...]" if name == "run" else "")
-        _add_options(commands.add_parser(name, help=help_text, description=description or help_text.capitalize(),
-                                         usage=usage, prog=f"weightsync {name}", epilog=COMMAND_EPILOG), options)
+        _add_options(subparsers.add_parser(name, help=help_text, description=description or help_text.capitalize(),
+                                           usage=usage, prog=f"weightsync {name}", epilog=COMMAND_EPILOG), options)
     return parser
 
 
-def _check_before_command(argv: list[str]) -> None:
-    """Only --log-format and --debug may come before COMMAND: say so, instead of argparse's `invalid choice`."""
+def _check_before_command(argv: list[str]) -> str | None:
+    """Only --log-format and --debug may come before COMMAND: say so, instead of argparse's `invalid choice`.
+
+    Returns the command given, unless the top-level parser answers first (-h, --version before it) or there is
+    none; None then.
+    """
     index = 0
+    answered = False
     while index < len(argv) and argv[index].startswith("-"):
         arg = argv[index]
-        if arg in ("-h", "--help", "--version", "--debug") or arg.startswith("--log-format="):
+        if arg in ("-h", "--help", "--version"):
+            answered = True
+            index += 1
+        elif arg == "--debug" or arg.startswith("--log-format="):
             index += 1
         elif arg == "--log-format":
             index += 2
@@ -445,10 +489,12 @@ def _check_before_command(argv: list[str]) -> None:
             where = next((name for name, (_, _, options) in COMMANDS.items()
                           if any(o.flag == flag for o in options)), None)
             if where is None:
-                return  # not an option of any command: argparse's own message (with suggestions) follows
+                return None  # not an option of any command: argparse's own message (with suggestions) follows
             command = next((token for token in argv if token in COMMANDS), where)
             raise UsageError(f"{flag} goes after the command: `weightsync {command} {flag} ...`; only "
                              "--log-format and --debug may come before it")
+    given = argv[index] if index < len(argv) else None
+    return given if given in COMMANDS and not answered else None
 
 
 def _unrecognized(command: str, extras: list[str]) -> UsageError:
@@ -476,8 +522,7 @@ def _unrecognized(command: str, extras: list[str]) -> UsageError:
 
 def parse(argv: list[str]) -> tuple[str, dict[str, Any]]:
     """The command and its resolved option values."""
-    _check_before_command(argv)
-    parser = build_parser()
+    parser = build_parser(_check_before_command(argv))
     args, extras = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

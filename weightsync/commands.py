@@ -102,10 +102,13 @@ def dispatch(command: str, options: Options, server_command: list[str]) -> int:
 def build_request(options: Options, dest: str | None = None) -> SyncRequest:
     """A SyncRequest from options; a --lockfile supplies source, revision and filters."""
     from weightsync.engine import SyncRequest
-    from weightsync.lockfile import Lockfile
     from weightsync.sources import Selection, open_source
 
-    lockfile = Lockfile.load(options.lockfile) if options.lockfile else None
+    lockfile = None
+    if options.lockfile:
+        from weightsync.lockfile import Lockfile
+
+        lockfile = Lockfile.load(options.lockfile)
     source, revision, include, exclude = options.source, options.revision, options.include, options.exclude
     if lockfile:
         if source and open_source(source).uri != open_source(lockfile.source).uri:
@@ -135,11 +138,13 @@ def build_request(options: Options, dest: str | None = None) -> SyncRequest:
 
 
 def signature_policy(options: Options) -> SignaturePolicy | None:
+    flags = (options.signature, options.trust_key, options.trust_certificate, options.trust_identity,
+             options.trust_issuer, options.trust_root, options.signature_ignore)
+    if not any(flags):
+        return None  # no policy asked for: signature.py is not even loaded
     from weightsync.signature import SignaturePolicy
 
-    return SignaturePolicy.build(options.signature, options.trust_key, options.trust_certificate,
-                                 options.trust_identity, options.trust_issuer, options.trust_root,
-                                 options.signature_ignore)
+    return SignaturePolicy.build(*flags)
 
 
 def transfer_config(options: Options) -> TransferConfig:
@@ -217,7 +222,7 @@ def run_sync(options: Options, server_command: list[str]) -> int:
         if not options.skip_checks:
             from weightsync.checks import check_model
 
-            checked = _guarded(reporter, lambda: check_model(result.path))
+            checked = _guarded(reporter, lambda: check_model(result.path, result.paths))
             event("model_checked", "checked before exec: %s", checked, path=str(result.path), checked=checked)
         else:
             event("model_checked", "not checked before exec (--skip-checks)", path=str(result.path), checked=None)

@@ -26,15 +26,15 @@ complete, verified revision. docs/architecture.md draws the whole picture.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
-import shlex
 import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from weightsync import config, testhooks
 from weightsync.checksums import Evidence, Verified, describe_tally, feed_file, tally
@@ -42,14 +42,15 @@ from weightsync.config import AddressingStyle, LockMode, RevisionKey, TransferCo
 from weightsync.errors import DiskSpaceError, IntegrityError, NetworkError, SourceError, UsageError, WeightsyncError
 from weightsync.fsutil import fsync_dir, fsync_tree, make_read_only, write_atomic
 from weightsync.layout import LOCKS, MANIFESTS, REVISIONS, ModelVolume, check_listing, safe_makedirs
-from weightsync.lockfile import Lockfile
-from weightsync.locking import Held, volume_lock
 from weightsync.logs import counted, event, human_bytes, human_duration, named
 from weightsync.manifest import Manifest, ManifestEntry, ManifestError
-from weightsync.progress import Progress
-from weightsync.retry import RetryPolicy, call_with_retries
-from weightsync.signature import SignaturePolicy, SignatureRecord
 from weightsync.sources import RemoteFile, Selection, Snapshot, Source, open_source
+
+if TYPE_CHECKING:  # what only a request that asks for it, or a sync that takes the network, loads
+    from weightsync.lockfile import Lockfile
+    from weightsync.locking import Held
+    from weightsync.retry import RetryPolicy
+    from weightsync.signature import SignaturePolicy, SignatureRecord
 
 log = logging.getLogger("weightsync")
 
@@ -77,6 +78,8 @@ class SyncRequest:
 
 @dataclass
 class SyncResult:
+    """What a sync published (or found published: `warm`), and what it took; `summary` says it in one line."""
+
     path: Path
     name: str
     revision: str
@@ -93,12 +96,15 @@ class SyncResult:
     warm: bool = False
 
     checked: str = ""
+    paths: tuple[str, ...] = ()  # the revision's files (its manifest's), for the checks before exec
     file_evidence: tuple[Evidence | None, ...] = ()  # per file, None where an older manifest did not record it
     signature: SignatureRecord | None = None
     signature_checked_now: bool = False  # warm: the signature was checked by this run, not when it was published
 
-    @property
+    @cached_property
     def evidence(self) -> dict[str, int]:
+        """Files per evidence, tallied once (the summary, the `published` event and the termination message show
+        it)."""
         return tally(self.file_evidence)
 
     @property
@@ -166,12 +172,19 @@ class Engine:
         self.request = request
         self.source = source or open_source(request.source, request.transfer,
                                             addressing_style=request.addressing_style, offline=request.offline)
-        self.retry = RetryPolicy.of(request.transfer)  # one progress clock for every request of this sync
         self.volume = ModelVolume(request.dest.absolute(), request.name or default_name(self.source, request.selection))
         self.started = time.monotonic()
         self.damaged: dict[str, set[str]] = {}  # revision -> paths that failed the warm check (repaired, not reused)
         self._manifests: dict[str, Manifest] = {}
         self._signatures: dict[str, SignatureRecord] = {}  # revision -> the signature this run accepted it under
+
+    @cached_property
+    def retry(self) -> RetryPolicy:
+        """One progress clock for every request of this sync; made at the first request (a warm start makes
+        none, and so never loads retry.py)."""
+        from weightsync.retry import RetryPolicy
+
+        return RetryPolicy.of(self.request.transfer)
 
     # -- public entry points ---------------------------------------------------
     def sync(self) -> SyncResult:
@@ -212,6 +225,8 @@ class Engine:
         manifest = self.published(key)
         if manifest is not None:
             return self._finish_warm(manifest, key, ref=snapshot.ref, source_revision=snapshot.revision)
+
+        from weightsync.locking import volume_lock
 
         volume.ensure(LOCKS)
         with volume_lock(volume.lock_path(key), request.lock_timeout, f"{volume.name} revision {key}",
@@ -371,7 +386,8 @@ class Engine:
         return SyncResult(path=self.volume.revision_dir(key), name=self.volume.name, revision=key,
                           source=self.source.uri, source_revision=source_revision, files=len(manifest.files),
                           total_bytes=manifest.total_bytes, seconds=time.monotonic() - self.started, warm=True,
-                          checked=how, file_evidence=tuple(entry.evidence for entry in manifest.files),
+                          checked=how, paths=tuple(entry.path for entry in manifest.files),
+                          file_evidence=tuple(entry.evidence for entry in manifest.files),
                           signature=self._signatures.get(key, manifest.signature),
                           signature_checked_now=self._signatures.get(key) not in (None, manifest.signature))
 
@@ -429,6 +445,8 @@ class Engine:
 
     # -- cold path ---------------------------------------------------------------
     def _resolve(self, revision: str | None) -> Snapshot:
+        from weightsync.retry import call_with_retries
+
         snapshot = call_with_retries(f"listing {self.source.uri}",
                                      lambda: self.source.snapshot(revision, self.request.selection),
                                      self.retry)
@@ -443,6 +461,8 @@ class Engine:
         if policy is None or policy.in_model is None or any(f.path == policy.in_model for f in snapshot.files):
             return snapshot
         if self.request.selection.key():
+            from weightsync.retry import call_with_retries
+
             pinned = snapshot.revision if self.source.features.refs else None  # the same commit, not a moved ref
             try:
                 found = call_with_retries(f"listing {policy.in_model} at {self.source.uri}",
@@ -479,6 +499,7 @@ class Engine:
     def _download_and_publish(self, snapshot: Snapshot, key: RevisionKey, held: Held) -> SyncResult:
         """Plan (reuse, describe, staged, resume), fetch and verify what is missing, then publish."""
         from weightsync.fetch import Fetcher, plan_fetch, report_verified
+        from weightsync.progress import Progress
 
         request, volume = self.request, self.volume
         staging, parts, tree = volume.make_staging(key)
@@ -532,7 +553,8 @@ class Engine:
                           bytes_fetched=progress.bytes_done,
                           bytes_reused=reused, bytes_resumed=plan.bytes_resumed,
                           seconds=time.monotonic() - self.started,
-                          retries=fetcher.retries, file_evidence=tuple(entry.evidence for entry in manifest.files),
+                          retries=fetcher.retries, paths=tuple(entry.path for entry in manifest.files),
+                          file_evidence=tuple(entry.evidence for entry in manifest.files),
                           signature=signature)
 
     def _check_signature(self, tree: Path, digests: dict[str, str], key: RevisionKey) -> SignatureRecord | None:
@@ -565,6 +587,7 @@ class Engine:
         lockfile = self.request.lockfile
         if not self.source.features.describes:
             return files
+        from weightsync.retry import call_with_retries
 
         def describe(remote: RemoteFile) -> RemoteFile:
             thorough = self.request.require_checksum or bool(lockfile and lockfile.needs_describe(remote))
@@ -651,6 +674,8 @@ def mark_verified(volume: ModelVolume, key: RevisionKey) -> None:
 
 
 def _describe_filters(selection: Selection) -> str:
+    import shlex
+
     flags = selection.flags()
     return f" with {shlex.join(flags)}" if flags else " (every file)"
 
@@ -660,21 +685,31 @@ def _describe_filters(selection: Selection) -> str:
 
 
 def check_files(directory: Path, manifest: Manifest, full: bool) -> dict[str, str]:
-    """Compare a revision directory with its manifest (sizes always, sha256 when `full`): damaged path -> why."""
+    """Compare a revision directory with its manifest (sizes always, sha256 when `full`): damaged path -> why.
+
+    Each file is looked up relative to one O_PATH descriptor of `directory`, so the kernel resolves only the
+    file's own path, not DEST's again for every file (a warm start checks every file of the model).
+    """
     problems: dict[str, str] = {}
-    for entry in manifest.files:
-        path = directory / entry.path
-        try:
-            info = os.lstat(path)
-        except OSError:
-            problems[entry.path] = "missing"
-            continue
-        if not stat.S_ISREG(info.st_mode):
-            problems[entry.path] = "not a regular file"
-        elif info.st_size != entry.size:
-            problems[entry.path] = f"size {info.st_size}, expected {entry.size}"
-        elif full and hash_file(path) != entry.sha256:
-            problems[entry.path] = "sha256 mismatch"
+    try:
+        directory_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return {entry.path: "missing" for entry in manifest.files}
+    try:
+        for entry in manifest.files:
+            try:
+                info = os.lstat(entry.path, dir_fd=directory_fd)
+            except OSError:
+                problems[entry.path] = "missing"
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                problems[entry.path] = "not a regular file"
+            elif info.st_size != entry.size:
+                problems[entry.path] = f"size {info.st_size}, expected {entry.size}"
+            elif full and hash_file(directory / entry.path) != entry.sha256:
+                problems[entry.path] = "sha256 mismatch"
+    finally:
+        os.close(directory_fd)
     return problems
 
 
@@ -683,6 +718,8 @@ def describe_problems(problems: dict[str, str]) -> list[str]:
 
 
 def hash_file(path: Path) -> str:
+    import hashlib  # OpenSSL's, ~4 ms to load: only --verify full, verify and reuse hash
+
     digest = hashlib.sha256()
     feed_file(path, digest.update)
     return digest.hexdigest()

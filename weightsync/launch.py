@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import shlex
+from collections.abc import Iterable
 from pathlib import Path
 
 from weightsync.errors import CommandNotExecutableError, CommandNotFoundError, UsageError, WeightsyncError
@@ -33,15 +34,19 @@ def check_command(command: list[str]) -> None:
     program = command[0]
     if PLACEHOLDER in program:
         return
+    candidates: Iterable[Path]
     if "/" in program:
         candidates = [Path(program)]
     else:
-        candidates = [Path(directory or ".", program) for directory in os.environ.get("PATH", os.defpath).split(":")]
-    found = [path for path in candidates if path.is_file()]
-    if any(os.access(path, os.X_OK) for path in found):
-        return
+        candidates = (Path(directory or ".", program) for directory in os.environ.get("PATH", os.defpath).split(":"))
+    found = None  # the first file of that name, when none is executable
+    for path in candidates:
+        if path.is_file():
+            if os.access(path, os.X_OK):
+                return
+            found = found or path
     if found:
-        raise CommandNotExecutableError(f"cannot run {program!r}: {found[0]} is not executable; chmod +x it, or "
+        raise CommandNotExecutableError(f"cannot run {program!r}: {found} is not executable; chmod +x it, or "
                                         "start it through its interpreter (`-- python script.py`)")
     if "/" in program:
         raise CommandNotFoundError(f"cannot run {program!r}: no such file; check the command after `--`")

@@ -31,6 +31,7 @@ from weightsync.fsutil import read_nofollow, write_atomic
 # The directories of one model, relative to DEST/<name>/ (the module docstring draws them).
 REVISIONS, MANIFESTS, REFS, STAGING, LOCKS, TRASH = "revisions", "manifests", "refs", ".staging", ".locks", ".trash"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f]")
 MAX_PATH_BYTES = 4000
 MAX_COMPONENT_BYTES = 255
 
@@ -40,7 +41,7 @@ def check_relative_path(path: str, origin: str) -> str:
     problem = None
     if not path:
         problem = "is empty"
-    elif "\0" in path or any(ord(c) < 32 for c in path):
+    elif CONTROL_CHARACTER.search(path):
         problem = "contains a NUL or control character"
     elif "\\" in path:
         problem = "contains a backslash"

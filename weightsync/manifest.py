@@ -14,11 +14,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from weightsync.checksums import Evidence
 from weightsync.fsutil import read_nofollow
 from weightsync.layout import check_relative_path
-from weightsync.signature import SignatureRecord
+
+if TYPE_CHECKING:
+    from weightsync.signature import SignatureRecord
 
 FORMAT = 1
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -30,6 +33,8 @@ class ManifestError(Exception):
 
 @dataclass(frozen=True)
 class ManifestEntry:
+    """One file of a published revision: its path, size and sha256, and what it was verified by."""
+
     path: str
     size: int
     sha256: str
@@ -47,6 +52,8 @@ class ManifestEntry:
 
 @dataclass
 class Manifest:
+    """What a published revision holds (manifests/<revision>.json): its source, filters and every file."""
+
     source: str
     revision: str
     files: list[ManifestEntry]
@@ -84,6 +91,7 @@ class Manifest:
                                     "(copied or tampered with?)")
             entries = []
             seen: set[str] = set()
+            origin = str(path)
             for item in body["files"]:
                 entry = ManifestEntry(path=item["path"], size=item["size"], sha256=item["sha256"],
                                       etag=item.get("etag"), evidence=Evidence.from_json(item.get("verified")))
@@ -92,12 +100,17 @@ class Manifest:
                     raise ManifestError(f"bad entry for {entry.path!r}")
                 if not isinstance(entry.path, str) or entry.path in seen:
                     raise ManifestError(f"bad or duplicate entry for {entry.path!r}")
-                check_relative_path(entry.path, str(path))
+                check_relative_path(entry.path, origin)
                 seen.add(entry.path)
                 entries.append(entry)
+            signature = None
+            if body.get("signature") is not None:  # only a signed model's manifest needs signature.py
+                from weightsync.signature import SignatureRecord
+
+                signature = SignatureRecord.from_json(body["signature"])
             return cls(source=body["source"], revision=body["revision"], files=entries, ref=body.get("ref"),
                        selection=body.get("selection") or {}, created=float(body.get("created", 0)),
-                       signature=SignatureRecord.from_json(body.get("signature")))
+                       signature=signature)
         except FileNotFoundError as exc:
             raise ManifestError(f"{path} is missing") from exc
         except ManifestError:

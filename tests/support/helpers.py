@@ -79,18 +79,26 @@ def reference_digests() -> dict[str, Callable[[bytes], bytes]]:
     }
 
 
-_LOADED_HEAVY = ("import json, sys\n"
-                 "from weightsync.lazy import is_heavy\n"
-                 "from weightsync.cli import main\n"
-                 "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exit:\n    code = exit.code\n"
-                 "print(json.dumps({'code': code, 'heavy': sorted(m for m in sys.modules if is_heavy(m))}))")
+_LOADED = ("import sys\n"
+           "from weightsync.cli import main\n"
+           "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exit:\n    code = exit.code\n"
+           "import json\n"
+           "print(json.dumps({'code': code, 'modules': sorted(sys.modules)}))")
+
+
+def modules_loaded(*args: str, env: dict[str, str]) -> tuple[int, set[str]]:
+    """Run the CLI with `args` in a fresh interpreter: (exit code, every module it loaded)."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", _LOADED, *args], capture_output=True, text=True, env=env,
+                         check=True, cwd=ROOT)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    return report["code"], set(report["modules"])
 
 
 def heavy_modules_loaded(*args: str, env: dict[str, str]) -> tuple[int, list[str]]:
     """Run the CLI with `args` in a fresh interpreter: (exit code, the weightsync/lazy.py HEAVY modules it loaded)."""
-    import json
+    from weightsync.lazy import is_heavy
 
-    out = subprocess.run([sys.executable, "-c", _LOADED_HEAVY, *args], capture_output=True, text=True, env=env,
-                         check=True, cwd=ROOT)
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    return report["code"], report["heavy"]
+    code, modules = modules_loaded(*args, env=env)
+    return code, sorted(module for module in modules if is_heavy(module))

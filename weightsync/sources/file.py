@@ -7,7 +7,6 @@ verified and published like any other. The revision is a digest of the listing
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -73,6 +72,8 @@ class FileSource:
     @property
     def default_name(self) -> str:
         """`file--<folder>-<8 hex of its absolute path>`: two folders called `m` are two models."""
+        import hashlib  # OpenSSL's (~4 ms to load): not needed when --name is given
+
         return f"{slugify('file', self.root.name)}-{hashlib.sha256(str(self.root).encode()).hexdigest()[:8]}"
 
     def pinned_revision(self, revision: str | None) -> str | None:
