@@ -682,9 +682,6 @@ def warm(servers: Servers, env: dict[str, str], files: int, runs: int,
 
     volume = BENCH_WORK / "warm-volume"
     shutil.rmtree(volume, ignore_errors=True)
-    # A pod starts weightsync from the image, whose bytecode pip compiled at install. Here PYTHONDONTWRITEBYTECODE
-    # is set, so without this every start would compile weightsync's modules again (~30 ms no pod pays).
-    subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "weightsync")], check=True, capture_output=True)
     content = {f"layers/{i:04d}/config.json": b'{"layer": %d}' % i for i in range(files)}
     targets: dict[str, tuple[list[str], Callable[[], int]]] = {}
 
