@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "weightsync"
 # Top to bottom, as docs/architecture.md lists them.
 LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("errors", "config", "fsutil", "logs", "lazy", "testhooks", "__init__", "__main__"),
-    "model": ("checksums", "signature", "layout", "manifest", "sources"),
+    "model": ("checksums", "signature", "layout", "hfcache", "manifest", "sources"),
     "transfer": ("retry", "resources", "resume", "partfile", "download", "fetch", "progress"),
     "orchestration": ("engine", "locking", "lockfile", "gc", "status"),
     "edges": ("cli", "commands", "serve", "launch", "checks", "metrics"),

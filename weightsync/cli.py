@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any, NoReturn, get_args
 
 from weightsync import __version__
-from weightsync.config import DEFAULTS, AddressingStyle, LockMode, VerifyMode
+from weightsync.config import DEFAULTS, AddressingStyle, Layout, LockMode, VerifyMode
 from weightsync.errors import UsageError, WeightsyncError
 
 ENV_PREFIX = "WEIGHTSYNC_"
@@ -239,6 +239,12 @@ ALL_OPTIONS = {option.flag: option for option in (
            group=WHAT),
     Option("--exclude", "skip files matching this glob (repeatable; env: comma-separated)", repeat=True,
            group=WHAT),
+    Option("--layout", "native: DEST/NAME/revisions/<rev> and DEST/NAME/current; hf-cache: DEST is a Hugging Face "
+           "hub cache (point HF_HUB_CACHE at it), the model lands in models--OWNER--NAME/snapshots/<commit> and "
+           "servers load it by repo id, offline", default="native", choices=get_args(Layout), group=WHAT),
+    Option("--repo-id", "with --layout hf-cache, the repo id (OWNER/NAME) to cache the model under; required for "
+           "s3:// and file:// sources (their revision id is the commit)", shown_default="the hf:// source's",
+           group=WHAT, metavar="OWNER/NAME"),
     Option("--lockfile", "download exactly what this `weightsync lock` file pins; exit 4 if the source differs",
            group=WHAT, metavar="FILE"),
     Option("--rebind", "let --name switch to a different source or filter set than it serves now (pods "
@@ -324,7 +330,8 @@ def _options(*flags: str, **changed: dict[str, Any]) -> tuple[Option, ...]:
 SOURCE_FLAGS = ("--source", "--name", "--revision", "--include", "--exclude", "--s3-addressing-style")
 TRUST_FLAGS = ("--signature", "--trust-key", "--trust-certificate", "--trust-identity", "--trust-issuer",
                "--trust-root", "--signature-ignore")
-SYNC_FLAGS = ("--source", "--dest", "--name", "--revision", "--include", "--exclude", "--lockfile", "--rebind",
+SYNC_FLAGS = ("--source", "--dest", "--name", "--layout", "--repo-id", "--revision", "--include", "--exclude",
+              "--lockfile", "--rebind",
               "--verify", "--require-checksum", *TRUST_FLAGS, "--concurrency", "--offline", "--s3-addressing-style",
               "--stall-timeout", "--no-progress-timeout", "--retries", "--retry-base", "--lock-timeout",
               "--lock-mode", "--lease-timeout",

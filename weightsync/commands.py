@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from weightsync.config import AddressingStyle, LockMode, TransferConfig, VerifyMode
+from weightsync.config import AddressingStyle, Layout, LockMode, TransferConfig, VerifyMode
 from weightsync.errors import IntegrityError, UsageError, WeightsyncError
 from weightsync.logs import event, write_termination_message
 
@@ -43,6 +43,8 @@ class Options:
     source: str | None = None
     dest: str | None = None
     name: str | None = None
+    layout: Layout = "native"
+    repo_id: str | None = None
     revision: str | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -129,7 +131,8 @@ def build_request(options: Options, dest: str | None = None) -> SyncRequest:
                          f"({lockfile.signature.get('policy', '?')}): pass the same --trust-* flags (and --signature, "
                          "if it was a file)")
     return SyncRequest(
-        source=source, dest=Path(dest or _required(options.dest)), name=options.name, revision=revision,
+        source=source, dest=Path(dest or _required(options.dest)), name=options.name, layout=options.layout,
+        repo_id=options.repo_id, revision=revision,
         selection=Selection(include=tuple(include), exclude=tuple(exclude)), verify=options.verify,
         lock_timeout=options.lock_timeout, offline=offline, addressing_style=options.s3_addressing_style,
         lockfile=lockfile, lock_mode=options.lock_mode, require_checksum=options.require_checksum,
@@ -226,8 +229,9 @@ def run_sync(options: Options, server_command: list[str]) -> int:
             event("model_checked", "checked before exec: %s", checked, path=str(result.path), checked=checked)
         else:
             event("model_checked", "not checked before exec (--skip-checks)", path=str(result.path), checked=None)
-        exec_server(server_command, result.path)
-    print(result.path, flush=True)
+        exec_server(server_command, result.model_dir, hub_cache=engine.request.dest.absolute()
+                    if result.cache_snapshot else None)
+    print(result.model_dir, flush=True)
     return 0
 
 

@@ -16,6 +16,8 @@ VerifyMode: TypeAlias = Literal["fast", "full"]
 """Warm-start check: fast = manifest and sizes, full = re-hash every file."""
 LockMode: TypeAlias = Literal["auto", "flock", "lease"]
 AddressingStyle: TypeAlias = Literal["auto", "path", "virtual"]
+Layout: TypeAlias = Literal["native", "hf-cache"]
+"""native: DEST/<name>/revisions/<rev> and `current`; hf-cache: DEST is a Hugging Face hub cache (hfcache.py)."""
 RevisionKey: TypeAlias = str
 """The directory a revision is published under: the source's revision id, plus the filter set's id when
 filtered (`<commit>-<8 hex>`), so two filtered syncs of one revision never share a directory."""

@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING
 
 from weightsync import config, testhooks
 from weightsync.checksums import Evidence, Verified, describe_tally, feed_file, tally
-from weightsync.config import AddressingStyle, LockMode, RevisionKey, TransferConfig, VerifyMode
+from weightsync.config import AddressingStyle, Layout, LockMode, RevisionKey, TransferConfig, VerifyMode
 from weightsync.errors import DiskSpaceError, IntegrityError, NetworkError, SourceError, UsageError, WeightsyncError
-from weightsync.fsutil import fsync_dir, fsync_tree, make_read_only, write_atomic
+from weightsync.fsutil import fsync_dir, fsync_tree, is_regular_file_of_size, make_read_only, write_atomic
+from weightsync.hfcache import NATIVE, HubCache, repo_folder
 from weightsync.layout import LOCKS, MANIFESTS, REVISIONS, ModelVolume, check_listing, safe_makedirs
 from weightsync.logs import counted, event, human_bytes, human_duration, named
 from weightsync.manifest import Manifest, ManifestEntry, ManifestError
@@ -62,6 +63,8 @@ class SyncRequest:
     source: str
     dest: Path
     name: str | None = None
+    layout: Layout = "native"
+    repo_id: str | None = None  # hf-cache: the cache entry's repo id (an hf:// source has its own)
     revision: str | None = None
     selection: Selection = field(default_factory=Selection)
     verify: VerifyMode = "fast"
@@ -100,6 +103,12 @@ class SyncResult:
     file_evidence: tuple[Evidence | None, ...] = ()  # per file, None where an older manifest did not record it
     signature: SignatureRecord | None = None
     signature_checked_now: bool = False  # warm: the signature was checked by this run, not when it was published
+    cache_snapshot: Path | None = None  # --layout hf-cache: the snapshot directory servers load
+
+    @property
+    def model_dir(self) -> Path:
+        """What servers load (MODEL_DIR, the last stdout line): the hub cache's snapshot, or the revision."""
+        return self.cache_snapshot or self.path
 
     @cached_property
     def evidence(self) -> dict[str, int]:
@@ -134,11 +143,13 @@ class SyncResult:
         return (f"published {self.source} revision {self.revision}: {counted(self.files, 'file')}, "
                 f"{human_bytes(self.total_bytes)}; fetched {human_bytes(self.bytes_fetched)}, "
                 f"reused {human_bytes(self.bytes_reused)}, resumed {human_bytes(self.bytes_resumed)} "
-                f"in {human_duration(self.seconds)} (average {human_bytes(rate)}/s); verified: {self.verification}")
+                f"in {human_duration(self.seconds)} (average {human_bytes(rate)}/s); verified: {self.verification}"
+                + (f"; in the Hugging Face cache as {self.cache_snapshot}" if self.cache_snapshot else ""))
 
     def fields(self) -> dict[str, object]:
         """The summary as data, for JSON logs, the termination message and metrics."""
         return {"source": self.source, "name": self.name, "revision": self.revision, "path": str(self.path),
+                **({"model_dir": str(self.cache_snapshot)} if self.cache_snapshot else {}),
                 "files": self.files, "bytes_total": self.total_bytes, "bytes_fetched": self.bytes_fetched,
                 "bytes_reused": self.bytes_reused, "bytes_resumed": self.bytes_resumed,
                 "seconds": round(self.seconds, 3), "lock_wait_seconds": round(self.lock_wait_seconds, 3),
@@ -172,7 +183,13 @@ class Engine:
         self.request = request
         self.source = source or open_source(request.source, request.transfer,
                                             addressing_style=request.addressing_style, offline=request.offline)
-        self.volume = ModelVolume(request.dest.absolute(), request.name or default_name(self.source, request.selection))
+        self.hub_cache = self._hub_cache() if request.layout == "hf-cache" else None
+        if self.hub_cache is not None:
+            # weightsync's own volume lives inside the repo's folder, where huggingface_hub looks at nothing
+            self.volume = ModelVolume(self.hub_cache.repo, NATIVE)
+        else:
+            self.volume = ModelVolume(request.dest.absolute(),
+                                      request.name or default_name(self.source, request.selection))
         self.started = time.monotonic()
         self.damaged: dict[str, set[str]] = {}  # revision -> paths that failed the warm check (repaired, not reused)
         self._manifests: dict[str, Manifest] = {}
@@ -189,8 +206,54 @@ class Engine:
     # -- public entry points ---------------------------------------------------
     def sync(self) -> SyncResult:
         result = self._sync()
+        if self.hub_cache is not None:
+            result = self._into_hub_cache(result)
         event("published", "%s", result.summary(), **result.fields())
         return result
+
+    # -- the Hugging Face cache layout (hfcache.py) --------------------------------
+    def _hub_cache(self) -> HubCache:
+        request, source = self.request, self.source
+        if request.name:
+            raise UsageError("--name does not apply to --layout hf-cache: the cache entry is named by the repo id "
+                             "(--repo-id, or the hf:// source's)")
+        repo_id, repo_type = request.repo_id, "model"
+        if source.kind == "hf":
+            repo_id = repo_id or getattr(source, "repo_id", None)
+            repo_type = getattr(source, "repo_type", "model")
+        if not repo_id:
+            raise UsageError(f"--layout hf-cache needs --repo-id OWNER/NAME for {source.uri}: the name servers will "
+                             "load it by (vllm serve OWNER/NAME)")
+        return HubCache(self.request.dest.absolute(), repo_folder(repo_id, repo_type))
+
+    def _cache_ref(self) -> str | None:
+        """The ref to point at the commit: the branch or tag asked for (none for a commit, as huggingface_hub
+        does); `main` for a source without refs, whose every sync is its latest."""
+        if self.source.kind != "hf":
+            return "main"
+        wanted = self.request.revision or self.source.default_ref
+        return None if self.source.pinned_revision(self.request.revision) else wanted
+
+    def _into_hub_cache(self, result: SyncResult) -> SyncResult:
+        """Project the published revision into the hub cache (blobs, snapshot, ref), unless it already is."""
+        from weightsync.hfcache import CachedFile
+
+        assert self.hub_cache is not None
+        manifest = self._manifest(result.revision)
+        commit, ref = result.source_revision, self._cache_ref()
+        if not self.hub_cache.is_published(commit, ref, [(entry.path, entry.size) for entry in manifest.files]):
+            directory = self.volume.revision_dir(result.revision)
+            files = [CachedFile(entry.path, entry.size, self._blob_name(entry), directory / entry.path)
+                     for entry in manifest.files]
+            self.hub_cache.publish(commit, ref, files)
+        return replace(result, cache_snapshot=self.hub_cache.snapshot_dir(commit))
+
+    def _blob_name(self, entry: ManifestEntry) -> str:
+        """huggingface_hub's name for the blob: the Hub's etag (LFS sha256 or git blob sha1), else the sha256."""
+        etag = (entry.etag or "").lower()
+        if self.source.kind == "hf" and len(etag) in (40, 64) and all(c in "0123456789abcdef" for c in etag):
+            return etag
+        return entry.sha256
 
     def _sync(self) -> SyncResult:
         request, source, volume = self.request, self.source, self.volume
@@ -508,6 +571,12 @@ class Engine:
         reused = 0
         reuse = ReuseIndex.build(volume, exclude=key)
         self._offer_intact_files(reuse, key)
+        if self.hub_cache is not None:
+            for remote in snapshot.files:  # what huggingface_hub already downloaded, hashed before it is kept
+                promised = remote.sha256_promise
+                blob = self.hub_cache.blob(promised.value) if promised else None
+                if promised and blob is not None and is_regular_file_of_size(blob, remote.size):
+                    reuse.add_unverified(blob, promised.value, remote.size)
         for remote in snapshot.files:
             found = reuse.link_into(remote, tree, full=request.verify == "full")
             if found is None:
@@ -738,6 +807,7 @@ class ReuseIndex:
         self.by_sha256: dict[tuple[str, int], Path] = {}
         self.by_identity: dict[tuple[str, int, str], tuple[Path, ManifestEntry]] = {}
         self.hashed: set[Path] = set()  # files whose sha256 this run already checked: never hashed twice
+        self.unverified: set[Path] = set()  # files another tool wrote (huggingface_hub's blobs): always hashed
 
     @classmethod
     def build(cls, volume: ModelVolume, exclude: str) -> ReuseIndex:
@@ -759,6 +829,12 @@ class ReuseIndex:
                 self.hashed.add(directory / entry.path)
             if entry.etag and entry.evidence is not None:
                 self.by_identity[(entry.path, entry.size, entry.etag)] = (directory / entry.path, entry)
+
+    def add_unverified(self, path: Path, sha256: str, size: int) -> None:
+        """A file named by a sha256 that nothing of ours checked: reused only once it hashes to it."""
+        if (sha256, size) not in self.by_sha256:
+            self.by_sha256[(sha256, size)] = path
+            self.unverified.add(path)
 
     def link_into(self, remote: RemoteFile, tree: Path, full: bool) -> Verified | None:
         """Hardlink a matching published file into the staging tree; return what it is verified by.
@@ -793,6 +869,9 @@ class ReuseIndex:
                 import shutil
 
                 shutil.copyfile(source_path, target, follow_symlinks=False)
+            if source_path in self.unverified and hash_file(target) != verified.sha256:
+                target.unlink()  # hashed after the link, so what is kept is what was hashed
+                return None
         except OSError:
             return None
         log.debug("reused %s from %s", remote.path, source_path)

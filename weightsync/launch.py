@@ -54,19 +54,28 @@ def check_command(command: list[str]) -> None:
                                " (or give its full path)")
 
 
-def server_command(command: list[str], model_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """The argv (with {MODEL_DIR} substituted) and environment the server starts with."""
+def server_command(command: list[str], model_dir: Path, hub_cache: Path | None = None
+                   ) -> tuple[list[str], dict[str, str]]:
+    """The argv (with {MODEL_DIR} substituted) and environment the server starts with.
+
+    With the hub cache layout the server finds the model by repo id: HF_HUB_CACHE points at the cache, and
+    HF_HUB_OFFLINE=1 (unless the environment says otherwise) keeps huggingface_hub from asking the Hub again
+    for what was just verified, and from waiting on a Hub it cannot reach.
+    """
     if not command:
         raise UsageError(MISSING_COMMAND)
     argv = [arg.replace(PLACEHOLDER, str(model_dir)) for arg in command]
     env = dict(os.environ)
     env["MODEL_DIR"] = str(model_dir)
+    if hub_cache is not None:
+        env["HF_HUB_CACHE"] = str(hub_cache)
+        env.setdefault("HF_HUB_OFFLINE", "1")
     return argv, env
 
 
-def exec_server(command: list[str], model_dir: Path) -> None:
+def exec_server(command: list[str], model_dir: Path, hub_cache: Path | None = None) -> None:
     """Exec the server; only returns by raising when the command cannot be started."""
-    argv, env = server_command(command, model_dir)
+    argv, env = server_command(command, model_dir, hub_cache)
     event("exec", "exec %s (MODEL_DIR=%s)", shlex.join(argv), model_dir, argv=argv, model_dir=str(model_dir))
     for handler in logging.getLogger("weightsync").handlers:
         handler.flush()
