@@ -265,3 +265,35 @@ def test_concurrent_syncs_into_one_cache_download_once_and_both_serve_the_snapsh
     shard = sum(r.bytes_sent for r in hub.find_requests(path_contains="/cdn/"))
     assert shard == len(files["model.safetensors"]), "one download of the shard between the two"
     assert tree_bytes(snapshot) == files
+
+
+def test_status_verify_and_gc_find_the_model_in_the_cache_and_gc_leaves_what_huggingface_hub_serves(
+        hub, hub_env, tmp_path):
+    first = hub.add_commit("acme/tiny", model_files())
+    cache = tmp_path / "hub"
+    assert sync(hub_env, cache, "--source", "hf://acme/tiny").returncode == 0
+    second = hub.add_commit("acme/tiny", {**model_files(), "config.json": b'{"v": 2}'})
+    assert sync(hub_env, cache, "--source", "hf://acme/tiny").returncode == 0
+    status = json.loads(weightsync("status", "--dest", str(cache), "--json", env=hub_env, check=True).stdout)
+    [model] = status["models"]
+    assert model["name"] == "models--acme--tiny" and {r["revision"] for r in model["revisions"]} == {first, second}
+
+    assert weightsync("verify", "--dest", str(cache), env=hub_env).returncode == 0
+    shard = cache / "models--acme--tiny" / "snapshots" / second / "model.safetensors"
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    os.chmod(os.path.realpath(shard), 0o644)
+    Path(os.path.realpath(shard)).write_bytes(bytes(damaged))
+    verify = weightsync("verify", "--dest", str(cache), env=hub_env)
+    assert verify.returncode == 4 and "--layout hf-cache --repo-id acme/tiny" in error_line(verify), verify.stderr
+
+    gc = weightsync("gc", "--dest", str(cache), "--keep", "0", env=hub_env)
+    assert gc.returncode == 0, gc.stderr
+    assert f"in the Hugging Face cache as snapshots/{first}" in gc.stderr
+    assert (cache / "models--acme--tiny" / "weightsync" / "revisions" / first).is_dir()
+    hub.stop()
+    hf(f'h.scan_cache_dir().delete_revisions("{first}").execute()', cache)
+    gc = weightsync("gc", "--dest", str(cache), "--keep", "0", env=hub_env)
+    assert gc.returncode == 0, gc.stderr
+    assert not (cache / "models--acme--tiny" / "weightsync" / "revisions" / first).exists()
+    assert (cache / "models--acme--tiny" / "weightsync" / "revisions" / second).is_dir(), "current stays"

@@ -178,7 +178,7 @@ class Reporter:
 
             self.metrics_options = MetricsOptions(textfile=options.metrics_textfile, pushgateway=options.pushgateway,
                                                   port=options.metrics_port)
-            self.metrics = SyncMetrics(engine.source.kind, engine.volume.name)
+            self.metrics = SyncMetrics(engine.source.kind, engine.volume.label)
 
     def sync(self, engine: Engine) -> SyncResult:
         started = time.monotonic()
@@ -264,7 +264,7 @@ def run_verify(options: Options, _: list[str]) -> int:
         raise IntegrityError(f"{directory} failed verification: {problems[0]}")
     if problems:
         repair = shlex.join(["weightsync", "sync", "--source", engine.source.uri, "--dest", _required(options.dest),
-                             "--name", engine.volume.name, *engine.request.selection.flags(), "--revision",
+                             *_model_flags(engine), *engine.request.selection.flags(), "--revision",
                              engine.source_revision_of(directory.name), "--verify", "full", *_trust_flags(options)])
         raise IntegrityError(f"{directory} failed verification: " + "; ".join(problems[:5])
                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
@@ -293,23 +293,30 @@ def _trust_flags(options: Options) -> list[str]:
             *(part for glob in options.signature_ignore for part in ("--signature-ignore", glob))]
 
 
+def _model_flags(engine: Engine) -> list[str]:
+    """How a command line names the model this engine syncs: --name, or the hub cache layout and its repo id."""
+    if engine.hub_cache is not None:
+        return ["--layout", "hf-cache", "--repo-id", repo_id_of(engine.hub_cache.folder)]
+    return ["--name", engine.volume.name]
+
+
 def _recorded_model(options: Options) -> Options:
     """`options` with the name, source and filters the volume records for the model (its `current` manifest)."""
-    from weightsync.layout import ModelVolume, model_names, require_volume
+    from weightsync.layout import require_volume, volumes
     from weightsync.manifest import Manifest, ManifestError
 
     dest, name = Path(_required(options.dest)), options.name
     require_volume(dest)
-    names = model_names(dest)
-    if name is not None and name not in names:
-        raise UsageError(f"--dest {dest} has no model {name!r} (models: {', '.join(names) or 'none'})")
+    found = {volume.label: volume for volume in volumes(dest)}
+    if name is not None and name not in found:
+        raise UsageError(f"--dest {dest} has no model {name!r} (models: {', '.join(found) or 'none'})")
     if name is None:
-        if len(names) != 1:
-            listed = ", ".join(names) if names else "none"
-            raise UsageError(f"--dest {dest} holds {len(names)} models ({listed}); pass --name to say which "
+        if len(found) != 1:
+            listed = ", ".join(found) if found else "none"
+            raise UsageError(f"--dest {dest} holds {len(found)} models ({listed}); pass --name to say which "
                              "to verify")
-        name = names[0]
-    volume = ModelVolume(dest, name)
+        name = next(iter(found))
+    volume = found[name]
     revision = volume.current_revision() or next(iter(volume.revisions()), None)  # any: one name, one source
     try:
         if revision is None:
@@ -317,9 +324,15 @@ def _recorded_model(options: Options) -> Options:
         manifest = Manifest.load(volume.manifest_path(revision))
     except ManifestError as exc:
         raise UsageError(f"cannot tell which source {volume.root} was synced from ({exc}); pass --source") from None
-    return replace(options, name=name, source=manifest.source,
-                   include=tuple(manifest.selection.get("include", ())),
-                   exclude=tuple(manifest.selection.get("exclude", ())))
+    layout = {"layout": "hf-cache", "repo_id": repo_id_of(volume.dest.name), "name": None} if volume.in_hub_cache \
+        else {"name": name}
+    return replace(options, source=manifest.source, include=tuple(manifest.selection.get("include", ())),
+                   exclude=tuple(manifest.selection.get("exclude", ())), **layout)  # type: ignore[arg-type]
+
+
+def repo_id_of(folder: str) -> str:
+    """`models--org--name` -> `org/name`: the repo id a hub cache repo folder stands for."""
+    return folder.split("--", 1)[1].replace("--", "/")
 
 
 def run_lock(options: Options, _: list[str]) -> int:

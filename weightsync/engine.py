@@ -186,7 +186,7 @@ class Engine:
         self.hub_cache = self._hub_cache() if request.layout == "hf-cache" else None
         if self.hub_cache is not None:
             # weightsync's own volume lives inside the repo's folder, where huggingface_hub looks at nothing
-            self.volume = ModelVolume(self.hub_cache.repo, NATIVE)
+            self.volume = ModelVolume(self.hub_cache.repo, NATIVE, label=self.hub_cache.folder)
         else:
             self.volume = ModelVolume(request.dest.absolute(),
                                       request.name or default_name(self.source, request.selection))
@@ -272,7 +272,7 @@ class Engine:
                 return self._finish_warm(manifest, known, ref=None, source_revision=pinned or known)
             if request.offline:
                 have = ", ".join(volume.revisions()) or "none"
-                raise SourceError(f"--offline: revision {known} of {volume.name} is not complete on {volume.root} "
+                raise SourceError(f"--offline: revision {known} of {volume.label} is not complete on {volume.root} "
                                   f"(published revisions: {have}); run once with network access")
 
         try:
@@ -292,7 +292,7 @@ class Engine:
         from weightsync.locking import volume_lock
 
         volume.ensure(LOCKS)
-        with volume_lock(volume.lock_path(key), request.lock_timeout, f"{volume.name} revision {key}",
+        with volume_lock(volume.lock_path(key), request.lock_timeout, f"{volume.label} revision {key}",
                          mode=request.lock_mode, lease_timeout=request.transfer.lease_timeout) as held:
             testhooks.pause("locked")
             manifest = self.published(key)
@@ -327,7 +327,7 @@ class Engine:
             f"{volume.root} serves {serving.source}{_describe_filters(recorded)}, and this sync asks for "
             f"{self.source.uri}{_describe_filters(wanted)}: syncing it under the same name would change what "
             f"{volume.current} means for every pod that reads it. Give it its own --name, or pass --rebind "
-            f"(WEIGHTSYNC_REBIND=1) to switch {volume.name} over on purpose")
+            f"(WEIGHTSYNC_REBIND=1) to switch {volume.label} over on purpose")
 
     def _refuse_unknown_pin(self, pinned: str, listed: str) -> None:
         """The source lists another revision than the pinned one: changed since, or never this source's."""
@@ -446,7 +446,7 @@ class Engine:
     def _finish_warm(self, manifest: Manifest, key: RevisionKey, ref: str | None, source_revision: str) -> SyncResult:
         self._point_current(key, ref)
         how = "sha256 of every file against the manifest" if self.request.verify == "full" else "manifest and sizes"
-        return SyncResult(path=self.volume.revision_dir(key), name=self.volume.name, revision=key,
+        return SyncResult(path=self.volume.revision_dir(key), name=self.volume.label, revision=key,
                           source=self.source.uri, source_revision=source_revision, files=len(manifest.files),
                           total_bytes=manifest.total_bytes, seconds=time.monotonic() - self.started, warm=True,
                           checked=how, paths=tuple(entry.path for entry in manifest.files),
@@ -617,7 +617,7 @@ class Engine:
                                                  evidence=verified[f.path].evidence) for f in snapshot.files],
                             signature=signature)
         self._publish(manifest, staging, key, snapshot.ref, held)
-        return SyncResult(path=volume.revision_dir(key), name=volume.name, revision=key, source=self.source.uri,
+        return SyncResult(path=volume.revision_dir(key), name=volume.label, revision=key, source=self.source.uri,
                           source_revision=snapshot.revision, files=len(snapshot.files), total_bytes=total,
                           bytes_fetched=progress.bytes_done,
                           bytes_reused=reused, bytes_resumed=plan.bytes_resumed,

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from weightsync.errors import UsageError
-from weightsync.layout import REVISIONS, SAFE_NAME, ModelVolume, is_real_dir, model_names
+from weightsync.layout import REVISIONS, SAFE_NAME, ModelVolume, is_real_dir, volumes
 from weightsync.locking import DEFAULT_LEASE_TIMEOUT, describe_holder, try_lock
 from weightsync.logs import counted, event, human_bytes
 from weightsync.manifest import Manifest, ManifestError
@@ -83,12 +83,13 @@ def _newest_mtime(path: Path) -> float:
     return newest
 
 
-def _models(dest: Path, name: str | None) -> list[str]:
+def _volumes(dest: Path, name: str | None) -> list[ModelVolume]:
+    """The models to collect: --name's (a DEST/<name>, or a hub cache repo folder), or every one on DEST."""
     if name:
         if not SAFE_NAME.match(name):
             raise UsageError(f"--name {name!r} must be one directory name of letters, digits, '.', '_' or '-'")
-        return [name] if is_real_dir(dest / name) else []
-    return model_names(dest)
+        return [volume for volume in volumes(dest) if volume.label == name]
+    return volumes(dest)
 
 
 def _referenced(volume: ModelVolume) -> dict[str, str]:
@@ -103,6 +104,13 @@ def _referenced(volume: ModelVolume) -> dict[str, str]:
     current = volume.current_revision()
     if current:
         reasons[current] = "current"
+    if volume.in_hub_cache:  # huggingface_hub's tools own the cache: a snapshot there keeps its revision here
+        for revision in volume.revisions():
+            with contextlib.suppress(ManifestError):
+                commit = Manifest.load(volume.manifest_path(revision)).revision
+                if os.path.lexists(volume.dest / "snapshots" / commit):
+                    reasons.setdefault(revision, f"in the Hugging Face cache as snapshots/{commit} (remove it "
+                                                 "with `hf cache delete` first)")
     return reasons
 
 
@@ -124,8 +132,7 @@ def collect(dest: Path, keep: int, staging_older_than: float, name: str | None =
         raise UsageError(f"--dest {dest} is not a directory")
     freed, removed = _Freed(dry_run), 0
     verb = "would remove" if dry_run else "removed"
-    for model in _models(dest, name):
-        volume = ModelVolume(dest, model)
+    for volume in _volumes(dest, name):
         trash = volume.trash
         if is_real_dir(trash):
             for leftover in trash.iterdir():
@@ -140,9 +147,9 @@ def collect(dest: Path, keep: int, staging_older_than: float, name: str | None =
             newest_first = sorted(volume.revisions(), key=lambda r: _age_key(volume, r), reverse=True)
             for index, revision in enumerate(newest_first):
                 if revision in reasons:
-                    log.info("gc: keeping %s revision %s (%s)", model, revision, reasons[revision])
+                    log.info("gc: keeping %s revision %s (%s)", volume.label, revision, reasons[revision])
                 elif index < keep:
-                    log.info("gc: keeping %s revision %s (one of the %d newest)", model, revision, keep)
+                    log.info("gc: keeping %s revision %s (one of the %d newest)", volume.label, revision, keep)
                 else:
                     if _remove_revision(volume, revision, lock_mode, lease_timeout, freed):
                         removed += 1
@@ -155,16 +162,16 @@ def collect(dest: Path, keep: int, staging_older_than: float, name: str | None =
                     continue
                 age = now - _newest_mtime(entry)
                 if age < staging_older_than:
-                    log.info("gc: keeping staging %s of %s (touched %.0fs ago)", entry.name, model, age)
+                    log.info("gc: keeping staging %s of %s (touched %.0fs ago)", entry.name, volume.label, age)
                     continue
                 with try_lock(volume.lock_path(entry.name), lock_mode, lease_timeout) as taken:
                     if not taken:
-                        log.info("gc: keeping staging %s of %s: in use by %s", entry.name, model,
+                        log.info("gc: keeping staging %s of %s: in use by %s", entry.name, volume.label,
                                  describe_holder(volume.lock_path(entry.name)))
                         continue
                     size = _remove(entry, freed)
-                    log.info("gc: %s abandoned staging %s of %s (%s, untouched for %.0fs)", verb, entry.name, model,
-                             human_bytes(size), age)
+                    log.info("gc: %s abandoned staging %s of %s (%s, untouched for %.0fs)", verb, entry.name,
+                             volume.label, human_bytes(size), age)
     event("gc", "gc: %s %s, %s %s on %s (files still linked from kept revisions count as not freed)", verb,
           counted(removed, "revision"), "would free" if dry_run else "freed", human_bytes(freed.total), dest,
           revisions_removed=removed, bytes_freed=freed.total, dest=str(dest), dry_run=dry_run)
@@ -176,24 +183,24 @@ def _remove_revision(volume: ModelVolume, revision: str, lock_mode: str, lease_t
     lock = volume.lock_path(revision)
     with try_lock(lock, lock_mode, lease_timeout) as taken:
         if not taken:
-            log.info("gc: keeping %s revision %s: in use by %s", volume.name, revision, describe_holder(lock))
+            log.info("gc: keeping %s revision %s: in use by %s", volume.label, revision, describe_holder(lock))
             return False
         directory = volume.revision_dir(revision)
         if freed.dry_run:
             size = freed.tree(directory)
-            log.info("gc: would remove %s revision %s (would free %s)", volume.name, revision, human_bytes(size))
+            log.info("gc: would remove %s revision %s (would free %s)", volume.label, revision, human_bytes(size))
             print(directory, flush=True)
             return True
         aside = volume.trash_path(f"{revision}.gc.{os.getpid()}")
         os.rename(directory, aside)
         if volume.current_revision() == revision:  # a warm start flipped `current` to it meanwhile
             os.rename(aside, directory)
-            log.info("gc: keeping %s revision %s (it just became current)", volume.name, revision)
+            log.info("gc: keeping %s revision %s (it just became current)", volume.label, revision)
             return False
         for path in (volume.manifest_path(revision), volume.verified_path(revision)):
             path.unlink(missing_ok=True)
         size = _remove(aside, freed)
-        log.info("gc: removed %s revision %s (freed %s)", volume.name, revision, human_bytes(size))
+        log.info("gc: removed %s revision %s (freed %s)", volume.label, revision, human_bytes(size))
         print(directory, flush=True)
         return True
 

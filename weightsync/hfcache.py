@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 from weightsync.errors import UsageError, WeightsyncError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-NATIVE = "weightsync"
+NATIVE = "weightsync"  # layout.HUB_CACHE_VOLUME
 CACHEDIR_TAG = ("Signature: 8a477f597d28d172789f06886806bc55\n"
                 "# This file is a cache directory tag created by huggingface_hub.\n"
                 "# For information about cache directory tags, see https://bford.info/cachedir/\n")

@@ -104,27 +104,53 @@ def require_volume(dest: Path) -> None:
         raise UsageError(f"--dest {dest} does not exist or is not a directory; point it at the volume")
 
 
+def _holds_a_model(directory: Path) -> bool:
+    return is_real_dir(directory) and (is_real_dir(directory / REVISIONS) or is_real_dir(directory / STAGING))
+
+
 def model_names(dest: Path) -> list[str]:
     """The models on a volume: real directories (no symlink) holding revisions or staging."""
     try:
         children = sorted(dest.iterdir())
     except OSError:
         return []
-    return [child.name for child in children
-            if SAFE_NAME.match(child.name) and is_real_dir(child)
-            and (is_real_dir(child / REVISIONS) or is_real_dir(child / STAGING))]
+    return [child.name for child in children if SAFE_NAME.match(child.name) and _holds_a_model(child)]
+
+
+HUB_CACHE_REPO = re.compile(r"^(models|datasets|spaces)--[A-Za-z0-9][A-Za-z0-9._-]*(--[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+HUB_CACHE_VOLUME = "weightsync"  # hfcache.NATIVE: weightsync's volume inside a hub cache repo folder
+
+
+def volumes(dest: Path) -> list[ModelVolume]:
+    """Every model on DEST: the native layout's DEST/<name>, and the hub cache layout's
+    DEST/models--owner--name/weightsync (labelled by the repo folder)."""
+    found = [ModelVolume(dest, name) for name in model_names(dest)]
+    try:
+        children = sorted(dest.iterdir())
+    except OSError:
+        return found
+    for child in children:
+        if HUB_CACHE_REPO.match(child.name) and is_real_dir(child) and _holds_a_model(child / HUB_CACHE_VOLUME):
+            found.append(ModelVolume(child, HUB_CACHE_VOLUME, label=child.name))
+    return found
 
 
 class ModelVolume:
     """Paths and atomic operations for one model (one --name) on the volume."""
 
-    def __init__(self, dest: Path, name: str) -> None:
+    def __init__(self, dest: Path, name: str, label: str | None = None) -> None:
         if not SAFE_NAME.match(name):
             raise UsageError(f"--name {name!r} must be one directory name of letters, digits, '.', '_' or '-'")
         self.dest = dest
         self.name = name
+        self.label = label or name  # what messages and `status` call it (a hub cache repo folder's name)
         self.root = dest / name
         self.current = self.root / "current"
+
+    @property
+    def in_hub_cache(self) -> bool:
+        """This volume is weightsync's own inside a hub cache repo folder (--layout hf-cache)."""
+        return self.name == HUB_CACHE_VOLUME and bool(HUB_CACHE_REPO.match(self.dest.name))
 
     def revision_dir(self, key: RevisionKey) -> Path:
         return self.root / REVISIONS / key

@@ -12,7 +12,7 @@ from typing import Any
 
 from weightsync.checksums import describe_tally, tally
 from weightsync.fsutil import disk_usage
-from weightsync.layout import ModelVolume, model_names, require_volume
+from weightsync.layout import ModelVolume, require_volume, volumes
 from weightsync.locking import flock_held
 from weightsync.logs import human_bytes, human_duration
 from weightsync.manifest import Manifest, ManifestError
@@ -52,18 +52,18 @@ def model_status(volume: ModelVolume) -> dict[str, Any]:
                 holder = None
         if held:
             locks.append({"revision": lock.name[: -len(".lock")], "holder": holder})
-    return {"name": volume.name, "current": current, "revisions": revisions, "staging": staging,
+    return {"name": volume.label, "current": current, "revisions": revisions, "staging": staging,
             "lock_holders": locks}
 
 
 def volume_status(dest: Path) -> dict[str, Any]:
     require_volume(dest)
     models = []
-    for name in model_names(dest):
+    for volume in volumes(dest):
         try:
-            models.append(model_status(ModelVolume(dest, name)))
+            models.append(model_status(volume))
         except Exception as exc:  # one odd directory must not hide the others
-            models.append({"name": name, "problem": str(exc)})
+            models.append({"name": volume.label, "problem": str(exc)})
     return {"dest": str(dest.absolute()), "models": models}
 
 
