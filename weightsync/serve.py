@@ -72,7 +72,7 @@ def serve(engine: Engine, reporter: Reporter, options: Options) -> int:
               port=options.metrics_port)
     try:
         result = reporter.sync(engine)
-        print(result.path, flush=True)
+        print(result.model_dir, flush=True)
         _mark_ready(state, options.ready_file, result)
         interval = options.recheck_interval or 0.0
         current = result.revision
@@ -87,9 +87,9 @@ def serve(engine: Engine, reporter: Reporter, options: Options) -> int:
 
 def _mark_ready(state: _State, ready_file: str | None, result: SyncResult) -> None:
     if ready_file:
-        write_atomic(Path(ready_file), f"{result.path}\n".encode(), durable=False)
+        write_atomic(Path(ready_file), f"{result.model_dir}\n".encode(), durable=False)
     state.ready.set()
-    event("ready", "ready: %s", result.path, path=str(result.path))
+    event("ready", "ready: %s", result.model_dir, path=str(result.model_dir))
 
 
 def _recheck(engine: Engine, reporter: Reporter, current: str) -> str:
