@@ -20,7 +20,7 @@ from tests.images.helpers import REPO, find_tool, require_tool
 
 pytestmark = pytest.mark.slow
 
-OVERLAYS = ["cpu", "gpu", "sidecar", "prewarm", "node-cache"]
+OVERLAYS = ["cpu", "gpu", "sidecar", "prewarm", "node-cache", "hf-cache"]
 CHART = REPO / "charts/weightsync"
 # The oldest release with native sidecars (restartPolicy: Always initContainers), and the newest schema.
 KUBE_VERSIONS = ["1.29", None]
@@ -181,18 +181,34 @@ def test_kustomize_overlay_is_valid_hardened_and_scanner_clean(overlay: str, tmp
     spec = find(docs, "Deployment", "example-server")["spec"]["template"]["spec"]
     server = container(spec, "server")
     assert {"mountPath": "/models", "name": "models", "readOnly": True} in server["volumeMounts"]
-    # The model name is set once, in the ConfigMap; every pod derives its MODEL_DIR from it.
     config = find(docs, "ConfigMap")["data"]
-    assert config["WEIGHTSYNC_NAME"] == "tiny-mlp"
-    assert resolved_env(server, docs)["MODEL_DIR"] == "/models/tiny-mlp/current"
+    if overlay == "hf-cache":
+        # The cache layout: no name (weightsync refuses --name there); the repo id, revision and cache are set
+        # once, in the ConfigMap, and the server loads the model by repo id from the cache, offline.
+        assert "WEIGHTSYNC_NAME" not in config and config["WEIGHTSYNC_LAYOUT"] == "hf-cache"
+        assert config["WEIGHTSYNC_DEST"] == "/models/hub" and config["WEIGHTSYNC_SOURCE"].startswith("hf://")
+        env = resolved_env(server, docs)
+        assert "MODEL_DIR" not in env
+        assert env["HF_HUB_CACHE"] == env["HUGGINGFACE_HUB_CACHE"] == "/models/hub" and env["HF_HUB_OFFLINE"] == "1"
+        assert env["MODEL_ID"] == config["WEIGHTSYNC_REPO_ID"] == "Qwen/Qwen2.5-0.5B-Instruct"
+        assert env["MODEL_REVISION"] == config["WEIGHTSYNC_REVISION"]
+        assert server["image"].startswith("vllm/vllm-openai:v") and server["command"] == ["vllm", "serve"]
+        assert server["args"][:3] == ["$(MODEL_ID)", "--revision=$(MODEL_REVISION)", "--served-model-name=$(MODEL_ID)"]
+        assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+        model = "Qwen"
+    else:
+        # The model name is set once, in the ConfigMap; every pod derives its MODEL_DIR from it.
+        assert config["WEIGHTSYNC_NAME"] == "tiny-mlp"
+        assert resolved_env(server, docs)["MODEL_DIR"] == "/models/tiny-mlp/current"
+        model = "tiny-mlp"
     for where, pod in pod_specs(docs):
-        assert "tiny-mlp" not in yaml.safe_dump(pod), f"{where} names the model itself"
+        assert model not in yaml.safe_dump(pod), f"{where} names the model itself"
         for item in pod.get("initContainers", []):
             if item["name"] == "wait-for-model":
                 assert resolved_env(item, docs)["MODEL_DIR"] == "/models/tiny-mlp/current", where
                 assert "$MODEL_DIR" in item["args"][0], where
 
-    if overlay in {"cpu", "gpu", "sidecar"}:
+    if overlay in {"cpu", "gpu", "sidecar", "hf-cache"}:
         agent = container(spec, "weightsync")
         assert agent["image"].startswith("weightsync:")
         assert any(m["mountPath"] == "/models" and not m.get("readOnly") for m in agent["volumeMounts"])
@@ -275,6 +291,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
     # The example values file for vLLM, as a user passes it with -f.
     "vllm": yaml.safe_load((CHART / "values-vllm.yaml").read_text()),
+    # vLLM loading the model by repo id from the Hugging Face cache layout.
+    "vllm-hf-cache": yaml.safe_load((CHART / "values-vllm-hf-cache.yaml").read_text()),
+    # The cache layout for an S3 mirror (the repo id given), with weightsync as a native sidecar, pinned.
+    "hf-cache-s3-mirror-sidecar": {
+        "weightsync": {"layout": "hf-cache", "repoId": "acme/tiny-mlp", "mode": "sidecar",
+                       "revision": "0123456789abcdef0123"},
+    },
 }
 CHART_DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 
@@ -333,7 +356,18 @@ def test_helm_rendering_is_valid_hardened_and_scanner_clean(helm, value_set: str
     assert server.get("command", []) == given["command"] and server.get("args", []) == given["args"]
     name = values.get("weightsync", {}).get("name", CHART_DEFAULTS["weightsync"]["name"])
     env = resolved_env(server, docs)
-    assert env["MODEL_DIR"] == f"/models/{name}/current" and env["MODEL_NAME"] == name
+    agent_env = resolved_env(agent, docs)
+    if values.get("weightsync", {}).get("layout") == "hf-cache":
+        # The server loads the model by repo id from the cache, offline; weightsync fills the cache, unnamed.
+        repo_id = values["weightsync"].get("repoId") or values["weightsync"]["source"].removeprefix("hf://")
+        assert "MODEL_DIR" not in env and env["MODEL_ID"] == env["MODEL_NAME"] == repo_id
+        assert env["HF_HUB_CACHE"] == env["HUGGINGFACE_HUB_CACHE"] == "/models/hub" and env["HF_HUB_OFFLINE"] == "1"
+        assert agent_env["WEIGHTSYNC_LAYOUT"] == "hf-cache" and agent_env["WEIGHTSYNC_REPO_ID"] == repo_id
+        assert "--dest=/models/hub" in agent["args"] and not any(a.startswith("--name") for a in agent["args"])
+        name = repo_id
+    else:
+        assert env["MODEL_DIR"] == f"/models/{name}/current" and env["MODEL_NAME"] == name
+        assert "WEIGHTSYNC_LAYOUT" not in agent_env and f"--name={name}" in agent["args"]
     assert env["PORT"] == str(given["port"])
     # A startupProbe holds liveness back while the model loads.
     assert server["startupProbe"]["failureThreshold"] * server["startupProbe"]["periodSeconds"] >= 300
@@ -396,6 +430,19 @@ def test_helm_rendering_is_valid_hardened_and_scanner_clean(helm, value_set: str
             ("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/completions")]
         assert "$(MODEL_NAME)" in requests[2]["body"]
         assert {"name": "MODEL_NAME", "value": name} in test_pod["spec"]["containers"][0]["env"]
+    if value_set == "vllm-hf-cache":
+        assert server["image"].startswith("vllm/vllm-openai:v") and server["command"] == ["vllm", "serve"]
+        assert server["args"][:3] == ["$(MODEL_ID)", "--revision=$(MODEL_REVISION)",
+                                      "--served-model-name=$(MODEL_NAME)"]
+        assert env["MODEL_ID"] == "Qwen/Qwen2.5-0.5B-Instruct" and env["MODEL_REVISION"] == "main"
+        assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}["vllm-home"]
+        assert agent["envFrom"] == [{"secretRef": {"name": "hf-token"}}] and "envFrom" not in server
+        assert "$(MODEL_NAME)" in requests[2]["body"]
+        assert {"name": "MODEL_NAME", "value": name} in test_pod["spec"]["containers"][0]["env"]
+    if value_set == "hf-cache-s3-mirror-sidecar":
+        # s3:// revisions are cached under refs/main: the server asks for main, whatever is pinned.
+        assert env["MODEL_REVISION"] == "main" and "--revision=0123456789abcdef0123" in agent["args"]
     if value_set == "rwx-existing-claim-lockfile-push":
         assert claim == "shared-models" and not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
         assert "--lockfile=/etc/weightsync/weightsync.lock" in agent["args"]
@@ -429,6 +476,12 @@ def test_helm_rejects_inconsistent_values(helm) -> None:
             chart.render(values={"metrics": {"serviceMonitor": {"enabled": True}}}, name="demo")
         with pytest.raises(helm.HelmError, match="ReadWriteMany"):
             chart.render(values={"replicaCount": 2}, name="demo")
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema({"weightsync": {"layout": "hub"}})
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema({"weightsync": {"layout": "hf-cache", "repoId": "acme--x/y"}})
+        with pytest.raises(helm.HelmError, match="repoId"):  # an s3:// source has no repo id of its own
+            chart.render(values={"weightsync": {"layout": "hf-cache"}}, name="demo")
 
 
 def test_trivy_scans_the_chart_itself(tmp_path: Path) -> None:

@@ -56,6 +56,60 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s/%s/current" (trimSuffix "/" .Values.persistence.mountPath) .Values.weightsync.name }}
 {{- end }}
 
+{{/* "true" with weightsync.layout=hf-cache: the volume holds a Hugging Face hub cache the server loads by repo id. */}}
+{{- define "weightsync.hfCache" -}}
+{{- if eq (default "native" .Values.weightsync.layout) "hf-cache" }}true{{ end -}}
+{{- end }}
+
+{{/* weightsync's --dest: the mount itself, or with hf-cache its hub/ directory (HF_HUB_CACHE), which keeps the
+cache apart from anything else at the volume's root (ext4's lost+found would be reported as a broken repo). */}}
+{{- define "weightsync.dest" -}}
+{{- if include "weightsync.hfCache" . }}
+{{- printf "%s/hub" (trimSuffix "/" .Values.persistence.mountPath) }}
+{{- else }}
+{{- .Values.persistence.mountPath }}
+{{- end }}
+{{- end }}
+
+{{/* hf-cache: the repo id the model is cached under and the server loads: weightsync.repoId, else the hf:// source's. */}}
+{{- define "weightsync.repoId" -}}
+{{- $w := .Values.weightsync -}}
+{{- if $w.repoId -}}
+{{- $w.repoId -}}
+{{- else if hasPrefix "hf://" $w.source -}}
+{{- $repo := trimPrefix "models/" (trimAll "/" (trimPrefix "hf://" $w.source)) -}}
+{{- if hasPrefix "datasets/" $repo -}}
+{{- fail "weightsync.layout=hf-cache: a dataset (hf://datasets/...) is cached as datasets--OWNER--NAME, which no model server loads; use weightsync.layout=native" -}}
+{{- end -}}
+{{- first (splitList "@" $repo) -}}
+{{- else -}}
+{{- fail "weightsync.layout=hf-cache needs weightsync.repoId (OWNER/NAME) for an s3:// or file:// source: the repo id the model is cached under and the server loads it by" -}}
+{{- end -}}
+{{- end }}
+
+{{/* hf-cache: the revision the server asks the cache for (MODEL_REVISION). A branch or tag has a ref, and a commit
+is its own snapshot name: for hf://, the revision synced (weightsync.revision, the source's @rev, or the
+lockfile's commit), else main; s3:// and file:// revisions are cached under refs/main. */}}
+{{- define "weightsync.modelRevision" -}}
+{{- $w := .Values.weightsync -}}
+{{- $revision := "" -}}
+{{- if hasPrefix "hf://" $w.source -}}
+{{- $revision = $w.revision -}}
+{{- if and (not $revision) (contains "@" $w.source) -}}
+{{- $revision = last (splitList "@" $w.source) -}}
+{{- end -}}
+{{- if and (not $revision) $w.lockfile -}}
+{{- $revision = toString (default "" (fromJson $w.lockfile).revision) -}}
+{{- end -}}
+{{- end -}}
+{{- default "main" $revision -}}
+{{- end }}
+
+{{/* The name clients ask the server for (MODEL_NAME): the repo id with hf-cache, else weightsync.name. */}}
+{{- define "weightsync.modelName" -}}
+{{- if include "weightsync.hfCache" . }}{{ include "weightsync.repoId" . }}{{ else }}{{ .Values.weightsync.name }}{{ end -}}
+{{- end }}
+
 {{/* A server probe from values: the Probe as given, or with no handler an HTTP GET of server.healthPath on the http port. */}}
 {{- define "weightsync.serverProbe" -}}
 {{- $probe := deepCopy .probe -}}
@@ -82,8 +136,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   args:
     - {{ ternary "serve" "sync" $sidecar }}
     - --source={{ $w.source }}
-    - --dest={{ .Values.persistence.mountPath }}
+    - --dest={{ include "weightsync.dest" . }}
+    {{- if not (include "weightsync.hfCache" .) }}
     - --name={{ $w.name }}
+    {{- end }}
     {{- with $w.revision }}
     - --revision={{ . }}
     {{- end }}
@@ -142,6 +198,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     {{- end }}
     - name: WEIGHTSYNC_LOG_FORMAT
       value: json
+    {{- if include "weightsync.hfCache" . }}
+    - name: WEIGHTSYNC_LAYOUT
+      value: hf-cache
+    - name: WEIGHTSYNC_REPO_ID
+      value: {{ include "weightsync.repoId" . | quote }}
+    {{- end }}
     {{- if .Values.signature.required }}
     {{- $t := .Values.signature.trust }}
     - name: WEIGHTSYNC_SIGNATURE
