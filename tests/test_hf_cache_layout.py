@@ -16,25 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.support.helpers import error_line, safetensors_bytes, tree_bytes, weightsync, weightsync_popen
-from tests.support.hubserver import HubServer
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def hub():
-    server = HubServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def hub_env(hub, clean_env):
-    return {**clean_env, **hub.env(), "PYTHONUNBUFFERED": "1"}
 
 
 def model_files(seed: int = 0) -> dict[str, bytes]:

@@ -16,19 +16,6 @@ from tests.support.hubserver import HubServer
 MiB = 1024 * 1024
 
 
-@pytest.fixture
-def hub():
-    server = HubServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def hub_env(hub, clean_env):
-    return {**clean_env, **hub.env(), "PYTHONUNBUFFERED": "1"}
-
-
 def repo_files(seed: int = 0, shard: int = 2 * MiB) -> dict[str, bytes]:
     rng = random.Random(seed)
     return {
