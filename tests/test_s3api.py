@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime
 import http.server
+import ipaddress
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -160,7 +162,7 @@ def tinyproxy(tmp_path) -> Iterator[tuple[str, Path]]:
     log = tmp_path / "tinyproxy.log"
     (tmp_path / "tinyproxy.conf").write_text(
         f"Port {port}\nListen 127.0.0.1\nTimeout 60\nLogFile \"{log}\"\nLogLevel Connect\nMaxClients 50\n"
-        "Allow 127.0.0.1\nConnectPort 443\nDisableViaHeader Yes\n")
+        "Allow 127.0.0.1\nDisableViaHeader Yes\n")  # no ConnectPort line: CONNECT to any port (the TLS stub's)
     process = subprocess.Popen([binary, "-d", "-c", str(tmp_path / "tinyproxy.conf")], stdout=subprocess.DEVNULL,
                                stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 10
@@ -199,7 +201,8 @@ def test_requests_go_through_the_http_proxy_the_environment_names(small_model, s
 class Stub:
     """An HTTP/1.1 server on loopback whose every reply comes from `answer(handler)`; records each request."""
 
-    def __init__(self, answer: Callable[[http.server.BaseHTTPRequestHandler], None]) -> None:
+    def __init__(self, answer: Callable[[http.server.BaseHTTPRequestHandler], None],
+                 tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         stub = self
 
@@ -216,7 +219,9 @@ class Stub:
                 return
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
@@ -307,3 +312,71 @@ def test_a_reply_that_is_not_xml_is_a_source_error_naming_it(stub_env):
             stub_env(stub).snapshot(None, Selection())
     finally:
         stub.close()
+
+
+@pytest.fixture
+def private_ca(tmp_path) -> tuple[Path, ssl.SSLContext]:
+    """A self-signed certificate for 127.0.0.1 (a private CA of one), and a server context that presents it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weightsync test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(hours=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "ca.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    return cert_path, context
+
+
+def listing_then_bytes(handler: http.server.BaseHTTPRequestHandler) -> None:
+    if "list-type" in handler.path:
+        reply(handler, 200, LISTING)
+    else:
+        reply(handler, 206, b"0123456789", {"Content-Range": "bytes 0-9/10"})
+
+
+def test_https_with_a_private_ca_needs_aws_ca_bundle_and_works_with_it(private_ca, monkeypatch, tmp_path):
+    ca, context = private_ca
+    stub = Stub(listing_then_bytes, tls=context)
+    try:
+        settings_from(monkeypatch, tmp_path, AWS_ENDPOINT_URL=stub.endpoint, AWS_ACCESS_KEY_ID="k",
+                      AWS_SECRET_ACCESS_KEY="s", AWS_REGION="us-east-1")
+        with pytest.raises(SourceError, match=r"TLS certificate is not trusted .*set AWS_CA_BUNDLE"):
+            S3Source.from_uri("s3://bkt/m", addressing_style="path").snapshot(None, Selection())
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(ca))
+        source = S3Source.from_uri("s3://bkt/m", addressing_style="path")
+        [file] = source.snapshot(None, Selection()).files
+        reader = source.open_range(file, 0, 10)
+        buffer = memoryview(bytearray(16))
+        assert bytes(buffer[:reader.readinto(buffer)]) == b"0123456789"
+        reader.close()
+    finally:
+        stub.close()
+
+
+def test_https_goes_through_the_proxy_as_a_connect_tunnel(private_ca, tinyproxy, monkeypatch, tmp_path):
+    ca, context = private_ca
+    proxy, log = tinyproxy
+    stub = Stub(listing_then_bytes, tls=context)
+    try:
+        settings_from(monkeypatch, tmp_path, AWS_ENDPOINT_URL=stub.endpoint, AWS_ACCESS_KEY_ID="k",
+                      AWS_SECRET_ACCESS_KEY="s", AWS_REGION="us-east-1", AWS_CA_BUNDLE=str(ca), HTTPS_PROXY=proxy,
+                      NO_PROXY="", no_proxy="")
+        [file] = S3Source.from_uri("s3://bkt/m", addressing_style="path").snapshot(None, Selection()).files
+    finally:
+        stub.close()
+    assert file.path == "w.bin"
+    assert "CONNECT" in log.read_text() and stub.endpoint.rsplit(":", 1)[1] in log.read_text()
