@@ -31,6 +31,7 @@ import contextlib
 import os
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -128,7 +129,7 @@ class HubCache:
             os.link(item.verified_copy, blob)
 
     @contextlib.contextmanager
-    def _blob_lock(self, etag: str):  # type: ignore[no-untyped-def]
+    def _blob_lock(self, etag: str) -> Iterator[None]:
         """huggingface_hub's lock for writing this blob: `.locks/<folder>/<etag>.lock`, flock(LOCK_EX), 0664."""
         import fcntl
 
