@@ -296,6 +296,8 @@ def _trust_flags(options: Options) -> list[str]:
 def _model_flags(engine: Engine) -> list[str]:
     """How a command line names the model this engine syncs: --name, or the hub cache layout and its repo id."""
     if engine.hub_cache is not None:
+        from weightsync.hfcache import repo_id_of
+
         return ["--layout", "hf-cache", "--repo-id", repo_id_of(engine.hub_cache.folder)]
     return ["--name", engine.volume.name]
 
@@ -324,15 +326,13 @@ def _recorded_model(options: Options) -> Options:
         manifest = Manifest.load(volume.manifest_path(revision))
     except ManifestError as exc:
         raise UsageError(f"cannot tell which source {volume.root} was synced from ({exc}); pass --source") from None
-    layout = {"layout": "hf-cache", "repo_id": repo_id_of(volume.dest.name), "name": None} if volume.in_hub_cache \
-        else {"name": name}
-    return replace(options, source=manifest.source, include=tuple(manifest.selection.get("include", ())),
-                   exclude=tuple(manifest.selection.get("exclude", ())), **layout)  # type: ignore[arg-type]
+    recorded = replace(options, source=manifest.source, include=tuple(manifest.selection.get("include", ())),
+                       exclude=tuple(manifest.selection.get("exclude", ())))
+    if volume.in_hub_cache:
+        from weightsync.hfcache import repo_id_of
 
-
-def repo_id_of(folder: str) -> str:
-    """`models--org--name` -> `org/name`: the repo id a hub cache repo folder stands for."""
-    return folder.split("--", 1)[1].replace("--", "/")
+        return replace(recorded, layout="hf-cache", repo_id=repo_id_of(volume.dest.name), name=None)
+    return replace(recorded, name=name)
 
 
 def run_lock(options: Options, _: list[str]) -> int:

@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weightsync import config, testhooks
-from weightsync.checksums import Evidence, Verified, describe_tally, feed_file, tally
+from weightsync.checksums import HEX, Evidence, Verified, describe_tally, feed_file, tally
 from weightsync.config import AddressingStyle, Layout, LockMode, RevisionKey, TransferConfig, VerifyMode
 from weightsync.errors import DiskSpaceError, IntegrityError, NetworkError, SourceError, UsageError, WeightsyncError
 from weightsync.fsutil import fsync_dir, fsync_tree, is_regular_file_of_size, make_read_only, write_atomic
-from weightsync.hfcache import NATIVE, HubCache, repo_folder
-from weightsync.layout import LOCKS, MANIFESTS, REVISIONS, ModelVolume, check_listing, safe_makedirs
+from weightsync.hfcache import HubCache, repo_folder
+from weightsync.layout import HUB_CACHE_VOLUME, LOCKS, MANIFESTS, REVISIONS, ModelVolume, check_listing, safe_makedirs
 from weightsync.logs import counted, event, human_bytes, human_duration, named
 from weightsync.manifest import Manifest, ManifestEntry, ManifestError
 from weightsync.sources import RemoteFile, Selection, Snapshot, Source, open_source
@@ -186,7 +186,7 @@ class Engine:
         self.hub_cache = self._hub_cache() if request.layout == "hf-cache" else None
         if self.hub_cache is not None:
             # weightsync's own volume lives inside the repo's folder, where huggingface_hub looks at nothing
-            self.volume = ModelVolume(self.hub_cache.repo, NATIVE, label=self.hub_cache.folder)
+            self.volume = ModelVolume(self.hub_cache.repo, HUB_CACHE_VOLUME, label=self.hub_cache.folder)
         else:
             self.volume = ModelVolume(request.dest.absolute(),
                                       request.name or default_name(self.source, request.selection))
@@ -251,7 +251,7 @@ class Engine:
     def _blob_name(self, entry: ManifestEntry) -> str:
         """huggingface_hub's name for the blob: the Hub's etag (LFS sha256 or git blob sha1), else the sha256."""
         etag = (entry.etag or "").lower()
-        if self.source.kind == "hf" and len(etag) in (40, 64) and all(c in "0123456789abcdef" for c in etag):
+        if self.source.kind == "hf" and len(etag) in (40, 64) and HEX.fullmatch(etag):
             return etag
         return entry.sha256
 
@@ -574,9 +574,8 @@ class Engine:
         if self.hub_cache is not None:
             for remote in snapshot.files:  # what huggingface_hub already downloaded, hashed before it is kept
                 promised = remote.sha256_promise
-                blob = self.hub_cache.blob(promised.value) if promised else None
-                if promised and blob is not None and is_regular_file_of_size(blob, remote.size):
-                    reuse.add_unverified(blob, promised.value, remote.size)
+                if promised and is_regular_file_of_size(self.hub_cache.blob(promised.value), remote.size):
+                    reuse.add_unverified(self.hub_cache.blob(promised.value), promised.value, remote.size)
         for remote in snapshot.files:
             found = reuse.link_into(remote, tree, full=request.verify == "full")
             if found is None:

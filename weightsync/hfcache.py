@@ -35,10 +35,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from weightsync.checksums import ALGORITHMS, feed_file
 from weightsync.errors import UsageError, WeightsyncError
+from weightsync.layout import HUB_CACHE_VOLUME
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-NATIVE = "weightsync"  # layout.HUB_CACHE_VOLUME
 CACHEDIR_TAG = ("Signature: 8a477f597d28d172789f06886806bc55\n"
                 "# This file is a cache directory tag created by huggingface_hub.\n"
                 "# For information about cache directory tags, see https://bford.info/cachedir/\n")
@@ -50,6 +51,11 @@ def repo_folder(repo_id: str, repo_type: str = "model") -> str:
         raise UsageError(f"--repo-id {repo_id!r} is not a Hub repo id; use owner/name (letters, digits, '.', '_', "
                          "'-'; no '--')")
     return "--".join([f"{repo_type}s", *repo_id.split("/")])
+
+
+def repo_id_of(folder: str) -> str:
+    """`models--org--name` -> `org/name`: the inverse of `repo_folder`."""
+    return folder.split("--", 1)[1].replace("--", "/")
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,7 @@ class HubCache:
         snapshots = self._ensure(self.repo / "snapshots")
         snapshot = snapshots / commit
         if not os.path.lexists(snapshot):
-            stage = self._ensure(self.repo / NATIVE / ".snapshots") / f"{commit}.{os.getpid()}"
+            stage = self._ensure(self.repo / HUB_CACHE_VOLUME / ".snapshots") / f"{commit}.{os.getpid()}"
             _remove_tree(stage)
             os.mkdir(stage)
             _link_files(stage, files)
@@ -204,11 +210,10 @@ def _link_files(snapshot: Path, files: list[CachedFile]) -> None:
         link = snapshot / item.path
         target = link_target(item.path, item.etag)
         link.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):
+        if os.path.islink(link):
             if os.readlink(link) == target:
                 continue
-        if os.path.lexists(link) and os.path.exists(link) and os.stat(link).st_size == item.size \
-                and not os.path.islink(link):
+        elif os.path.isfile(link) and os.path.getsize(link) == item.size:
             continue  # a regular file huggingface_hub copied in (no symlinks there); left as it is
         temporary = link.parent / f".{link.name}.weightsync-{os.getpid()}.tmp"
         temporary.unlink(missing_ok=True)
@@ -225,19 +230,14 @@ def _same_file(one: Path, other: Path) -> bool:
 
 def _holds(blob: Path, item: CachedFile) -> bool:
     """Whether an existing blob's bytes hash to its name (sha256, or git's blob sha1 for a 40-hex name)."""
-    import hashlib
-
+    digest = ALGORITHMS["git-sha1" if len(item.etag) == 40 else "sha256"].new(item.size)
     try:
         if os.stat(blob).st_size != item.size:
             return False
-        digest = hashlib.sha1(f"blob {item.size}\0".encode(), usedforsecurity=False) if len(item.etag) == 40 \
-            else hashlib.sha256()
-        with open(blob, "rb") as handle:
-            while block := handle.read(8 * 1024 * 1024):
-                digest.update(block)
+        feed_file(blob, digest.update)
     except OSError:
         return False
-    return digest.hexdigest() == item.etag
+    return digest.digest().hex() == item.etag
 
 
 def _check_segment(name: str, what: str) -> None:

@@ -118,7 +118,7 @@ def model_names(dest: Path) -> list[str]:
 
 
 HUB_CACHE_REPO = re.compile(r"^(models|datasets|spaces)--[A-Za-z0-9][A-Za-z0-9._-]*(--[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-HUB_CACHE_VOLUME = "weightsync"  # hfcache.NATIVE: weightsync's volume inside a hub cache repo folder
+HUB_CACHE_VOLUME = "weightsync"  # weightsync's volume inside a hub cache repo folder (hfcache.py)
 
 
 def volumes(dest: Path) -> list[ModelVolume]:

@@ -84,7 +84,7 @@ def _head_promises(head: dict[str, str], listed: tuple[Promise, ...]) -> tuple[P
         if composite_type and not promise.parts:
             promise = promise.void(f"Checksum{name} is COMPOSITE but carries no part count")
         promises.append(promise)
-    metadata = {k.lower(): v for k, v in user_metadata(head).items()}
+    metadata = user_metadata(head)  # header names come lowercased
     if re.fullmatch(r"[0-9a-fA-F]{64}", metadata.get("sha256", "")):
         promises.append(Promise("sha256", metadata["sha256"].lower(), "x-amz-meta-sha256"))
     md5 = from_base64("md5", metadata.get("md5chksum", ""), "x-amz-meta-md5chksum")
