@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tests.support.helpers import error_line, safetensors_bytes, tree_bytes, weightsync, weightsync_popen
+from tests.support.hubserver import HubServer
 
 MiB = 1024 * 1024
 
@@ -28,6 +29,15 @@ def model_files(seed: int = 0) -> dict[str, bytes]:
         "model.safetensors": safetensors_bytes(rng.randbytes(3 * MiB)),
         "tokenizer/tokenizer.json": b'{"vocab": ["a", "b"]}',
     }
+
+
+def slow_model(hub: HubServer, seed: int, shard_mib: int, bytes_per_second: int) -> tuple[dict[str, bytes], str]:
+    """A model whose shard is big enough, and served slowly enough, to be caught mid-download."""
+    files = model_files()
+    files["model.safetensors"] = safetensors_bytes(random.Random(seed).randbytes(shard_mib * MiB))
+    commit = hub.add_commit("acme/tiny", files)
+    hub.faults.throttle_bps = bytes_per_second
+    return files, commit
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -192,10 +202,7 @@ def test_huggingface_hubs_own_blobs_are_reused_when_they_verify_and_replaced_whe
 
 
 def test_sigkill_mid_download_leaves_no_snapshot_huggingface_hub_would_return(hub, hub_env, tmp_path):
-    files = model_files()
-    files["model.safetensors"] = safetensors_bytes(random.Random(7).randbytes(24 * MiB))
-    commit = hub.add_commit("acme/tiny", files)
-    hub.faults.throttle_bps = 4 * MiB
+    files, commit = slow_model(hub, seed=7, shard_mib=24, bytes_per_second=4 * MiB)
     cache = tmp_path / "hub"
     process = weightsync_popen("sync", "--layout", "hf-cache", "--source", "hf://acme/tiny", "--dest", str(cache),
                                env=hub_env)
@@ -234,10 +241,7 @@ def test_name_does_not_apply_and_a_bad_repo_id_is_refused(hub, hub_env, tmp_path
 
 
 def test_concurrent_syncs_into_one_cache_download_once_and_both_serve_the_snapshot(hub, hub_env, tmp_path):
-    files = model_files()
-    files["model.safetensors"] = safetensors_bytes(random.Random(3).randbytes(12 * MiB))
-    commit = hub.add_commit("acme/tiny", files)
-    hub.faults.throttle_bps = 8 * MiB
+    files, commit = slow_model(hub, seed=3, shard_mib=12, bytes_per_second=8 * MiB)
     cache = tmp_path / "hub"
     racers = [weightsync_popen("sync", "--layout", "hf-cache", "--source", "hf://acme/tiny", "--dest", str(cache),
                                env=hub_env) for _ in range(2)]

@@ -55,29 +55,24 @@ def test_help_imports_no_heavy_module(clean_env):
     assert code == 0 and heavy == []
 
 
-def test_a_pinned_warm_start_imports_no_heavy_module(tmp_path, clean_env):
+def published_folder(tmp_path: Path, env: dict[str, str], *flags: str) -> list[str]:
+    """Sync a small folder model once; the arguments of its pinned warm start."""
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "weights.bin").write_bytes(b"w" * 100_000)
-    dest = str(tmp_path / "v")
-    first = weightsync("sync", "--source", str(folder), "--dest", dest, env=clean_env, check=True)
-    revision = Path(first.stdout.splitlines()[-1]).name
-    code, heavy = heavy_modules_loaded("sync", "--source", str(folder), "--dest", dest, "--revision", revision,
-                                env=clean_env)
+    args = ["sync", "--source", str(folder), "--dest", str(tmp_path / "v"), *flags]
+    first = weightsync(*args, env=env, check=True)
+    return [*args, "--revision", Path(first.stdout.splitlines()[-1]).name]
+
+
+def test_a_pinned_warm_start_imports_no_heavy_module(tmp_path, clean_env):
+    code, heavy = heavy_modules_loaded(*published_folder(tmp_path, clean_env), env=clean_env)
     assert code == 0 and heavy == []
 
 
 def test_a_plain_pinned_warm_start_loads_only_what_it_needs(tmp_path, clean_env):
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    (folder / "weights.bin").write_bytes(b"w" * 100_000)
-    dest = str(tmp_path / "v")
-    first = weightsync("sync", "--source", str(folder), "--dest", dest, "--name", "m", env=clean_env, check=True)
-    revision = Path(first.stdout.splitlines()[-1]).name
-    code, modules = modules_loaded("sync", "--source", str(folder), "--dest", dest, "--name", "m", "--revision",
-                                   revision, env=clean_env)
+    code, modules = modules_loaded(*published_folder(tmp_path, clean_env, "--name", "m"), env=clean_env)
     assert code == 0 and sorted(modules.intersection(NOT_ON_A_PLAIN_WARM_START)) == []
 
 
