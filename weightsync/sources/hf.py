@@ -5,9 +5,9 @@ commit: sizes, LFS sha256, git blob ids) and ranged GETs of the resolve URLs tha
 the Hub's 302 to its CDN, all over the sources' own connections (connections.py). The
 endpoint and token are read as huggingface_hub reads them (HF_ENDPOINT; HF_TOKEN or the
 token file), and the token goes to the Hub's host only, never to the CDN. Not importing
-huggingface_hub and httpx saves ~0.3 CPU-seconds per cold start, and reading bodies with
-http.client's readinto instead of httpx/h11 (Python parsing, two copies per read) more
-than halves the client's CPU per byte (benchmarks/README.md). Chunking, resume, retries,
+huggingface_hub and httpx saves their import on every cold start, and reading bodies with
+http.client's readinto instead of httpx/h11 (Python parsing, two copies per read) saves a
+copy per buffer (the Hub rows of benchmarks/README.md). Chunking, resume, retries,
 locking and atomic publish are the engine's, as for S3, and every file is verified: LFS
 files by sha256, small files by their git blob sha1, sizes always.
 

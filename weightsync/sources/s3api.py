@@ -1,8 +1,8 @@
 """S3's REST API over http.client: the four calls a sync makes, signed with SigV4, without botocore.
 
-Why not boto3: importing botocore and building an S3 client costs ~0.5 CPU-seconds and
-~45 MB of RSS on every cold start (benchmarks/README.md), as much CPU as hashing half a
-GiB, before the first byte. A sync needs four calls (ListObjectsV2, HeadObject,
+Why not boto3: importing botocore and building an S3 client costs ~0.35 CPU-seconds and
+~42 MB of RSS more on every cold start (benchmarks/README.md, "S3 transports"), more CPU
+than hashing half a GiB, before the first byte. A sync needs four calls (ListObjectsV2, HeadObject,
 GetObjectAttributes, a ranged GetObject), each a few lines of REST.
 
 What this module honours, as boto3 does (README "Sources"):
