@@ -20,7 +20,7 @@ from tests.images.helpers import REPO, find_tool, require_tool
 
 pytestmark = pytest.mark.slow
 
-OVERLAYS = ["cpu", "gpu", "sidecar", "prewarm", "node-cache", "hf-cache"]
+OVERLAYS = ["cpu", "gpu", "sidecar", "prewarm", "node-cache", "hf-cache", "gcs", "azure", "oci"]
 CHART = REPO / "charts/weightsync"
 # The oldest release with native sidecars (restartPolicy: Always initContainers), and the newest schema.
 KUBE_VERSIONS = ["1.29", None]
@@ -208,7 +208,7 @@ def test_kustomize_overlay_is_valid_hardened_and_scanner_clean(overlay: str, tmp
                 assert resolved_env(item, docs)["MODEL_DIR"] == "/models/tiny-mlp/current", where
                 assert "$MODEL_DIR" in item["args"][0], where
 
-    if overlay in {"cpu", "gpu", "sidecar", "hf-cache"}:
+    if overlay in {"cpu", "gpu", "sidecar", "hf-cache", "gcs", "azure", "oci"}:
         agent = container(spec, "weightsync")
         assert agent["image"].startswith("weightsync:")
         assert any(m["mountPath"] == "/models" and not m.get("readOnly") for m in agent["volumeMounts"])
@@ -228,6 +228,21 @@ def test_kustomize_overlay_is_valid_hardened_and_scanner_clean(overlay: str, tmp
         assert container(job, "weightsync")["args"][0] == "sync"
         assert find(docs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
         assert find(docs, "Deployment")["spec"]["replicas"] > 1
+    # Each cloud's workload identity: the ServiceAccount (and for AKS the pod label) carry it, no key does.
+    service_account = find(docs, "ServiceAccount", "weightsync")["metadata"].get("annotations", {})
+    if overlay == "gcs":
+        assert config["WEIGHTSYNC_SOURCE"].startswith("gs://")
+        assert service_account["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+    if overlay == "azure":
+        assert config["WEIGHTSYNC_SOURCE"].startswith("az://") and "azure.workload.identity/client-id" in service_account
+        assert find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    if overlay == "oci":
+        assert config["WEIGHTSYNC_SOURCE"].startswith("oci://") and config["DOCKER_CONFIG"] == "/etc/weightsync-registry"
+        agent = container(spec, "weightsync")
+        assert {"name": "registry-auth", "mountPath": "/etc/weightsync-registry", "readOnly": True} in agent["volumeMounts"]
+        assert not any(m["name"] == "registry-auth" for m in server["volumeMounts"]), "the server never sees it"
+        auth = {v["name"]: v for v in spec["volumes"]}["registry-auth"]["secret"]
+        assert auth["optional"] is True and auth["items"] == [{"key": ".dockerconfigjson", "path": "config.json"}]
     if overlay == "node-cache":
         daemon = find(docs, "DaemonSet", "weightsync-node-cache")["spec"]["template"]["spec"]
         assert container(daemon, "weightsync")["args"][0] == "serve"
@@ -293,6 +308,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "vllm": yaml.safe_load((CHART / "values-vllm.yaml").read_text()),
     # vLLM loading the model by repo id from the Hugging Face cache layout.
     "vllm-hf-cache": yaml.safe_load((CHART / "values-vllm-hf-cache.yaml").read_text()),
+    # Each cloud's workload identity and a private registry, as their example values files are used with -f.
+    "gcs-workload-identity": yaml.safe_load((CHART / "values-gcs-workload-identity.yaml").read_text()),
+    "azure-workload-identity": yaml.safe_load((CHART / "values-azure-workload-identity.yaml").read_text()),
+    "oci": yaml.safe_load((CHART / "values-oci.yaml").read_text()),
     # The cache layout for an S3 mirror (the repo id given), with weightsync as a native sidecar, pinned.
     "hf-cache-s3-mirror-sidecar": {
         "weightsync": {"layout": "hf-cache", "repoId": "acme/tiny-mlp", "mode": "sidecar",
@@ -443,6 +462,22 @@ def test_helm_rendering_is_valid_hardened_and_scanner_clean(helm, value_set: str
     if value_set == "hf-cache-s3-mirror-sidecar":
         # s3:// revisions are cached under refs/main: the server asks for main, whatever is pinned.
         assert env["MODEL_REVISION"] == "main" and "--revision=0123456789abcdef0123" in agent["args"]
+    service_account = find(docs, "ServiceAccount")["metadata"].get("annotations", {})
+    if value_set == "gcs-workload-identity":
+        assert "--source=gs://models-bucket/tiny-mlp" in agent["args"] and "envFrom" not in agent
+        assert service_account["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+    if value_set == "azure-workload-identity":
+        assert "--source=az://modelsaccount/models/tiny-mlp" in agent["args"] and "envFrom" not in agent
+        assert "azure.workload.identity/client-id" in service_account
+        pod_labels = find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+        assert pod_labels["azure.workload.identity/use"] == "true"
+    if value_set == "oci":
+        assert any(a.startswith("--source=oci://") and "@sha256:" in a for a in agent["args"])
+        assert agent_env["DOCKER_CONFIG"] == "/etc/weightsync-registry" and "DOCKER_CONFIG" not in env
+        assert {"name": "registry-auth", "mountPath": "/etc/weightsync-registry", "readOnly": True} in agent["volumeMounts"]
+        assert not any(m["name"] == "registry-auth" for m in server["volumeMounts"]), "the server never sees it"
+        auth = {v["name"]: v for v in spec["volumes"]}["registry-auth"]["secret"]
+        assert auth == {"secretName": "registry-auth", "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}
     if value_set == "rwx-existing-claim-lockfile-push":
         assert claim == "shared-models" and not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
         assert "--lockfile=/etc/weightsync/weightsync.lock" in agent["args"]

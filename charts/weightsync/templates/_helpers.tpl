@@ -196,6 +196,10 @@ lockfile's commit), else main; s3:// and file:// revisions are cached under refs
     - name: HF_ENDPOINT
       value: {{ . | quote }}
     {{- end }}
+    {{- if $w.oci.configSecret }}
+    - name: DOCKER_CONFIG
+      value: /etc/weightsync-registry
+    {{- end }}
     - name: WEIGHTSYNC_LOG_FORMAT
       value: json
     {{- if include "weightsync.hfCache" . }}
@@ -263,6 +267,11 @@ lockfile's commit), else main; s3:// and file:// revisions are cached under refs
     {{- if .Values.metrics.textfile.enabled }}
     - name: metrics-textfile
       mountPath: /var/lib/weightsync-metrics
+    {{- end }}
+    {{- if $w.oci.configSecret }}
+    - name: registry-auth
+      mountPath: /etc/weightsync-registry
+      readOnly: true
     {{- end }}
     {{- if include "weightsync.trustVolume" . }}
     - name: signature-trust
