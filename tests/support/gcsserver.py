@@ -1,4 +1,6 @@
-"""A GCS JSON API server for tests: gcp-storage-emulator (PyPI) on loopback, in a subprocess.
+"""A GCS JSON API server for tests: gcp-storage-emulator (PyPI) on loopback, in a subprocess; and the
+credential side of GCS at the wire: a fake GKE metadata server, a token endpoint that refuses, and a
+gateway that records the Authorization header of each storage request.
 
 `GcsEmulator().start()` runs `python -m tests.support.gcsserver --port N` (this module), which starts
 the emulator in memory with the corrections below, and `stop()` ends it. The `upload_*` helpers speak
@@ -34,9 +36,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +160,145 @@ class GcsEmulator:
 
     def metadata(self, bucket: str, name: str) -> dict[str, Any]:
         return self._json("GET", f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}")
+
+
+# ---------------------------------------------------------------------------------- credentials, at the wire
+
+
+class _Server:
+    """A threaded HTTP server on a free loopback port, stopped by `close`."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.owner = self  # type: ignore[attr-defined]
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> _Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Quiet(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+    def reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _MetadataHandler(_Quiet):
+    def do_GET(self) -> None:
+        server: FakeMetadataServer = self.server.owner  # type: ignore[attr-defined]
+        path, _, query = self.path.partition("?")
+        flavor = {"Metadata-Flavor": "Google"}
+        if self.headers.get("Metadata-Flavor") != "Google":
+            self.reply(403, b"missing Metadata-Flavor", flavor)
+            return
+        with server.lock:
+            server.requests.append(self.path)
+        accounts = "/computeMetadata/v1/instance/service-accounts/"
+        if path.startswith(accounts + server.email + "/"):  # google-auth asks by the email once it knows it
+            path = accounts + "default/" + path[len(accounts + server.email + "/"):]
+        account = accounts + "default/"
+        if path == "/":
+            self.reply(200, b"", flavor)
+        elif path == account:
+            body = {"email": server.email, "scopes": [server.scope], "aliases": ["default"]}
+            self.reply(200, json.dumps(body).encode(), {**flavor, "Content-Type": "application/json"})
+        elif path == account + "token":
+            with server.lock:
+                server.issued.append(f"{server.token_prefix}-{len(server.issued) + 1}")
+                token = server.issued[-1]
+                server.token_queries.append(urllib.parse.parse_qs(query))
+            body = {"access_token": token, "expires_in": server.expires_in, "token_type": "Bearer"}
+            self.reply(200, json.dumps(body).encode(), {**flavor, "Content-Type": "application/json"})
+        elif path == "/computeMetadata/v1/project/project-id":
+            self.reply(200, b"test-project", {**flavor, "Content-Type": "application/text"})
+        else:
+            self.reply(404, b"", flavor)
+
+
+class FakeMetadataServer(_Server):
+    """The GCE / GKE metadata server as Workload Identity serves it: a ping answered with Metadata-Flavor,
+    the default service account, and an access token that expires in `expires_in` seconds. google-auth finds
+    it through GCE_METADATA_HOST and GCE_METADATA_IP (`env()`)."""
+
+    def __init__(self, token_prefix: str, expires_in: int = 3600) -> None:
+        self.token_prefix, self.expires_in = token_prefix, expires_in
+        self.email = "model-reader@test-project.iam.gserviceaccount.com"
+        self.scope = "https://www.googleapis.com/auth/cloud-platform"
+        self.lock = threading.Lock()
+        self.requests: list[str] = []
+        self.issued: list[str] = []
+        self.token_queries: list[dict[str, list[str]]] = []
+        super().__init__(_MetadataHandler)
+
+    def env(self) -> dict[str, str]:
+        host = f"127.0.0.1:{self.port}"
+        return {"GCE_METADATA_HOST": host, "GCE_METADATA_IP": host}
+
+
+class _OAuthHandler(_Quiet):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}
+        self.reply(400, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+
+class RefusingTokenEndpoint(_Server):
+    """An OAuth 2.0 token endpoint that refuses every grant, as Google's does for a revoked or forged key."""
+
+    def __init__(self) -> None:
+        super().__init__(_OAuthHandler)
+
+
+class _RecordingHandler(_Quiet):
+    def do_GET(self) -> None:
+        server: RecordingGateway = self.server.owner  # type: ignore[attr-defined]
+        with server.lock:
+            server.authorizations.append(self.headers.get("Authorization", ""))
+        if server.refuse:
+            body = {"error": {"code": server.refuse, "message": "caller does not have storage.objects.list access"}}
+            self.reply(server.refuse, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("authorization", "host")}
+        connection = http.client.HTTPConnection("127.0.0.1", server.upstream, timeout=30)
+        try:
+            connection.request("GET", self.path, headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+            passed = {k: v for k, v in response.getheaders()
+                      if k.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server")}
+        finally:
+            connection.close()
+        self.reply(response.status, body, passed)
+
+
+class RecordingGateway(_Server):
+    """An authenticated front for the emulator (which checks no credentials): it records every request's
+    Authorization header, forwards the request without it, or refuses with `refuse` (401, 403)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = upstream_port
+        self.refuse = 0
+        self.lock = threading.Lock()
+        self.authorizations: list[str] = []
+        super().__init__(_RecordingHandler)
 
 
 # ---------------------------------------------------------------------------------- the emulator, corrected

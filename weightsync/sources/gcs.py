@@ -75,7 +75,9 @@ class GoogleAuthErrors(ErrorTranslator):
                                "GOOGLE_APPLICATION_CREDENTIALS to a key or credential configuration file, run "
                                "`gcloud auth application-default login`, or use Workload Identity")
         if isinstance(exc, exceptions.RefreshError):
-            if getattr(exc, "retryable", False):
+            # A metadata server or token endpoint that did not answer (GKE's Workload Identity server while a pod
+            # starts, a 5xx): retried, and exit 7 if it stays so. A refused grant or key: exit 3.
+            if getattr(exc, "retryable", False) or isinstance(exc.__cause__, exceptions.TransportError):
                 return TransientError(f"{self.what}: refreshing the Google access token failed: {detail}")
             return SourceError(f"{self.what}: the Google credentials were refused ({detail}); check "
                                "GOOGLE_APPLICATION_CREDENTIALS or the workload's service account")
@@ -112,8 +114,31 @@ class Credentials:
             if self._credentials is None:
                 self._credentials, _ = google.auth.default(scopes=[READ_ONLY_SCOPE])
             if not self._credentials.valid:
-                self._credentials.refresh(google.auth.transport.urllib3.Request(urllib3.PoolManager()))
+                self._credentials.refresh(google.auth.transport.urllib3.Request(_ProxiedHttp(urllib3)))
             return f"Bearer {self._credentials.token}"
+
+
+class _ProxiedHttp:
+    """urllib3 for google-auth's token requests, through HTTPS_PROXY / HTTP_PROXY unless NO_PROXY exempts the
+    host (as the storage requests; a plain PoolManager would ignore the proxy). The metadata server is reached
+    directly when NO_PROXY names it, as it must be on GKE behind a proxy."""
+
+    def __init__(self, urllib3: Any) -> None:
+        self._urllib3 = urllib3
+        self._direct = urllib3.PoolManager()
+        self._proxied: dict[str, Any] = {}
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        from weightsync.sources.connections import proxy_for
+
+        parts = urlsplit(url)
+        proxy = proxy_for(parts.scheme, parts.hostname or "")
+        if proxy is None:
+            return self._direct.request(method, url, **kwargs)
+        address = proxy.geturl()
+        if address not in self._proxied:
+            self._proxied[address] = self._urllib3.ProxyManager(address)
+        return self._proxied[address].request(method, url, **kwargs)
 
 
 @dataclass
