@@ -336,3 +336,36 @@ def test_an_emulator_host_without_scheme_is_used_without_credentials(gcs_server,
         proxy.close()
     assert result.returncode == 0, result.stderr
     assert proxy.stats.connections > 0
+
+
+class _Reply:
+    """Just enough of connections.Body for GcsSource._status: a status, headers, a JSON error body."""
+
+    def __init__(self, status: int, headers: dict[str, str] | None = None, message: str = "") -> None:
+        self.status, self.headers = status, headers or {}
+        self._data = json.dumps({"error": {"code": status, "message": message}}).encode() if message else b""
+
+    def read_all(self) -> bytes:
+        return self._data
+
+    def close(self) -> None:
+        return None
+
+
+def test_each_status_maps_to_its_exit_code_with_retry_after_and_the_service_message(monkeypatch):
+    from weightsync.errors import SourceError, TransientError
+    from weightsync.sources.gcs import GcsSource
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    source = GcsSource.from_uri("gs://bucket/models")
+    throttled = source._status(_Reply(429, {"retry-after": "7"}), "listing", None)  # type: ignore[arg-type]
+    assert isinstance(throttled, TransientError) and throttled.retry_after == 7
+    for status in (408, 500, 502, 503, 504):
+        assert isinstance(source._status(_Reply(status), "listing", None), TransientError)  # type: ignore[arg-type]
+    denied = source._status(_Reply(403, message="reader@p.iam does not have storage.objects.list access"),  # type: ignore[arg-type]
+                            "listing gs://bucket/models", None)
+    assert isinstance(denied, SourceError) and denied.exit_code == 3
+    assert "access denied (HTTP 403): reader@p.iam does not have storage.objects.list access" in str(denied)
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in str(denied)
+    missing = source._status(_Reply(404), "listing", "bucket gs://bucket not found")  # type: ignore[arg-type]
+    assert isinstance(missing, SourceError) and "bucket gs://bucket not found (HTTP 404)" in str(missing)

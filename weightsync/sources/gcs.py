@@ -101,8 +101,9 @@ class Credentials:
         self._credentials: Any = None
         self._lock = threading.Lock()
 
-    def authorization(self, what: str) -> str:
-        """The `Authorization` header value for a request."""
+    def authorization(self, what: str, connect_timeout: float, read_timeout: float) -> str:
+        """The `Authorization` header value for a request; a token request is bounded by the sync's timeouts
+        (urllib3's default is to wait forever, and google-auth sets none for token endpoints)."""
         with self._lock, GoogleAuthErrors(what):
             try:
                 import google.auth
@@ -114,7 +115,8 @@ class Credentials:
             if self._credentials is None:
                 self._credentials, _ = google.auth.default(scopes=[READ_ONLY_SCOPE])
             if not self._credentials.valid:
-                self._credentials.refresh(google.auth.transport.urllib3.Request(_ProxiedHttp(urllib3)))
+                http = _ProxiedHttp(urllib3, urllib3.Timeout(connect=connect_timeout, read=read_timeout))
+                self._credentials.refresh(google.auth.transport.urllib3.Request(http))
             return f"Bearer {self._credentials.token}"
 
 
@@ -123,9 +125,9 @@ class _ProxiedHttp:
     host (as the storage requests; a plain PoolManager would ignore the proxy). The metadata server is reached
     directly when NO_PROXY names it, as it must be on GKE behind a proxy."""
 
-    def __init__(self, urllib3: Any) -> None:
-        self._urllib3 = urllib3
-        self._direct = urllib3.PoolManager()
+    def __init__(self, urllib3: Any, timeout: Any) -> None:
+        self._urllib3, self._timeout = urllib3, timeout
+        self._direct = urllib3.PoolManager(timeout=timeout)
         self._proxied: dict[str, Any] = {}
 
     def request(self, method: str, url: str, **kwargs: Any) -> Any:
@@ -137,7 +139,7 @@ class _ProxiedHttp:
             return self._direct.request(method, url, **kwargs)
         address = proxy.geturl()
         if address not in self._proxied:
-            self._proxied[address] = self._urllib3.ProxyManager(address)
+            self._proxied[address] = self._urllib3.ProxyManager(address, timeout=self._timeout)
         return self._proxied[address].request(method, url, **kwargs)
 
 
@@ -280,7 +282,8 @@ class GcsSource:
                              "API_ENDPOINT_OVERRIDE")
         headers = {"Host": parts.netloc, "User-Agent": USER_AGENT, **extra}
         if authenticate:
-            headers["Authorization"] = self._credentials.authorization(what)
+            headers["Authorization"] = self._credentials.authorization(what, self.transfer.connect_timeout,
+                                                                       self.transfer.stall_timeout)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
             return self._pool.send(parts.scheme, parts.hostname, port, "GET", parts.path.rstrip("/") + target,
