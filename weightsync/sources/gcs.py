@@ -63,8 +63,9 @@ def storage_endpoint() -> tuple[str, bool]:
 
 class GoogleAuthErrors(ErrorTranslator):
     """google-auth's exceptions as weightsync's: bad or missing credentials are exit 3, an unreachable
-    token endpoint or metadata server is retried. Only the exception's first line is kept: google-auth
-    never puts a key or token in it, and a short line is what the user needs."""
+    token endpoint or metadata server is retried. Only the first line of the exception is kept (at most 200
+    characters): it names the file or the endpoint's error (`invalid_grant: ...`), which is what the user needs;
+    the key and the token are never in it, and logs.redact strips access tokens in any case."""
 
     def translate(self, exc: BaseException) -> Exception | None:
         from google.auth import exceptions
@@ -122,8 +123,8 @@ class Credentials:
 
 class _ProxiedHttp:
     """urllib3 for google-auth's token requests, through HTTPS_PROXY / HTTP_PROXY unless NO_PROXY exempts the
-    host (as the storage requests; a plain PoolManager would ignore the proxy). The metadata server is reached
-    directly when NO_PROXY names it, as it must be on GKE behind a proxy."""
+    host (as the storage requests; a plain PoolManager would ignore the proxy). The metadata server is always
+    reached directly: it is link-local to the node, and no proxy can reach it."""
 
     def __init__(self, urllib3: Any, timeout: Any) -> None:
         self._urllib3, self._timeout = urllib3, timeout
@@ -134,7 +135,9 @@ class _ProxiedHttp:
         from weightsync.sources.connections import proxy_for
 
         parts = urlsplit(url)
-        proxy = proxy_for(parts.scheme, parts.hostname or "")
+        metadata = {"metadata.google.internal", "169.254.169.254",
+                    urlsplit(f"//{os.environ.get('GCE_METADATA_HOST', '')}").hostname}
+        proxy = None if parts.hostname in metadata else proxy_for(parts.scheme, parts.hostname or "")
         if proxy is None:
             return self._direct.request(method, url, **kwargs)
         address = proxy.geturl()
