@@ -1,4 +1,4 @@
-"""Shared fixtures: a real S3 server (SeaweedFS) per session, a counting proxy per test, CLI runner."""
+"""Shared fixtures: a real S3 server (SeaweedFS) and a GCS emulator per session, a counting proxy per test."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.gcsserver import GcsEmulator
 from tests.support.hubserver import HubServer
 from tests.support.proxy import CountingProxy
 from tests.support.s3server import SeaweedS3
@@ -75,3 +76,34 @@ def hub() -> Iterator[HubServer]:
 def hub_env(hub: HubServer, clean_env: dict[str, str]) -> dict[str, str]:
     """The environment a weightsync process needs to reach the test Hub."""
     return {**clean_env, **hub.env(), "PYTHONUNBUFFERED": "1"}
+
+
+# Variables that would point a gs:// source at real Google credentials or another endpoint.
+GOOGLE_ENV = ("GOOGLE_", "GCE_", "CLOUDSDK_", "STORAGE_EMULATOR_HOST", "API_ENDPOINT_OVERRIDE")
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[GcsEmulator]:
+    """gcp-storage-emulator, corrected where it departs from GCS (tests/support/gcsserver.py), per session; it
+    pages listings by 3 objects, so that every listing of a test model follows nextPageToken."""
+    with GcsEmulator(page_size=3) as server:  # small pages: every listing of a test model is paginated
+        yield server
+
+
+@pytest.fixture
+def gcs_proxy(gcs_server: GcsEmulator) -> Iterator[CountingProxy]:
+    proxy = CountingProxy("127.0.0.1", gcs_server.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server: GcsEmulator) -> str:
+    return gcs_server.create_bucket()
+
+
+@pytest.fixture
+def gcs_env(gcs_proxy: CountingProxy, clean_env: dict[str, str]) -> dict[str, str]:
+    """The environment a weightsync process needs to reach the emulator through the proxy (no credentials)."""
+    env = {k: v for k, v in clean_env.items() if not k.startswith(GOOGLE_ENV)}
+    return {**env, "STORAGE_EMULATOR_HOST": gcs_proxy.url, "PYTHONUNBUFFERED": "1"}

@@ -85,3 +85,16 @@ def test_a_pinned_warm_start_from_s3_imports_neither_boto3_nor_the_transfer_mach
     code, heavy = heavy_modules_loaded("sync", "--source", f"s3://{bucket}/warm", "--dest", dest, "--revision",
                                        revision, env=s3_env)
     assert code == 0 and heavy == []
+
+
+def test_a_gcs_pinned_warm_start_imports_nothing_heavy_and_an_emulator_sync_no_google_auth(gcs_server, gcs_bucket,
+                                                                                          gcs_env, tmp_path):
+    for name, data in {"config.json": b"{}", "w.bin": b"x" * 200_000}.items():
+        gcs_server.upload(gcs_bucket, f"warm/{name}", data)
+    args = ["sync", "--source", f"gs://{gcs_bucket}/warm", "--dest", str(tmp_path / "v")]
+    code, cold = modules_loaded(*args, env=gcs_env)
+    assert code == 0 and not any(m == "google.auth" or m.startswith("google.auth.") for m in cold), \
+        "no credentials are needed for an emulator: google-auth stays unloaded"
+    revision = Path(weightsync(*args, env=gcs_env, check=True).stdout.splitlines()[-1]).name
+    code, heavy = heavy_modules_loaded(*args, "--revision", revision, env=gcs_env)
+    assert code == 0 and heavy == []

@@ -20,6 +20,8 @@ HEAVY: dict[str, str] = {
     "botocore": "the credential chain of last resort (SSO profiles), in sources/s3api.py",
     "huggingface_hub": "the Hub client (sources/hf.py), and httpx with it",
     "httpx": "the Hub's HTTP client",
+    "google.auth": "Google credentials for gs:// (sources/gcs.py), only when a token is needed",
+    "google.oauth2": "google-auth's service-account and user credentials, loaded by google.auth.default",
     "awscrt": "CRC32C / CRC64NVME checksums, only for a file promised one",
     "tqdm": "progress bars, only on a TTY",
     "prometheus_client": "metrics, only when asked for (--metrics-*, --pushgateway)",

@@ -3,7 +3,7 @@
 `--log-format json` turns every line into one JSON object with an `event` field
 (start, plan, progress, file_verified, retry, published, exec, error, ...). Every
 line, and the Kubernetes termination message, passes through `redact`, so
-credentials and presigned-URL signatures never reach a log. The progress display
+credentials, access tokens and presigned-URL signatures never reach a log. The progress display
 (progress.py) and the retry loop (retry.py) log through `event` here, and every
 report formats counts, sizes and durations with the helpers here.
 """
@@ -20,9 +20,11 @@ from typing import TextIO
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "HF_TOKEN",
               "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID")
-SIGNED_QUERY = re.compile(r"(?i)((?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|"
-                          r"key-pair-id|policy|token)=)[^&\s\"']+")
+SIGNED_QUERY = re.compile(r"(?i)((?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|"
+                          r"x-goog-credential|signature|key-pair-id|policy|token)=)[^&\s\"']+")
 HF_TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{10,}\b")
+GOOGLE_TOKEN_SHAPE = re.compile(r"\bya29\.[A-Za-z0-9_.-]+")
+"""A Google OAuth 2.0 access token (what ADC and the metadata server hand out for gs://)."""
 
 
 def redact(text: str) -> str:
@@ -32,6 +34,7 @@ def redact(text: str) -> str:
         if value and len(value) >= 8:
             text = text.replace(value, "***")
     text = SIGNED_QUERY.sub(r"\1***", text)
+    text = GOOGLE_TOKEN_SHAPE.sub("ya29.***", text)
     return HF_TOKEN_SHAPE.sub("hf_***", text)
 
 

@@ -25,6 +25,7 @@ MiB = 1024 * 1024
 # importing it would get a second, different value.
 HF_SECRET_TOKEN = "hf_" + secrets.token_hex(16)
 AWS_SESSION_SECRET = "wsSessionToken" + secrets.token_hex(20)
+GCS_SECRET_TOKEN = "wsGoogleToken" + secrets.token_hex(20)  # not ya29.-shaped: only never logging it hides it
 RECORD = Path(os.environ.get("WS_ADVERSARIAL_RECORD") or tempfile.mkdtemp(prefix="ws-adversarial-")) / "outputs.log"
 _counts = {"processes": 0}
 

@@ -125,8 +125,20 @@ def test_sigkill_anywhere_hf_never_exposes_a_partial_model(hub, hub_env, tmp_pat
 
 
 @pytest.mark.slow
+def test_sigkill_anywhere_gs_never_exposes_a_partial_model(gcs_server, gcs_bucket, gcs_env, gcs_proxy, tmp_path):
+    files = model(13)
+    for name, data in files.items():
+        gcs_server.upload(gcs_bucket, f"crash/{name}", data)
+
+    def throttle(on: bool) -> None:
+        gcs_proxy.faults.throttle_bps = 3 * MiB if on else None
+
+    _crash_campaign("gs", f"gs://{gcs_bucket}/crash", gcs_env, files, tmp_path, throttle, seed=7)
+
+
+@pytest.mark.slow
 def test_the_campaign_killed_at_least_30_times_and_exposed_nothing():
-    """Runs after both campaigns (file order): the issue's minimum, across S3 and HF."""
+    """Runs after the campaigns (file order): the issue's minimum, across S3, HF and GCS."""
     if TOTALS["kills"] == 0:
         pytest.skip("the crash campaigns did not run in this session")
     print(f"\ncrash-anywhere total: {TOTALS['kills']} SIGKILLs, {TOTALS['exposed']} partial models exposed")

@@ -1,4 +1,5 @@
-"""Secrets never appear in any output: AWS keys, session tokens, HF tokens, presigned-URL signatures.
+"""Secrets never appear in any output: AWS keys, session tokens, HF tokens, Google access tokens, presigned-URL
+signatures.
 
 Every weightsync process of the adversarial suite is recorded (harness.ws / Proc), the
 scenarios below add --debug runs of successes and failures of every kind, and the last
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.adversarial.harness import AWS_SESSION_SECRET, HF_SECRET_TOKEN, BlackHole, recorded, ws
+from tests.adversarial.harness import AWS_SESSION_SECRET, GCS_SECRET_TOKEN, HF_SECRET_TOKEN, BlackHole, recorded, ws
+from tests.support.gcsserver import FakeMetadataServer, RecordingGateway
 from tests.support.helpers import upload_model
 
-SECRETS = {"AWS session token": AWS_SESSION_SECRET, "HF token": HF_SECRET_TOKEN}
+SECRETS = {"AWS session token": AWS_SESSION_SECRET, "HF token": HF_SECRET_TOKEN,
+           "Google access token": GCS_SECRET_TOKEN}  # the metadata server's tokens are this plus -1, -2, ...
 VOLUMES: list[Path] = []
 
 
@@ -27,7 +30,7 @@ def _aws_secrets(s3_env):
 
 
 def _leaks(text: str) -> list[str]:
-    assert len(SECRETS) == 4 and all(len(v) >= 12 for v in SECRETS.values())
+    assert len(SECRETS) == 5 and all(len(v) >= 12 for v in SECRETS.values())
     return [what for what, value in SECRETS.items() if value in text]
 
 
@@ -97,6 +100,34 @@ def test_hub_runs_with_debug_private_repo_faults_and_errors(hub, hub_env, tmp_pa
         assert "Signature=" not in result.stderr.replace("Signature=***", "")
 
 
+def test_gcs_runs_with_debug_workload_identity_token_and_failures(gcs_server, gcs_bucket, gcs_env, tmp_path):
+    """A Workload Identity token (from a fake metadata server) on a success, a corrupt read, a denial and a stall."""
+    for name in ("config.json", "w.bin"):
+        gcs_server.upload(gcs_bucket, f"sec/{name}", b"w" * 100_000)
+    dest = tmp_path / "vol"
+    VOLUMES.append(dest)
+    with RecordingGateway(gcs_server.port) as gateway, FakeMetadataServer(GCS_SECRET_TOKEN) as metadata:
+        env = {**{k: v for k, v in gcs_env.items() if k != "STORAGE_EMULATOR_HOST"}, **metadata.env(),
+               "API_ENDPOINT_OVERRIDE": gateway.url, "HOME": str(tmp_path), "CLOUDSDK_CONFIG": str(tmp_path)}
+        results = [ws("sync", "--debug", "--source", f"gs://{gcs_bucket}/sec", "--dest", str(dest), env=env)]
+        assert results[0].returncode == 0, results[0].stderr
+        assert gateway.authorizations == [f"Bearer {GCS_SECRET_TOKEN}-1"] * len(gateway.authorizations)
+        gateway.refuse = 401
+        results.append(ws("sync", "--debug", "--source", f"gs://{gcs_bucket}/sec", "--dest", str(tmp_path / "v2"),
+                          env=env))
+        assert results[-1].returncode == 3, results[-1].stderr
+        hole = BlackHole()
+        try:
+            results.append(ws("sync", "--debug", "--source", f"gs://{gcs_bucket}/sec", "--dest",
+                              str(tmp_path / "v3"), "--stall-timeout", "1", "--retries", "2", "--retry-base", "0.05",
+                              env={**env, "API_ENDPOINT_OVERRIDE": hole.url}))
+        finally:
+            hole.close()
+        assert results[-1].returncode == 7, results[-1].stderr
+    for result in results:
+        assert _leaks(result.stdout + result.stderr) == [], result.stderr
+
+
 def test_redaction_covers_presigned_url_parameters_and_known_secret_values(monkeypatch):
     from weightsync.logs import redact
 
@@ -104,10 +135,12 @@ def test_redaction_covers_presigned_url_parameters_and_known_secret_values(monke
     url = ("https://bucket.s3.amazonaws.com/w.bin?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA123%2F2025"
            "&X-Amz-Security-Token=FQoGZXIvYXdz&X-Amz-Signature=deadbeefcafe&x-id=GetObject "
            "https://cdn.example/lfs/x?Expires=1&Signature=abcDEF123&Key-Pair-Id=K2ABC "
-           f"token {AWS_SESSION_SECRET} and {HF_SECRET_TOKEN}")
+           "https://storage.googleapis.com/b/w.bin?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Credential=sa%40p.iam"
+           "&X-Goog-Signature=0a1b2c3d4e5f "
+           f"token {AWS_SESSION_SECRET} and {HF_SECRET_TOKEN}, Authorization: Bearer ya29.a0AfB_byC-xyz.123")
     text = redact(url)
     for leaked in ("AKIA123", "FQoGZXIvYXdz", "deadbeefcafe", "abcDEF123", "K2ABC", AWS_SESSION_SECRET,
-                   HF_SECRET_TOKEN):
+                   HF_SECRET_TOKEN, "sa%40p.iam", "0a1b2c3d4e5f", "a0AfB_byC-xyz"):
         assert leaked not in text, text
 
 

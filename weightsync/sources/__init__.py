@@ -1,6 +1,6 @@
 """The source interface: list files (path, size, checksum) and read a byte range.
 
-Every backend (`file`, `s3`, `hf`) implements `Source` and passes one conformance
+Every backend (`file`, `s3`, `hf`, `gs`) implements `Source` and passes one conformance
 suite (tests/test_source_conformance.py); the engine never knows which one it
 talks to. What a backend can do beyond the minimum is declared in its `Features`
 (as rclone's fs.Features), never probed with getattr. Each listed `RemoteFile`
@@ -211,7 +211,7 @@ NEAR_MISS = re.compile(r"^(s3|hf|gs|az|file|https?):/?(?!/)(.+)$", re.IGNORECASE
 
 def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_style: str = "auto",
                 offline: bool = False) -> Source:
-    """Pick the backend from the URI scheme: s3://, hf://, file:// or a plain path (timeouts and pool sizes
+    """Pick the backend from the URI scheme: s3://, hf://, gs://, file:// or a plain path (timeouts and pool sizes
     from `transfer`, the defaults unless given)."""
     transfer = transfer or DEFAULTS
     if uri.startswith("s3://"):
@@ -222,6 +222,10 @@ def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_
         from weightsync.sources.hf import HubSource
 
         return HubSource.from_uri(uri, transfer, offline=offline)
+    if uri.startswith("gs://"):
+        from weightsync.sources.gcs import GcsSource
+
+        return GcsSource.from_uri(uri, transfer)
     near_miss = NEAR_MISS.match(uri)
     if near_miss:
         scheme, rest = near_miss.group(1).lower(), near_miss.group(2)
@@ -234,4 +238,4 @@ def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_
         return FileSource.from_uri(uri)
     scheme = uri.split("://", 1)[0]
     raise UsageError(f"unsupported source scheme '{scheme}://' in --source {uri!r}; "
-                     "use s3://bucket/prefix, hf://owner/name, file:///abs/path or a directory")
+                     "use s3://bucket/prefix, hf://owner/name, gs://bucket/prefix, file:///abs/path or a directory")
