@@ -4,9 +4,9 @@ Install: `npm install --prefix .cache/azurite azurite@3` (what .ci/run does; fou
 `azurite-blob`, or in AZURITE_BLOB). Where it is missing, `start()` raises `Unavailable` and the fixtures skip, or
 fail when `WS_REQUIRE_AZURITE=1` (CI sets it, so a broken install cannot hide behind a skip).
 
-Azurite listens on a free port with the well-known development account (`devstoreaccount1` and its published
-key, no secret) and path-style URLs: `http://127.0.0.1:PORT/devstoreaccount1/container/blob`, as a connection
-string's BlobEndpoint names it.
+Azurite listens on a free port, path-style (`http://127.0.0.1:PORT/devstoreaccount1/container/blob`, as a
+connection string's BlobEndpoint names it), with the development account's name but a key generated per run
+(AZURITE_ACCOUNTS), so that the secret-leak tests can grep every output for it.
 
 What Azurite 3.35 does where it parts from Azure (checked by tests/test_azure_sync.py, which asserts each before
 relying on it; nothing in weightsync/sources/azure.py depends on them):
@@ -34,8 +34,6 @@ from tests.support.s3server import free_port
 
 REQUIRE_ENV = "WS_REQUIRE_AZURITE"
 ACCOUNT = "devstoreaccount1"
-# The development account's key, published in Microsoft's docs and built into every SDK: not a secret.
-ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
@@ -55,14 +53,18 @@ class Azurite:
     """`azurite-blob` on a free loopback port, its data in `data_dir`; `endpoint` once `start()` returns."""
 
     def __init__(self, data_dir: Path) -> None:
+        import base64
+        import secrets
+
         self.data_dir = Path(data_dir)
+        self.key = base64.b64encode(b"wstest" + secrets.token_bytes(58)).decode()
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}/{ACCOUNT}"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def connection_string(self, endpoint: str | None = None, key: str = ACCOUNT_KEY) -> str:
+    def connection_string(self, endpoint: str | None = None, key: str | None = None) -> str:
         """The connection string a user of Azurite writes (BlobEndpoint path-style), optionally via a proxy URL."""
-        return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={key};"
+        return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={key or self.key};"
                 f"BlobEndpoint={endpoint or self.endpoint};")
 
     def start(self, timeout: float = 30.0) -> Azurite:
@@ -74,7 +76,8 @@ class Azurite:
         self.process = subprocess.Popen(
             [binary, "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(self.data_dir),
              "--silent", "--skipApiVersionCheck", "--disableTelemetry"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "AZURITE_ACCOUNTS": f"{ACCOUNT}:{self.key}"})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
