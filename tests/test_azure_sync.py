@@ -244,6 +244,20 @@ def test_a_stalled_download_with_a_short_stall_timeout_is_exit_7(azurite, contai
     assert time.monotonic() - started < 60
 
 
+def test_a_busy_server_is_retried_after_the_wait_its_retry_after_asks(azurite, container, az_env, tmp_path):
+    upload(azurite, container, "busy", {"w.bin": os.urandom(100_000)})
+    proxy = FaultProxy(azurite.port, slowdown=1, retry_after=2)  # one 503 with Retry-After: 2, then the server
+    try:
+        env = {**az_env, "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string(f"{proxy.url}/{ACCOUNT}")}
+        result = weightsync("--log-format", "json", "sync", "--source", az(container, "busy"), "--dest",
+                            str(tmp_path), "--retry-base", "0.05", env=env)
+    finally:
+        proxy.close()
+    assert result.returncode == 0, result.stderr
+    [retry] = json_events(result.stderr, "retry")
+    assert retry["delay_seconds"] >= 2 and "503" in retry["reason"], retry
+
+
 # ----------------------------------------------------------------------------------------------------- errors
 
 
@@ -491,6 +505,23 @@ def test_bearer_tokens_are_for_storage_and_renewed_only_near_expiry(monkeypatch,
     headers = [tokens.header() for _ in range(3)]
     assert credential.scopes == ["https://storage.azure.com/.default"] * fetches
     assert headers[-1] == f"Bearer token-{fetches}"
+
+
+def test_a_default_credential_that_finds_no_identity_is_one_line_exit_3(monkeypatch):
+    from azure.core.exceptions import ClientAuthenticationError
+
+    class NoIdentity:
+        def get_token(self, scope: str) -> None:
+            raise ClientAuthenticationError("DefaultAzureCredential failed to retrieve a token.\n"
+                                            "Attempted credentials:\n\tEnvironmentCredential: ...")
+
+    _environment(monkeypatch, AZURE_STORAGE_CONNECTION_STRING="BlobEndpoint=http://127.0.0.1:9/acct;")
+    monkeypatch.setattr("weightsync.sources.azure._default_credential", NoIdentity)
+    with pytest.raises(SourceError) as caught:
+        open_source("az://acct/models/m").snapshot(None, Selection())
+    message = str(caught.value)
+    assert caught.value.exit_code == 3 and "\n" not in message
+    assert "DefaultAzureCredential failed to retrieve a token." in message and "AZURE_STORAGE_SAS_TOKEN" in message
 
 
 def test_default_credential_without_azure_identity_is_exit_3_saying_what_to_install(monkeypatch):

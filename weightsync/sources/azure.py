@@ -492,7 +492,8 @@ class _AzureErrorMapper(ErrorTranslator):
                                       "new revision")
             if code in THROTTLED or status >= 500 or status == 429:
                 retry_after = exc.headers.get("retry-after", "")
-                return TransientError(f"{what}: {code}", float(retry_after) if retry_after.isdigit() else None)
+                return TransientError(f"{what}: {code} (HTTP {status})",
+                                      float(retry_after) if retry_after.isdigit() else None)
             return SourceError(f"{what}: {code}: {exc.message}")
         if isinstance(exc, ssl.SSLCertVerificationError):
             return SourceError(f"{what}: the server's TLS certificate is not trusted ({exc.verify_message})")
