@@ -15,8 +15,11 @@ relying on it; nothing in weightsync/sources/azure.py depends on them):
   Azure does. So "what has an MD5" is the same as on Azure for the uploads tested.
 - GET with If-Match on an old ETag answers 412 ConditionNotMet, as Azure does; x-ms-range is honoured (206 with
   Content-Range).
-- OAuth bearer tokens are accepted only with `--oauth basic` over HTTPS, and then any well-formed JWT passes (no
-  signature check): a bearer-token test against it proves the header is sent, not that a real token is valid.
+- OAuth bearer tokens are accepted only with `--oauth basic` over HTTPS, and then Azurite checks the JWT's issuer,
+  audience and expiry but not its signature (its README says so): a bearer-token test against it proves the token
+  is asked for storage and sent as Azure expects, not that a real token would be valid.
+- A wrong account key or SAS signature is 403 `AuthorizationFailure`; Azure says `AuthenticationFailed`. Both are
+  403, which is all weightsync goes by.
 - There is no hierarchical namespace (ADLS Gen2): `hdi_isfolder` markers are plain blobs with that metadata.
 """
 
