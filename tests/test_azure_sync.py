@@ -538,11 +538,11 @@ class _FakeAzure(http.server.ThreadingHTTPServer):
     bearer token. Azurite takes bearer tokens only over HTTPS with --oauth basic and then checks no signature, so
     this proves what is provable on loopback: the token is fetched for storage and sent as `Bearer`."""
 
-    TOKEN = "ey.fake-managed-identity-token." + os.urandom(8).hex()
     HEADER = "identity-header-" + os.urandom(8).hex()
 
     def __init__(self, blob: bytes) -> None:
         self.blob, self.token_requests, self.authorizations = blob, [], []
+        self.token = "ey.fake-managed-identity-token." + os.urandom(8).hex()
         super().__init__(("127.0.0.1", 0), _FakeAzureHandler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -567,11 +567,11 @@ class _FakeAzureHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         if path == "/identity":
             server.token_requests.append((urllib.parse.parse_qs(query), self.headers.get("X-IDENTITY-HEADER")))
-            body = json.dumps({"access_token": server.TOKEN, "expires_on": str(int(time.time()) + 3600),
+            body = json.dumps({"access_token": server.token, "expires_on": str(int(time.time()) + 3600),
                                "resource": "https://storage.azure.com", "token_type": "Bearer"}).encode()
             return self._reply(200, body, Content_Type="application/json")
         server.authorizations.append(self.headers.get("Authorization", ""))
-        if self.headers.get("Authorization") != f"Bearer {server.TOKEN}":
+        if self.headers.get("Authorization") != f"Bearer {server.token}":
             return self._reply(403, b"", x_ms_error_code="AuthenticationFailed")
         if "comp=list" in query:
             md5 = base64.b64encode(hashlib.md5(server.blob).digest()).decode()
@@ -601,5 +601,89 @@ def test_default_azure_credential_managed_identity_token_is_sent_as_bearer(fake_
     assert (published(result) / "w.bin").read_bytes() == fake_azure.blob
     [(query, header)] = fake_azure.token_requests
     assert query["resource"] == ["https://storage.azure.com"] and header == fake_azure.HEADER
-    assert set(fake_azure.authorizations) == {f"Bearer {fake_azure.TOKEN}"}
-    assert fake_azure.TOKEN not in result.stderr and fake_azure.HEADER not in result.stderr
+    assert set(fake_azure.authorizations) == {f"Bearer {fake_azure.token}"}
+    assert fake_azure.token not in result.stderr and fake_azure.HEADER not in result.stderr
+
+
+def _jwt(audience: str, lifetime: float = 3600) -> str:
+    """An Entra ID-shaped access token (issuer, audience, lifetime), signed with nothing: what Azurite's
+    `--oauth basic` checks, and all it checks."""
+    def part(body: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
+
+    now, tenant = int(time.time()), "72f988bf-86f1-41af-91ab-2d7cd011db47"
+    claims = {"aud": audience, "iss": f"https://sts.windows.net/{tenant}/", "iat": now - 60, "nbf": now - 60,
+              "exp": int(now + lifetime), "tid": tenant, "oid": "00000000-0000-0000-0000-000000000001"}
+    signature = base64.urlsafe_b64encode(os.urandom(256)).rstrip(b"=").decode()
+    return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.{signature}"
+
+
+@pytest.fixture(scope="module")
+def azurite_https(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A second Azurite, over HTTPS with a private CA of one, taking OAuth bearer tokens (`--oauth basic`)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from tests.support.azurite import REQUIRE_ENV, Azurite, Unavailable
+
+    folder = tmp_path_factory.mktemp("azurite-https")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weightsync test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(hours=2))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "ca.pem", folder / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    server = Azurite(folder / "data", tls=(cert_path, key_path))
+    try:
+        server.start()
+    except Unavailable as exc:
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(f"{exc}, and {REQUIRE_ENV} is set")
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(("audience", "accepted"), [("https://storage.azure.com", True),
+                                                     ("https://management.azure.com", False)])
+def test_a_managed_identity_token_is_accepted_by_azurite_over_https_and_a_token_for_another_audience_is_not(
+        azurite_https, fake_azure, clean_env, tmp_path, audience, accepted):
+    pytest.importorskip("azure.identity")
+    container = f"oauth-{os.urandom(6).hex()}"
+    client = azurite_https.service().create_container(container)
+    data = os.urandom(300_000)
+    client.upload_blob("m/w.bin", data)
+    fake_azure.token = _jwt(audience)
+    env = {k: v for k, v in clean_env.items() if not k.startswith(("AZURE_", "IDENTITY_", "MSI_", "REQUESTS_"))}
+    env.update({"AZURE_STORAGE_CONNECTION_STRING": f"BlobEndpoint={azurite_https.endpoint};",
+                "IDENTITY_ENDPOINT": f"{fake_azure.url}/identity", "IDENTITY_HEADER": fake_azure.HEADER,
+                "REQUESTS_CA_BUNDLE": str(azurite_https.tls[0])})
+    result = weightsync("sync", "--source", az(container, "m"), "--dest", str(tmp_path), env=env)
+    if accepted:
+        assert result.returncode == 0, result.stderr
+        assert (published(result) / "w.bin").read_bytes() == data
+        assert "1 file md5 (source)" in result.stderr
+    else:
+        assert result.returncode == 3, result.stderr
+        assert "access denied" in error_line(result) and "DefaultAzureCredential" in error_line(result)
+    assert fake_azure.token not in result.stdout + result.stderr
+
+
+def test_an_untrusted_certificate_is_exit_3_naming_requests_ca_bundle(azurite_https, clean_env, tmp_path):
+    env = {k: v for k, v in clean_env.items() if not k.startswith(("AZURE_", "IDENTITY_", "MSI_", "REQUESTS_"))}
+    env["AZURE_STORAGE_CONNECTION_STRING"] = azurite_https.connection_string()
+    result = weightsync("sync", "--source", az("any", "m"), "--dest", str(tmp_path), env=env)
+    assert result.returncode == 3, result.stderr
+    assert "TLS certificate is not trusted" in error_line(result) and "REQUESTS_CA_BUNDLE" in error_line(result)

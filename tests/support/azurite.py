@@ -16,8 +16,9 @@ relying on it; nothing in weightsync/sources/azure.py depends on them):
 - GET with If-Match on an old ETag answers 412 ConditionNotMet, as Azure does; x-ms-range is honoured (206 with
   Content-Range).
 - OAuth bearer tokens are accepted only with `--oauth basic` over HTTPS, and then Azurite checks the JWT's issuer,
-  audience and expiry but not its signature (its README says so): a bearer-token test against it proves the token
-  is asked for storage and sent as Azure expects, not that a real token would be valid.
+  audience and expiry but not its signature (its README says so; `Azurite(tls=...)` runs it that way): a
+  bearer-token test against it proves the token is asked for storage and sent as Azure expects, and that a token
+  for another audience is refused, not that a real token would be valid.
 - A wrong account key or SAS signature is 403 `AuthorizationFailure`; Azure says `AuthenticationFailed`. Both are
   403, which is all weightsync goes by.
 - There is no hierarchical namespace (ADLS Gen2): `hdi_isfolder` markers are plain blobs with that metadata.
@@ -55,19 +56,23 @@ def azurite_binary() -> str | None:
 class Azurite:
     """`azurite-blob` on a free loopback port, its data in `data_dir`; `endpoint` once `start()` returns."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, tls: tuple[Path, Path] | None = None) -> None:
+        """`tls`: (certificate, key) PEM files to serve HTTPS with, and accept OAuth bearer tokens (`--oauth basic`,
+        which Azurite allows over HTTPS only)."""
         import base64
         import secrets
 
         self.data_dir = Path(data_dir)
+        self.tls = tls
         self.key = base64.b64encode(b"wstest" + secrets.token_bytes(58)).decode()
         self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}/{ACCOUNT}"
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/{ACCOUNT}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def connection_string(self, endpoint: str | None = None, key: str | None = None) -> str:
         """The connection string a user of Azurite writes (BlobEndpoint path-style), optionally via a proxy URL."""
-        return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={key or self.key};"
+        return (f"DefaultEndpointsProtocol={'https' if self.tls else 'http'};AccountName={ACCOUNT};"
+                f"AccountKey={key or self.key};"
                 f"BlobEndpoint={endpoint or self.endpoint};")
 
     def start(self, timeout: float = 30.0) -> Azurite:
@@ -76,9 +81,10 @@ class Azurite:
             raise Unavailable("azurite-blob is not installed (npm install --prefix .cache/azurite azurite@3)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "azurite.log", "wb")  # noqa: SIM115 - lives as long as the server
+        tls = ["--oauth", "basic", "--cert", str(self.tls[0]), "--key", str(self.tls[1])] if self.tls else []
         self.process = subprocess.Popen(
             [binary, "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(self.data_dir),
-             "--silent", "--skipApiVersionCheck", "--disableTelemetry"],
+             "--silent", "--skipApiVersionCheck", "--disableTelemetry", *tls],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "AZURITE_ACCOUNTS": f"{ACCOUNT}:{self.key}"})
         deadline = time.monotonic() + timeout
@@ -98,6 +104,8 @@ class Azurite:
         """azure-storage-blob's client, as a user uploading a model builds it."""
         from azure.storage.blob import BlobServiceClient
 
+        if self.tls:
+            options.setdefault("connection_verify", str(self.tls[0]))
         return BlobServiceClient.from_connection_string(self.connection_string(endpoint), **options)
 
     def stop(self) -> None:

@@ -14,6 +14,8 @@ Credentials, first found wins, read as the az CLI and the SDK's users set them:
 4. azure-identity's DefaultAzureCredential (workload identity, managed identity, az login...), imported only
    then (`pip install weightsync[azure]`), its bearer token refreshed before it expires.
 
+TLS trusts the system's CAs, or the PEM bundle in REQUESTS_CA_BUNDLE (what the az CLI and azure-core read).
+
 What is verified: a blob's Content-MD5, where it has one (Put Blob always sets it; a block upload only when the
 uploader sends one, as azcopy --put-md5 does); anything else is checked by size only, and reported so.
 """
@@ -102,6 +104,7 @@ class Settings:
     account: str
     endpoint: str  # scheme://host[:port][/base], no trailing slash
     auth: Auth = field(repr=False)
+    ca_bundle: str = ""  # REQUESTS_CA_BUNDLE, the private CA the az CLI and azure-core trust
 
     @classmethod
     def resolve(cls, account: str, uri_sas: str, uri_endpoint: str) -> Settings:
@@ -119,8 +122,10 @@ class Settings:
             endpoint = f"{protocol}://{account}.blob.{conn.get('EndpointSuffix', 'core.windows.net')}"
         if "://" not in endpoint:
             endpoint = f"https://{endpoint}"
-        return cls(account=account, endpoint=endpoint.rstrip("/"), auth=_credential(account, uri_sas, conn,
-                                                                                    development))
+        ca_bundle = env.get("REQUESTS_CA_BUNDLE", "")
+        return cls(account=account, endpoint=endpoint.rstrip("/"),
+                   auth=_credential(account, uri_sas, conn, development),
+                   ca_bundle=os.path.expanduser(ca_bundle) if ca_bundle else "")
 
 
 def _credential(account: str, uri_sas: str, conn: dict[str, str], development: bool) -> Auth:
@@ -234,7 +239,7 @@ class BlobApi:
         from weightsync.sources.connections import Pool
 
         self.settings = settings
-        self._pool: Pool = Pool(connect_timeout, read_timeout, pool_size)
+        self._pool: Pool = Pool(connect_timeout, read_timeout, pool_size, settings.ca_bundle)
         self._tokens = BearerTokens() if settings.auth.kind == "bearer" else None
 
     def list_blobs(self, container: str, prefix: str) -> Iterator[ListedBlob]:
@@ -496,7 +501,8 @@ class _AzureErrorMapper(ErrorTranslator):
                                       float(retry_after) if retry_after.isdigit() else None)
             return SourceError(f"{what}: {code}: {exc.message}")
         if isinstance(exc, ssl.SSLCertVerificationError):
-            return SourceError(f"{what}: the server's TLS certificate is not trusted ({exc.verify_message})")
+            return SourceError(f"{what}: the server's TLS certificate is not trusted ({exc.verify_message}); for a "
+                               "private CA set REQUESTS_CA_BUNDLE to its PEM file, as for the az CLI")
         if isinstance(exc, (OSError, http.client.HTTPException)):
             return TransientError(f"{what}: {type(exc).__name__}: {exc}")
         return _identity_error(what, exc)
