@@ -127,6 +127,27 @@ def test_a_uri_naming_one_blob_syncs_that_blob_and_directory_markers_are_skipped
     assert tree_bytes(published(markers)) == {"sub/a.bin": b"abc"}
 
 
+def test_odd_blob_names_arrive_byte_identical(azurite, container, az_env, tmp_path):
+    files = {"odd names/wëights+(1)~ä&=%20#?.bin": b"odd" * 100, "Model.bin": b"upper", "model.bin": b"lower",
+             "NFC-\u00e9.txt": b"nfc", "NFD-e\u0301.txt": b"nfd", "deep/" * 20 + "leaf.json": b"{}"}
+    upload(azurite, container, "odd", files)
+    result = weightsync("sync", "--source", az(container, "odd"), "--dest", str(tmp_path), env=az_env)
+    assert result.returncode == 0, result.stderr
+    assert tree_bytes(published(result)) == files
+
+
+def test_a_listing_of_many_pages_is_followed_to_its_end(azurite, container, az_env, monkeypatch):
+    """NextMarker pagination against the real server, with pages of 3 blobs instead of 5000."""
+    names = [f"p/shard-{i:02d}.bin" for i in range(10)]
+    client = uploader(azurite, container)
+    for name in names:
+        client.upload_blob(name, name.encode())
+    _environment(monkeypatch, AZURE_STORAGE_CONNECTION_STRING=az_env["AZURE_STORAGE_CONNECTION_STRING"])
+    monkeypatch.setattr("weightsync.sources.azure.LIST_PAGE", 3)
+    listed = open_source(az(container, "p")).snapshot(None, Selection()).files
+    assert sorted(f.locator for f in listed) == names
+
+
 def test_pinned_warm_start_makes_zero_requests_and_imports_no_heavy_module(azurite, container, az_env,
                                                                             azurite_proxy, tmp_path):
     upload(azurite, container, "warm", {"config.json": b"{}", "w.bin": os.urandom(200_000)})

@@ -63,6 +63,7 @@ SIGNED_STANDARD_HEADERS = ("content-encoding", "content-language", "content-leng
 TOKEN_REFRESH_MARGIN = 300.0  # seconds before expiry a bearer token is renewed (azure-core's margin too)
 NOT_FOUND = {"ContainerNotFound", "BlobNotFound", "ResourceNotFound"}
 THROTTLED = {"ServerBusy", "OperationTimedOut", "InternalError"}
+LIST_PAGE = 5000  # blobs per List Blobs page: the service's maximum (and default)
 
 
 def is_azure_blob_url(uri: str) -> bool:
@@ -246,7 +247,7 @@ class BlobApi:
         """List Blobs (flat, with metadata for ADLS folder markers), every page."""
         marker = ""
         while True:
-            query = {"restype": "container", "comp": "list", "include": "metadata"}
+            query = {"restype": "container", "comp": "list", "include": "metadata", "maxresults": str(LIST_PAGE)}
             if prefix:
                 query["prefix"] = prefix
             if marker:
