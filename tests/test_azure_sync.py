@@ -443,13 +443,17 @@ def test_endpoints_from_the_uri_the_connection_string_or_azures_default(monkeypa
     assert isinstance(source, AzureSource) and source.uri == "az://acct/models/llama" and "sig" not in source.uri
 
 
-def test_a_credential_for_another_account_is_a_usage_error(monkeypatch):
+def test_a_credential_for_another_account_is_a_usage_error_unless_a_sas_url_needs_none(monkeypatch):
     _environment(monkeypatch, AZURE_STORAGE_CONNECTION_STRING=f"AccountName=other;AccountKey={KEY}")
     with pytest.raises(UsageError, match="account 'other'"):
         Settings.resolve("acct", "", "")
     _environment(monkeypatch, AZURE_STORAGE_KEY=KEY, AZURE_STORAGE_ACCOUNT="other")
     with pytest.raises(UsageError, match="AZURE_STORAGE_ACCOUNT 'other'"):
         Settings.resolve("acct", "", "")
+    _environment(monkeypatch, AZURE_STORAGE_CONNECTION_STRING=f"AccountName=other;AccountKey={KEY}")
+    sas_url = Settings.resolve("acct", "sv=1&sig=a", "https://acct.blob.core.windows.net")  # needs nothing else
+    assert sas_url.endpoint == "https://acct.blob.core.windows.net"
+    assert sas_url.auth.origin == "the SAS token in --source"
     _environment(monkeypatch, AZURE_STORAGE_KEY="not base64!")
     with pytest.raises(UsageError, match="not a storage account key"):
         Settings.resolve("acct", "", "")

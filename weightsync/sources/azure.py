@@ -111,7 +111,8 @@ class Settings:
     def resolve(cls, account: str, uri_sas: str, uri_endpoint: str) -> Settings:
         env = os.environ
         text = env.get("AZURE_STORAGE_CONNECTION_STRING", "")
-        conn = parse_connection_string(text) if text else {}
+        # A SAS URL names its endpoint and credential both: a connection string for some other account is not its.
+        conn = parse_connection_string(text) if text and not (uri_sas and uri_endpoint) else {}
         development = conn.get("UseDevelopmentStorage", "").lower() == "true"
         conn_account = DEV_ACCOUNT if development else conn.get("AccountName", "")
         if conn_account and conn_account != account:
