@@ -1,6 +1,6 @@
 """A real Azure Blob Storage server for tests: Azurite (Microsoft's emulator, npm package `azurite`) on loopback.
 
-Install: `npm install --prefix .cache/azurite azurite@3` (what .ci/run does; found there, on PATH as
+Install: `npm install --prefix .cache/azurite azurite@3.35.0` (what .ci/run should do; found there, on PATH as
 `azurite-blob`, or in AZURITE_BLOB). Where it is missing, `start()` raises `Unavailable` and the fixtures skip, or
 fail when `WS_REQUIRE_AZURITE=1` (CI sets it, so a broken install cannot hide behind a skip).
 
@@ -78,7 +78,7 @@ class Azurite:
     def start(self, timeout: float = 30.0) -> Azurite:
         binary = azurite_binary()
         if binary is None:
-            raise Unavailable("azurite-blob is not installed (npm install --prefix .cache/azurite azurite@3)")
+            raise Unavailable("azurite-blob is not installed (npm install --prefix .cache/azurite azurite@3.35.0)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "azurite.log", "wb")  # noqa: SIM115 - lives as long as the server
         tls = ["--oauth", "basic", "--cert", str(self.tls[0]), "--key", str(self.tls[1])] if self.tls else []
