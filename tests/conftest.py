@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.azurite import REQUIRE_ENV as REQUIRE_AZURITE
+from tests.support.azurite import Azurite, Unavailable
 from tests.support.gcsserver import GcsEmulator
 from tests.support.hubserver import HubServer
 from tests.support.proxy import CountingProxy
@@ -107,3 +109,41 @@ def gcs_env(gcs_proxy: CountingProxy, clean_env: dict[str, str]) -> dict[str, st
     """The environment a weightsync process needs to reach the emulator through the proxy (no credentials)."""
     env = {k: v for k, v in clean_env.items() if not k.startswith(GOOGLE_ENV)}
     return {**env, "STORAGE_EMULATOR_HOST": gcs_proxy.url, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    """Azurite (Azure Blob Storage's emulator) per session; skipped where it is not installed, unless
+    WS_REQUIRE_AZURITE is set (CI), where that is a failure."""
+    server = Azurite(tmp_path_factory.mktemp("azurite"))
+    try:
+        server.start()
+    except Unavailable as exc:
+        if os.environ.get(REQUIRE_AZURITE):
+            pytest.fail(f"{exc}, and {REQUIRE_AZURITE} is set")
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def azurite_proxy(azurite: Azurite) -> Iterator[CountingProxy]:
+    proxy = CountingProxy("127.0.0.1", azurite.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def container(azurite: Azurite) -> str:
+    name = f"models-{uuid.uuid4().hex[:12]}"
+    azurite.service().create_container(name)
+    return name
+
+
+@pytest.fixture
+def az_env(azurite: Azurite, azurite_proxy: CountingProxy, clean_env: dict[str, str]) -> dict[str, str]:
+    """The environment a weightsync process needs to reach Azurite through the proxy: a connection string, as
+    Azurite's users write it, and nothing else of Azure's."""
+    env = {k: v for k, v in clean_env.items() if not k.startswith(("AZURE_", "IDENTITY_", "MSI_"))}
+    proxied = f"{azurite_proxy.url}/{azurite.endpoint.rsplit('/', 1)[1]}"
+    return {**env, "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string(proxied), "PYTHONUNBUFFERED": "1"}

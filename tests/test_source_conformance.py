@@ -15,8 +15,9 @@ As rclone's fstests: adding a backend means passing this module. To pass, a new 
 - declare its `Features`, `kind`, `uri`, `default_name` and `default_ref`.
 
 Each backend runs against a real server on loopback: a folder under tmp_path, the session's SeaweedFS
-(through the per-test counting proxy, as the CLI tests reach it), the in-process fake Hub, and
-gcp-storage-emulator (tests/support/gcsserver.py, through the counting proxy).
+(through the per-test counting proxy, as the CLI tests reach it), the in-process fake Hub,
+gcp-storage-emulator (tests/support/gcsserver.py, through the counting proxy), and the session's Azurite
+(through its counting proxy).
 To add a backend: write a `_<kind>_backend` factory below and add it to FACTORIES and its kind to BACKENDS.
 """
 
@@ -51,7 +52,7 @@ MiB = 1024 * 1024
 BIG = "model.safetensors"
 BIG_SIZE = 20 * MiB + 12345  # three parts under boto3's defaults (8 MiB chunks): 8, 8 and an uneven 4 MiB + 12345
 S3_PART = 8 * MiB  # boto3's TransferConfig default multipart_threshold and multipart_chunksize
-BACKENDS = ("file", "s3", "hf", "gs")
+BACKENDS = ("file", "s3", "hf", "gs", "az")
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -302,7 +303,48 @@ def hub(tmp_path: Path) -> Iterator[HubServer]:
         yield server
 
 
-FACTORIES = {"file": _file_backend, "s3": _s3_backend, "hf": _hf_backend, "gs": _gs_backend}
+def _az_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    from azure.storage.blob import ContentSettings
+
+    azurite = request.getfixturevalue("azurite")
+    container = request.getfixturevalue("container")
+    az_env: dict[str, str] = request.getfixturevalue("az_env")
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+    for name in [k for k in os.environ if k.startswith(("AZURE_", "IDENTITY_", "MSI_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", az_env["AZURE_STORAGE_CONNECTION_STRING"])
+
+    # Uploaded as users do with azure-storage-blob: small files in one Put Blob (the service computes their
+    # Content-MD5), the 20 MiB shard in uneven blocks (8, 8, 4 MiB + 12345, a lowered max_single_put_size standing
+    # for a file over the 64 MiB default) with its MD5 sent, as azcopy --put-md5 does: a block upload without one
+    # has no Content-MD5 at all (tests/test_azure_sync.py covers those; this suite wants every file vouched for).
+    prefix = "models/tiny"
+    files = model_files()
+    client = azurite.service(max_single_put_size=4 * MiB, max_block_size=S3_PART).get_container_client(container)
+    for name, data in files.items():
+        settings = ContentSettings(content_md5=hashlib.md5(data).digest()) if name == BIG else None
+        client.upload_blob(f"{prefix}/{name}", data, content_settings=settings)
+
+    def rewrite(path: str) -> None:
+        data = files[path]
+        client.upload_blob(f"{prefix}/{path}", bytes(b ^ 0xFF for b in data[:64]) + data[64:], overwrite=True)
+
+    @contextlib.contextmanager
+    def unreachable() -> Iterator[None]:
+        with closed_port() as url, pytest.MonkeyPatch.context() as patch:
+            patch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string(f"{url}/devstoreaccount1"))
+            yield
+
+    return Backend(
+        kind="az", uri=f"az://devstoreaccount1/{container}/{prefix}", files=files, revision_shape=LISTING_DIGEST,
+        missing_uri=f"az://devstoreaccount1/no-such-container-{uuid.uuid4().hex[:12]}/{prefix}",
+        change=lambda: client.upload_blob(f"{prefix}/config.json", b'{"changed": true}', overwrite=True),
+        unreachable=unreachable, rewrite=rewrite, rewrite_exit_code=4,  # If-Match on the listed ETag: 412
+        layouts={BIG: (S3_PART, S3_PART, BIG_SIZE - 2 * S3_PART)},  # the blocks: odd_ranges reads across them
+    )
+
+
+FACTORIES = {"file": _file_backend, "s3": _s3_backend, "hf": _hf_backend, "gs": _gs_backend, "az": _az_backend}
 
 
 @pytest.fixture(params=BACKENDS)

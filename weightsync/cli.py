@@ -228,8 +228,9 @@ WHAT, VERIFY, NETWORK, LOCKING, OUTPUT = ("the model", "verification", "network 
 GLOBAL_FLAGS = ("--log-format", "--debug")  # also accepted before the command
 
 ALL_OPTIONS = {option.flag: option for option in (
-    Option("--source", "s3://bucket/prefix, hf://owner/name[@rev], gs://bucket/prefix, file:///abs/path or a "
-           "directory; required unless --lockfile names it", group=WHAT, metavar="URI"),
+    Option("--source", "s3://bucket/prefix, hf://owner/name[@rev], gs://bucket/prefix, az://account/container/prefix "
+           "(or https://ACCOUNT.blob.core.windows.net/container/prefix), file:///abs/path or a directory; required "
+           "unless --lockfile names it", group=WHAT, metavar="URI"),
     Option("--dest", "the volume (directory) models are published into", required=True, group=WHAT, metavar="DIR"),
     Option("--name", "directory of this model under DEST; one name holds one source and filter set",
            shown_default="derived from the source", group=WHAT),
@@ -243,7 +244,7 @@ ALL_OPTIONS = {option.flag: option for option in (
            "hub cache (point HF_HUB_CACHE at it), the model lands in models--OWNER--NAME/snapshots/<commit> and "
            "servers load it by repo id, offline", default="native", choices=get_args(Layout), group=WHAT),
     Option("--repo-id", "with --layout hf-cache, the repo id (OWNER/NAME) to cache the model under; required for "
-           "s3://, gs:// and file:// sources (their revision id is the commit)", shown_default="the hf:// source's",
+           "every source but hf:// (their revision id is the commit)", shown_default="the hf:// source's",
            group=WHAT, metavar="OWNER/NAME"),
     Option("--lockfile", "download exactly what this `weightsync lock` file pins; exit 4 if the source differs",
            group=WHAT, metavar="FILE"),

@@ -18,6 +18,8 @@ HEAVY: dict[str, str] = {
     "weightsync.sources.connections": "the sources' HTTP connections: http.client, ssl, urllib (~15 ms)",
     "boto3": "tests and benchmarks only; weightsync's S3 client is sources/s3api.py",
     "botocore": "the credential chain of last resort (SSO profiles), in sources/s3api.py",
+    "azure": "azure-identity's DefaultAzureCredential (msal, cryptography: ~0.3 CPU s to import), only for an "
+             "az:// source with no key, SAS or connection string; azure-storage-blob: tests only",
     "huggingface_hub": "the Hub client (sources/hf.py), and httpx with it",
     "httpx": "the Hub's HTTP client",
     "google.auth": "Google credentials for gs:// (sources/gcs.py), only when a token is needed",

@@ -36,6 +36,29 @@ def test_eight_processes_same_source_same_empty_volume_fetch_once(s3_server, buc
 
 
 @pytest.mark.slow
+def test_eight_processes_same_azure_source_same_empty_volume_fetch_once(azurite, container, az_env, azurite_proxy,
+                                                                        tmp_path):
+    files = model(23, shards=4, shard_size=4 * MiB)
+    client = azurite.service().get_container_client(container)
+    for name, data in files.items():
+        client.upload_blob(f"many/{name}", data)
+    size = sum(map(len, files.values()))
+    azurite_proxy.faults.throttle_bps = 8 * MiB
+    azurite_proxy.stats.reset()
+    processes = [Proc("sync", "--source", f"az://devstoreaccount1/{container}/many", "--dest", str(tmp_path / "vol"),
+                      env=az_env, workdir=tmp_path / "logs") for _ in range(8)]
+    codes = [p.wait(180) for p in processes]
+    assert codes == [0] * 8, [p.stderr for p in processes]
+    paths = {p.stdout.strip().splitlines()[-1] for p in processes}
+    assert len(paths) == 1
+    assert tree_bytes(Path(paths.pop())) == files
+    fetched = azurite_proxy.stats.bytes_down
+    print(f"\n8 processes (az): model {size} bytes, {fetched} bytes crossed the wire ({fetched / size:.3f}x)")
+    assert fetched <= 1.05 * size, (fetched, size)
+    assert sum("warm start" in p.stderr for p in processes) == 7
+
+
+@pytest.mark.slow
 def test_two_revisions_and_two_sources_into_one_volume_do_not_block_each_other(hub, hub_env, tmp_path):
     slow = model(22, shards=2, shard_size=3 * MiB)
     first = hub.add_commit("acme/two", slow)

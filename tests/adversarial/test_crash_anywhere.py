@@ -137,8 +137,21 @@ def test_sigkill_anywhere_gs_never_exposes_a_partial_model(gcs_server, gcs_bucke
 
 
 @pytest.mark.slow
+def test_sigkill_anywhere_azure_never_exposes_a_partial_model(azurite, container, az_env, azurite_proxy, tmp_path):
+    files = model(13)
+    client = azurite.service(max_single_put_size=1 * MiB, max_block_size=1 * MiB).get_container_client(container)
+    for name, data in files.items():  # the shards in blocks, as large files are uploaded
+        client.upload_blob(f"crash/{name}", data)
+
+    def throttle(on: bool) -> None:
+        azurite_proxy.faults.throttle_bps = 3 * MiB if on else None
+
+    _crash_campaign("az", f"az://devstoreaccount1/{container}/crash", az_env, files, tmp_path, throttle, seed=7)
+
+
+@pytest.mark.slow
 def test_the_campaign_killed_at_least_30_times_and_exposed_nothing():
-    """Runs after the campaigns (file order): the issue's minimum, across S3, HF and GCS."""
+    """Runs after the campaigns (file order): the issue's minimum, across S3, HF, GCS and Azure."""
     if TOTALS["kills"] == 0:
         pytest.skip("the crash campaigns did not run in this session")
     print(f"\ncrash-anywhere total: {TOTALS['kills']} SIGKILLs, {TOTALS['exposed']} partial models exposed")

@@ -1,5 +1,5 @@
 """Secrets never appear in any output: AWS keys, session tokens, HF tokens, Google access tokens, presigned-URL
-signatures.
+signatures, Azure account keys, SAS signatures and connection strings.
 
 Every weightsync process of the adversarial suite is recorded (harness.ws / Proc), the
 scenarios below add --debug runs of successes and failures of every kind, and the last
@@ -30,7 +30,7 @@ def _aws_secrets(s3_env):
 
 
 def _leaks(text: str) -> list[str]:
-    assert len(SECRETS) == 5 and all(len(v) >= 12 for v in SECRETS.values())
+    assert len(SECRETS) >= 5 and all(len(v) >= 12 for v in SECRETS.values())
     return [what for what, value in SECRETS.items() if value in text]
 
 
@@ -126,6 +126,46 @@ def test_gcs_runs_with_debug_workload_identity_token_and_failures(gcs_server, gc
         assert results[-1].returncode == 7, results[-1].stderr
     for result in results:
         assert _leaks(result.stdout + result.stderr) == [], result.stderr
+
+
+def test_azure_runs_with_debug_key_sas_connection_string_and_failures(azurite, container, az_env, tmp_path):
+    """Every Azure credential (AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_KEY, AZURE_STORAGE_SAS_TOKEN, a SAS
+    in --source), in successes and failures under --debug; the last test greps the whole run for them too."""
+    import datetime
+    import urllib.parse
+
+    from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
+
+    azurite.service().get_container_client(container).upload_blob("sec/w.bin", b"w" * 100_000)
+    sas = generate_account_sas("devstoreaccount1", azurite.key, ResourceTypes(container=True, object=True),
+                               AccountSasPermissions(read=True, list=True),
+                               datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1))
+    sig = urllib.parse.parse_qs(sas)["sig"][0]
+    SECRETS.update({"Azure account key": azurite.key, "Azure SAS signature": sig,
+                    "Azure SAS signature, URL-encoded": urllib.parse.quote(sig, safe="")})
+    endpoint = {**az_env, "AZURE_STORAGE_CONNECTION_STRING": "BlobEndpoint=" + az_env[
+        "AZURE_STORAGE_CONNECTION_STRING"].split("BlobEndpoint=", 1)[1]}
+    source = f"az://devstoreaccount1/{container}/sec"
+    dest = tmp_path / "vol"
+    VOLUMES.append(dest)
+    results = [
+        ws("sync", "--debug", "--source", source, "--dest", str(dest), env=az_env),
+        ws("sync", "--debug", "--source", f"{source}?{sas}", "--dest", str(dest), env=endpoint),
+        ws("sync", "--debug", "--source", source, "--dest", str(tmp_path / "v2"),
+           env={**endpoint, "AZURE_STORAGE_SAS_TOKEN": sas}),
+        ws("sync", "--debug", "--source", source, "--dest", str(tmp_path / "v3"),
+           env={**endpoint, "AZURE_STORAGE_KEY": azurite.key}),
+        ws("sync", "--debug", "--source", f"az://devstoreaccount1/no-such-container/x?{sas}", "--dest",
+           str(tmp_path / "v4"), env=endpoint),
+        ws("sync", "--debug", "--source", "az://devstoreaccount1/no-such-container/x", "--dest",
+           str(tmp_path / "v5"), env=az_env),
+        ws("sync", "--debug", "--source", source, "--dest", str(tmp_path / "v6"),
+           env={**endpoint, "AZURE_STORAGE_KEY": azurite.key[:-8] + "AAAAAAA="}),
+    ]
+    assert [r.returncode for r in results] == [0, 0, 0, 0, 3, 3, 3], [r.stderr for r in results]
+    for result in results:
+        assert _leaks(result.stdout + result.stderr) == [], result.stderr
+        assert "sig=" not in result.stderr.replace("sig=***", "")
 
 
 def test_redaction_covers_presigned_url_parameters_and_known_secret_values(monkeypatch):

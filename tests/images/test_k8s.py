@@ -20,6 +20,8 @@ from tests.images.helpers import REPO, find_tool, require_tool
 
 pytestmark = pytest.mark.slow
 
+# Where an OCI registry's docker config.json reaches the agent (and only the agent), in the overlay and the chart.
+REGISTRY_MOUNT = {"name": "registry-auth", "mountPath": "/etc/weightsync-registry", "readOnly": True}
 OVERLAYS = ["cpu", "gpu", "sidecar", "prewarm", "node-cache", "hf-cache", "gcs", "azure", "oci"]
 CHART = REPO / "charts/weightsync"
 # The oldest release with native sidecars (restartPolicy: Always initContainers), and the newest schema.
@@ -234,12 +236,15 @@ def test_kustomize_overlay_is_valid_hardened_and_scanner_clean(overlay: str, tmp
         assert config["WEIGHTSYNC_SOURCE"].startswith("gs://")
         assert service_account["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
     if overlay == "azure":
-        assert config["WEIGHTSYNC_SOURCE"].startswith("az://") and "azure.workload.identity/client-id" in service_account
-        assert find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+        assert config["WEIGHTSYNC_SOURCE"].startswith("az://")
+        assert "azure.workload.identity/client-id" in service_account
+        pod_labels = find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+        assert pod_labels["azure.workload.identity/use"] == "true"
     if overlay == "oci":
-        assert config["WEIGHTSYNC_SOURCE"].startswith("oci://") and config["DOCKER_CONFIG"] == "/etc/weightsync-registry"
+        assert config["WEIGHTSYNC_SOURCE"].startswith("oci://")
+        assert config["DOCKER_CONFIG"] == REGISTRY_MOUNT["mountPath"]
         agent = container(spec, "weightsync")
-        assert {"name": "registry-auth", "mountPath": "/etc/weightsync-registry", "readOnly": True} in agent["volumeMounts"]
+        assert REGISTRY_MOUNT in agent["volumeMounts"]
         assert not any(m["name"] == "registry-auth" for m in server["volumeMounts"]), "the server never sees it"
         auth = {v["name"]: v for v in spec["volumes"]}["registry-auth"]["secret"]
         assert auth["optional"] is True and auth["items"] == [{"key": ".dockerconfigjson", "path": "config.json"}]
@@ -474,7 +479,7 @@ def test_helm_rendering_is_valid_hardened_and_scanner_clean(helm, value_set: str
     if value_set == "oci":
         assert any(a.startswith("--source=oci://") and "@sha256:" in a for a in agent["args"])
         assert agent_env["DOCKER_CONFIG"] == "/etc/weightsync-registry" and "DOCKER_CONFIG" not in env
-        assert {"name": "registry-auth", "mountPath": "/etc/weightsync-registry", "readOnly": True} in agent["volumeMounts"]
+        assert REGISTRY_MOUNT in agent["volumeMounts"]
         assert not any(m["name"] == "registry-auth" for m in server["volumeMounts"]), "the server never sees it"
         auth = {v["name"]: v for v in spec["volumes"]}["registry-auth"]["secret"]
         assert auth == {"secretName": "registry-auth", "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}

@@ -211,9 +211,14 @@ NEAR_MISS = re.compile(r"^(s3|hf|gs|az|file|https?):/?(?!/)(.+)$", re.IGNORECASE
 
 def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_style: str = "auto",
                 offline: bool = False) -> Source:
-    """Pick the backend from the URI scheme: s3://, hf://, gs://, file:// or a plain path (timeouts and pool sizes
-    from `transfer`, the defaults unless given)."""
+    """Pick the backend from the URI scheme: s3://, hf://, gs://, az:// or an Azure blob https:// URL, file:// or a
+    plain path (timeouts and pool sizes from `transfer`, the defaults unless given)."""
     transfer = transfer or DEFAULTS
+    if uri.startswith("az://") or uri[:8].lower() == "https://":  # Azure's https:// URLs before any other https
+        from weightsync.sources.azure import AzureSource, is_azure_blob_url
+
+        if uri.startswith("az://") or is_azure_blob_url(uri):
+            return AzureSource.from_uri(uri, transfer)
     if uri.startswith("s3://"):
         from weightsync.sources.s3 import S3Source
 
@@ -238,4 +243,5 @@ def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_
         return FileSource.from_uri(uri)
     scheme = uri.split("://", 1)[0]
     raise UsageError(f"unsupported source scheme '{scheme}://' in --source {uri!r}; "
-                     "use s3://bucket/prefix, hf://owner/name, gs://bucket/prefix, file:///abs/path or a directory")
+                     "use s3://bucket/prefix, hf://owner/name, gs://bucket/prefix, az://account/container/prefix, "
+                     "file:///abs/path or a directory")
