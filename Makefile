@@ -23,13 +23,22 @@ $(DEMO_STAMP): pyproject.toml  ## just what the demo runs: weightsync, its local
 	$(call install,-e '.[demo]')
 	@touch $(DEMO_STAMP)
 
+# Azurite, Azure Blob Storage's emulator, for the az:// tests: from npm, where npm is installed (.ci/run installs
+# it); without it those tests skip, unless WS_REQUIRE_AZURITE is set.
+AZURITE := .cache/azurite/node_modules/.bin/azurite-blob
+$(AZURITE):
+	@if command -v npm >/dev/null; then echo "make: installing azurite 3.35.0 into .cache/azurite (npm)"; \
+	  npm install --silent --no-audit --no-fund --prefix .cache/azurite azurite@3.35.0 >$(INSTALL_LOG) 2>&1 \
+	  || { cat $(INSTALL_LOG); exit 1; }; \
+	else echo "make: npm not found: the az:// tests will skip (apt-get install npm, or see .ci/run)"; fi
+
 demo: $(DEMO_STAMP)  ## sync a generated model from a local S3 endpoint, exec the example server, ask it once
 	@$(PY) scripts/demo.py
 
-test: $(STAMP)  ## every test except the image builds (those are `make test-images`)
+test: $(STAMP) $(AZURITE)  ## every test except the image builds (those are `make test-images`)
 	$(PY) -m pytest -q --ignore=tests/images
 
-test-quick: $(STAMP)  ## skip the slow adversarial tests
+test-quick: $(STAMP) $(AZURITE)  ## skip the slow adversarial tests
 	$(PY) -m pytest -q --ignore=tests/images -m "not slow"
 
 test-images: $(STAMP)  ## build and run the container images for real (needs scripts/install-image-tools.sh)
