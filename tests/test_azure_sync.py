@@ -473,7 +473,7 @@ def test_only_azure_blob_hosts_are_routed_to_this_source():
                   "https://acct.blob.core.windows.net.evil.example/c", "az://acct/c/p", "s3://b/k"):
         assert not is_azure_blob_url(other), other
     with pytest.raises(UsageError, match="az://"):
-        open_source("gs://bucket/x")
+        open_source("ftp://host/x")
     with pytest.raises(UsageError, match="az://account/container"):
         open_source("az://acct")
 
