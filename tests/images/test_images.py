@@ -81,6 +81,10 @@ def test_agent_image_is_small_non_root_and_labelled(agent_image: Build) -> None:
                     "weightsync sync --source /tmp/m --dest /tmp/v --trust-key /tmp/k.pem; echo exit=$?",
                     check=False)
     assert "exit=4" in signed.stdout and "has no model.sig" in signed.stderr, signed.stderr
+    # So are the cloud identities (the gcs and azure extras): GKE / AKS workload identity works with this image.
+    clouds = podman(*hardened, "--entrypoint", "/opt/venv/bin/python", AGENT_TAG, "-c",
+                    "import google.auth, google.auth.transport.urllib3, azure.identity; print('clouds ok')")
+    assert "clouds ok" in clouds.stdout
 
 
 def test_agent_image_sbom(agent_image: Build, tmp_path: Path, report: Report) -> None:
