@@ -228,7 +228,8 @@ WHAT, VERIFY, NETWORK, LOCKING, OUTPUT = ("the model", "verification", "network 
 GLOBAL_FLAGS = ("--log-format", "--debug")  # also accepted before the command
 
 ALL_OPTIONS = {option.flag: option for option in (
-    Option("--source", "s3://bucket/prefix, hf://owner/name[@rev], file:///abs/path or a directory; required "
+    Option("--source", "s3://bucket/prefix, hf://owner/name[@rev], oci://registry/repo[:tag|@sha256:digest], "
+           "file:///abs/path or a directory; required "
            "unless --lockfile names it", group=WHAT, metavar="URI"),
     Option("--dest", "the volume (directory) models are published into", required=True, group=WHAT, metavar="DIR"),
     Option("--name", "directory of this model under DEST; one name holds one source and filter set",

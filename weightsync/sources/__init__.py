@@ -206,12 +206,12 @@ def slugify(*parts: str) -> str:
 
 
 # `s3:/bucket`, `s3:bucket`, `hf:/owner/name`, `S3://...`: a scheme typed wrong, not a folder.
-NEAR_MISS = re.compile(r"^(s3|hf|gs|az|file|https?):/?(?!/)(.+)$", re.IGNORECASE)
+NEAR_MISS = re.compile(r"^(s3|hf|gs|az|oci|file|https?):/?(?!/)(.+)$", re.IGNORECASE)
 
 
 def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_style: str = "auto",
                 offline: bool = False) -> Source:
-    """Pick the backend from the URI scheme: s3://, hf://, file:// or a plain path (timeouts and pool sizes
+    """Pick the backend from the URI scheme: s3://, hf://, oci://, file:// or a plain path (timeouts and pool sizes
     from `transfer`, the defaults unless given)."""
     transfer = transfer or DEFAULTS
     if uri.startswith("s3://"):
@@ -222,10 +222,14 @@ def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_
         from weightsync.sources.hf import HubSource
 
         return HubSource.from_uri(uri, transfer, offline=offline)
+    if uri.startswith(("oci://", "oci+http://")):
+        from weightsync.sources.oci import OciSource
+
+        return OciSource.from_uri(uri, transfer)
     near_miss = NEAR_MISS.match(uri)
     if near_miss:
         scheme, rest = near_miss.group(1).lower(), near_miss.group(2)
-        article = "an" if scheme in ("s3", "hf", "az", "file") else "a"  # an ess-three, a gee-ess
+        article = "an" if scheme in ("s3", "hf", "az", "oci", "file") else "a"  # an ess-three, a gee-ess
         raise UsageError(f"--source {uri!r} looks like {article} {scheme}:// URI with a slash missing; did you mean "
                          f"{scheme}://{rest}?")
     if uri.startswith("file://") or "://" not in uri:
@@ -234,4 +238,5 @@ def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_
         return FileSource.from_uri(uri)
     scheme = uri.split("://", 1)[0]
     raise UsageError(f"unsupported source scheme '{scheme}://' in --source {uri!r}; "
-                     "use s3://bucket/prefix, hf://owner/name, file:///abs/path or a directory")
+                     "use s3://bucket/prefix, hf://owner/name, oci://registry/repo:tag, file:///abs/path or a "
+                     "directory")
