@@ -250,8 +250,10 @@ class Registry:
 
     def push_manifest_of(self, repo: str, tag: str, layers: list[tuple[str, str, bytes]],
                          artifact_type: str | None = None,
-                         config_type: str = "application/vnd.oci.empty.v1+json") -> str:
-        """A hand-built image manifest of (title, mediaType, bytes) layers; its digest."""
+                         config_type: str = "application/vnd.oci.empty.v1+json",
+                         path_annotation: str = "org.opencontainers.image.title") -> str:
+        """A hand-built image manifest of (path, mediaType, bytes) layers, each path in `path_annotation`; its
+        digest."""
         config = self.put_blob(repo, b"{}")
         manifest: dict[str, Any] = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                                     "config": {"mediaType": config_type, **config}, "layers": []}
@@ -259,7 +261,7 @@ class Registry:
             manifest["artifactType"] = artifact_type
         for title, media_type, data in layers:
             manifest["layers"].append({"mediaType": media_type, **self.put_blob(repo, data),
-                                       "annotations": {"org.opencontainers.image.title": title}})
+                                       "annotations": {path_annotation: title}})
         return self.put_manifest(repo, tag, manifest)
 
     # -- ORAS, as users push -------------------------------------------------------------------------------------
