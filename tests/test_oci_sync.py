@@ -259,8 +259,8 @@ def test_an_index_of_one_manifest_is_followed_and_of_several_is_refused_naming_t
     index_type = "application/vnd.oci.image.index.v1+json"
 
     def entry(digest: str) -> dict[str, object]:
-        status, headers, data = oci_registry.request("GET", f"/v2/{name}/manifests/{digest}",
-                                                     headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+        data = oci_registry.request("GET", f"/v2/{name}/manifests/{digest}",
+                                    headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})[2]
         return {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": len(data)}
 
     oci_registry.put_manifest(name, "single", {"schemaVersion": 2, "mediaType": index_type,
