@@ -390,3 +390,28 @@ def test_a_registry_the_credential_helper_knows_is_read_through_it(tmp_path, mon
 def test_registry_fixture_is_the_real_distribution(oci_registry: Registry):
     status, headers, _ = oci_registry.request("GET", "/v2/")
     assert status == 200 and headers.get("docker-distribution-api-version") == "registry/2.0"
+
+
+def test_blobs_follow_the_registrys_redirect_to_s3_and_the_token_stays_with_the_registry(s3_server, s3_env, bucket,
+                                                                                       oci_env, tmp_path):
+    # distribution with S3 storage answers a blob GET with 307 to a presigned URL, as ECR, Docker Hub and GHCR do.
+    from tests.support.registry import RecordingProxy
+
+    storage = RecordingProxy("127.0.0.1", s3_server.s3_port)
+    token = TokenServer(tmp_path, {}, anonymous_pull=True)
+    try:
+        s3 = {"endpoint": storage.url, "bucket": bucket, "accesskey": s3_env["AWS_ACCESS_KEY_ID"],
+              "secretkey": s3_env["AWS_SECRET_ACCESS_KEY"]}
+        with running(tmp_path / "registry", token=token, s3=s3) as registry:
+            files = {"w.bin": os.urandom(2 * MiB + 17), "config.json": b"{}"}
+            registry.push_manifest_of("acme/redirected", "v1", [(p, OCTET, d) for p, d in files.items()])
+            result = weightsync("sync", "--source", f"oci://{registry.host}/acme/redirected:v1", "--dest",
+                                str(tmp_path / "v"), env=oci_env)
+            assert tree_bytes(last_path(result)) == files
+        ours = [head for head in storage.heads if "user-agent: weightsync/" in head.lower()]
+        assert ours and all("x-amz-signature=" in head.split("\r\n", 1)[0].lower() for head in ours), \
+            "the blobs came from S3 through the presigned redirect"
+        assert not any("\nauthorization:" in head.lower() for head in ours), "the registry token went to S3"
+    finally:
+        token.close()
+        storage.close()

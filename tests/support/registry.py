@@ -14,7 +14,9 @@ Where distribution 2.8 differs from the big registries (seen here, relied on by 
 - A tag in a repository that was never pushed answers 404 MANIFEST_UNKNOWN, not NAME_UNKNOWN (GHCR and Docker
   Hub answer 401/denied for an unknown repo to an anonymous client, as this one does under token auth).
 - Filesystem storage serves blobs itself (206 to a Range); registries backed by S3/GCS (ECR, Docker Hub, GHCR)
-  answer 307 to a presigned URL on another host instead, which weightsync follows without Authorization.
+  answer 307 to a presigned URL on another host instead. `Registry(s3=...)` does that too, with the session's
+  SeaweedFS as its storage (distribution's s3 driver, path style because `regionendpoint` is set); its
+  aws-sdk-go panics at start on an AWS_CA_BUNDLE in the environment, so the registry runs without AWS_*.
 - Under token auth every request needs a token, /v2/ included; Docker Hub and GHCR hand anonymous pull tokens
   for public repos, which is what `TokenServer(anonymous_pull=True)` does.
 - It rejects the OCI 1.1 `application/vnd.oci.artifact.manifest.v1+json` (removed from the spec in 1.1.0) and
@@ -47,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.proxy import CountingProxy
 
 REQUIRE_ENV = "WS_REQUIRE_REGISTRY"
 BINARY = "docker-registry"
@@ -159,17 +163,24 @@ class TokenServer:
 class Registry:
     """`docker-registry serve` on a free loopback port; `host` is what an oci:// URI names."""
 
-    def __init__(self, root: Path, *, htpasswd: dict[str, str] | None = None, token: TokenServer | None = None):
+    def __init__(self, root: Path, *, htpasswd: dict[str, str] | None = None, token: TokenServer | None = None,
+                 s3: dict[str, str] | None = None):
         self.root, self.port = root, free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.users = htpasswd or {}
         self.token = token
+        self.s3 = s3  # endpoint, bucket, accesskey, secretkey: blobs in S3, GETs answered by a presigned redirect
         self._process: subprocess.Popen[bytes] | None = None
 
     def _config(self) -> str:
-        lines = ["version: 0.1", "log:", "  level: warn", "storage:", "  filesystem:",
-                 f"    rootdirectory: {self.root / 'data'}", "  delete:", "    enabled: true",
-                 "http:", f"  addr: 127.0.0.1:{self.port}"]
+        lines = ["version: 0.1", "log:", "  level: warn", "storage:", "  delete:", "    enabled: true"]
+        if self.s3:
+            lines += ["  s3:", "    region: us-east-1", f"    regionendpoint: {self.s3['endpoint']}",
+                      f"    bucket: {self.s3['bucket']}", f"    accesskey: {self.s3['accesskey']}",
+                      f"    secretkey: {self.s3['secretkey']}", "    secure: false", "    v4auth: true"]
+        else:
+            lines += ["  filesystem:", f"    rootdirectory: {self.root / 'data'}"]
+        lines += ["http:", f"  addr: 127.0.0.1:{self.port}"]
         if self.users:
             entries = [subprocess.run(["htpasswd", "-Bbn", user, password], capture_output=True, text=True,
                                       check=True).stdout.strip() for user, password in self.users.items()]
@@ -189,7 +200,9 @@ class Registry:
         config = self.root / "config.yml"
         config.write_text(self._config())
         log = open(self.root / "registry.log", "wb")  # noqa: SIM115 - the process owns it until stop()
-        self._process = subprocess.Popen([BINARY, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+        # Not the AWS_* of the test machine: aws-sdk-go's AWS_CA_BUNDLE handling panics with distribution's transport.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self._process = subprocess.Popen([BINARY, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
@@ -289,6 +302,33 @@ class Registry:
                                           headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
         assert status == 200, status
         return headers["docker-content-digest"]
+
+
+class RecordingProxy(CountingProxy):
+    """A CountingProxy that also keeps the head of every request it forwards (method, target, headers)."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        super().__init__(upstream_host, upstream_port)
+        self.heads: list[str] = []
+
+    def _pump_up(self, client: socket.socket, upstream: socket.socket, exchange: Any) -> None:
+        pending = b""
+        try:
+            while data := client.recv(65536):
+                pending += data
+                while b"\r\n\r\n" in pending:
+                    head, _, pending = pending.partition(b"\r\n\r\n")
+                    if head[:4] in (b"GET ", b"HEAD"):  # a GET's body is empty, so the next bytes are a head
+                        self.heads.append(head.decode("latin-1"))
+                    else:
+                        pending = b""  # an upload's body: not parsed, not needed
+                upstream.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                upstream.shutdown(socket.SHUT_RDWR)
+            upstream.close()
 
 
 @contextlib.contextmanager
