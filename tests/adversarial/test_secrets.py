@@ -8,14 +8,20 @@ messages, for the secret values. It runs last in this directory (file order).
 
 from __future__ import annotations
 
+import base64
+import json
+import secrets
 from pathlib import Path
 
 import pytest
 
 from tests.adversarial.harness import AWS_SESSION_SECRET, HF_SECRET_TOKEN, BlackHole, recorded, ws
 from tests.support.helpers import upload_model
+from tests.support.registry import TokenServer, running
 
-SECRETS = {"AWS session token": AWS_SESSION_SECRET, "HF token": HF_SECRET_TOKEN}
+REGISTRY_PASSWORD = "wsRegistryPw" + secrets.token_hex(12)
+SECRETS = {"AWS session token": AWS_SESSION_SECRET, "HF token": HF_SECRET_TOKEN,
+           "registry password": REGISTRY_PASSWORD}
 VOLUMES: list[Path] = []
 
 
@@ -27,7 +33,7 @@ def _aws_secrets(s3_env):
 
 
 def _leaks(text: str) -> list[str]:
-    assert len(SECRETS) == 4 and all(len(v) >= 12 for v in SECRETS.values())
+    assert len(SECRETS) >= 5 and all(len(v) >= 12 for v in SECRETS.values())
     return [what for what, value in SECRETS.items() if value in text]
 
 
@@ -95,6 +101,41 @@ def test_hub_runs_with_debug_private_repo_faults_and_errors(hub, hub_env, tmp_pa
     for result in results:
         assert _leaks(result.stdout + result.stderr) == [], result.stderr
         assert "Signature=" not in result.stderr.replace("Signature=***", "")
+
+
+def test_oci_runs_with_debug_token_auth_and_failures(clean_env, tmp_path):
+    token = TokenServer(tmp_path, {"dora": REGISTRY_PASSWORD})
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    env = {**clean_env, "DOCKER_CONFIG": str(docker)}
+    env.pop("REGISTRY_AUTH_FILE", None)
+    env.pop("XDG_RUNTIME_DIR", None)
+    dest = tmp_path / "vol"
+    VOLUMES.append(dest)
+
+    def login(password: str) -> None:
+        auth = base64.b64encode(f"dora:{password}".encode()).decode()
+        (docker / "config.json").write_text(json.dumps({"auths": {registry.host: {"auth": auth}}}))
+
+    try:
+        with running(tmp_path / "registry", token=token) as registry:
+            registry.push_manifest_of("acme/secret", "v1", [("w.bin", "application/octet-stream", b"w" * 200_000)])
+            uri = f"oci://{registry.host}/acme/secret"
+            login(REGISTRY_PASSWORD)
+            results = [ws("sync", "--debug", "--source", f"{uri}:v1", "--dest", str(dest), env=env),
+                       ws("sync", "--debug", "--source", f"{uri}:v9", "--dest", str(dest), env=env)]
+            login(REGISTRY_PASSWORD + "x")
+            results.append(ws("sync", "--debug", "--source", f"{uri}:v1", "--dest", str(tmp_path / "v2"), env=env))
+        results.append(ws("sync", "--debug", "--source", f"{uri}:v1", "--dest", str(tmp_path / "v3"), "--retries",
+                          "2", "--retry-base", "0.01", env=env))
+    finally:
+        token.close()
+    assert [r.returncode for r in results] == [0, 3, 3, 7], [r.stderr for r in results]  # 7: the registry stopped
+    pair = base64.b64encode(f"dora:{REGISTRY_PASSWORD}".encode()).decode()
+    for result in results:
+        output = result.stdout + result.stderr
+        assert _leaks(output) == [] and pair not in output, result.stderr
+        assert not any(minted in output for minted in token.minted), "a registry token was logged"
 
 
 def test_redaction_covers_presigned_url_parameters_and_known_secret_values(monkeypatch):

@@ -86,6 +86,7 @@ class TokenServer:
 
         self.users, self.anonymous_pull, self.expires_in = users, anonymous_pull, expires_in
         self.requests: list[dict[str, str]] = []
+        self.minted: list[str] = []
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weightsync test token signer")])
         now = time.time()
@@ -153,7 +154,8 @@ class TokenServer:
                   "iat": now, "jti": uuid.uuid4().hex, "access": access}
         signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
         signature = self._key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
-        return f"{signing_input}.{_b64url(signature)}"
+        self.minted.append(f"{signing_input}.{_b64url(signature)}")
+        return self.minted[-1]
 
     def close(self) -> None:
         self._http.shutdown()
