@@ -415,3 +415,50 @@ def test_blobs_follow_the_registrys_redirect_to_s3_and_the_token_stays_with_the_
     finally:
         token.close()
         storage.close()
+
+
+def test_an_identity_token_is_exchanged_by_the_oauth2_refresh_grant(oci_env, tmp_path):
+    identity = "idt-" + uuid.uuid4().hex
+    token = TokenServer(tmp_path, {})
+    token.refresh_tokens[identity] = "erin"
+    try:
+        with running(tmp_path / "registry", token=token) as registry:
+            registry.push_manifest_of("acme/idt", "v1", [("w.bin", OCTET, b"w" * 1000)])
+            Path(oci_env["DOCKER_CONFIG"], "config.json").write_text(json.dumps(
+                {"auths": {registry.host: {"auth": "", "identitytoken": identity}}}))
+            result = weightsync("sync", "--source", f"oci://{registry.host}/acme/idt:v1", "--dest", str(tmp_path),
+                                env=oci_env)
+            assert tree_bytes(last_path(result)) == {"w.bin": b"w" * 1000}
+            assert token.requests[-1]["grant_type"] == "refresh_token" and token.requests[-1]["user"] == "erin"
+            assert identity not in result.stdout + result.stderr
+    finally:
+        token.close()
+
+
+def test_503_with_retry_after_is_retried_and_the_sync_completes(oci_registry, oci_env, tmp_path):
+    name, files = repo(), model(8)
+    oci_registry.push(f"{name}:v1", files)
+    proxy = FaultProxy(oci_registry.port, slowdown=2, retry_after=1)
+    try:
+        result = weightsync("sync", "--source", f"oci://{proxy.url.removeprefix('http://')}/{name}:v1", "--dest",
+                            str(tmp_path), env={**oci_env, "WEIGHTSYNC_RETRY_BASE": "0.05"})
+        assert tree_bytes(last_path(result)) == files
+        assert "retrying" in result.stderr and "503" in result.stderr
+    finally:
+        proxy.close()
+
+
+def test_a_manifest_whose_bytes_do_not_match_its_digest_is_refused_with_exit_4(oci_registry, oci_env, tmp_path):
+    name = repo()
+    oci_registry.push(f"{name}:v1", model(9))
+    proxy = CountingProxy("127.0.0.1", oci_registry.port)
+    try:
+        proxy.faults.corrupt_key = "/manifests/v1"
+        proxy.faults.corrupt_offsets = (40,)
+        result = weightsync("sync", "--source", f"oci://{proxy.url.removeprefix('http://')}/{name}:v1", "--dest",
+                            str(tmp_path), env=oci_env)
+        assert result.returncode == 4, result.stderr
+        assert "the registry says sha256:" in error_line(result)
+        assert not list(tmp_path.glob("*/revisions/*"))
+    finally:
+        proxy.close()

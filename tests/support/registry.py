@@ -87,6 +87,7 @@ class TokenServer:
         self.users, self.anonymous_pull, self.expires_in = users, anonymous_pull, expires_in
         self.requests: list[dict[str, str]] = []
         self.minted: list[str] = []
+        self.refresh_tokens: dict[str, str] = {}  # identity token -> user, for the POST grant
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weightsync test token signer")])
         now = time.time()
@@ -112,6 +113,18 @@ class TokenServer:
                     return
                 actions = ["pull", "push"] if user else (["pull"] if server.anonymous_pull else [])
                 self._reply(200, {"token": server.mint(query.get("scope", ""), actions, user),
+                                  "expires_in": server.expires_in})
+
+            def do_POST(self) -> None:  # the OAuth2 refresh-token grant docker makes with an identity token
+                length = int(self.headers.get("Content-Length", "0") or 0)
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+                user = server.refresh_tokens.get(form.get("refresh_token", ""))
+                server.requests.append({"user": user or "", "grant_type": form.get("grant_type", ""),
+                                        **{k: form.get(k, "") for k in ("service", "scope")}})
+                if form.get("grant_type") != "refresh_token" or user is None:
+                    self._reply(401, {"details": "bad refresh token"})
+                    return
+                self._reply(200, {"access_token": server.mint(form.get("scope", ""), ["pull", "push"], user),
                                   "expires_in": server.expires_in})
 
             def _reply(self, status: int, body: dict[str, Any]) -> None:
