@@ -354,7 +354,8 @@ def test_a_blob_that_stalls_gives_up_with_exit_7(oci_registry, oci_env, tmp_path
         proxy.close()
 
 
-def test_docker_hub_names_and_plain_http_are_resolved_as_docker_does():
+def test_docker_hub_names_plain_http_and_bad_references_are_resolved_as_docker_does():
+    from weightsync.errors import UsageError
     from weightsync.sources.oci import OciSource
 
     hub = OciSource.from_uri("oci://docker.io/ubuntu:24.04")
@@ -367,6 +368,12 @@ def test_docker_hub_names_and_plain_http_are_resolved_as_docker_does():
     pinned = OciSource.from_uri(f"oci://ghcr.io/acme/llama@{digest}")
     assert pinned.pinned_revision(None) == "ab" * 32 and pinned.pinned_revision(digest) == "ab" * 32
     assert OciSource.from_uri("oci://ghcr.io/acme/llama").pinned_revision("v1") is None
+    with pytest.raises(UsageError) as caught:
+        OciSource.from_uri("oci://bob:hunter2secret@ghcr.io/acme/llama")
+    assert "hunter2secret" not in str(caught.value) and "config.json" in str(caught.value)
+    for bad in ("oci://ghcr.io/Acme/Llama", "oci://ghcr.io/acme/llama@sha512:abc", "oci://ghcr.io/acme/x:bad tag"):
+        with pytest.raises(UsageError):
+            OciSource.from_uri(bad)
 
 
 def test_a_registry_the_credential_helper_knows_is_read_through_it(tmp_path, monkeypatch):
@@ -385,6 +392,8 @@ def test_a_registry_the_credential_helper_knows_is_read_through_it(tmp_path, mon
     found = registry_credentials("ghcr.io")
     assert (found.username, found.password) == ("carol", "helper-secret") and "docker-credential-fake" in found.origin
     assert registry_credentials("quay.io").username == ""
+    (tmp_path / "config.json").write_text(json.dumps({"credsStore": "desktop-not-installed", "auths": {}}))
+    assert registry_credentials("ghcr.io").username == "", "a Docker Desktop store absent from a pod: anonymous"
 
 
 def test_registry_fixture_is_the_real_distribution(oci_registry: Registry):

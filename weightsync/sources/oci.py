@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import quote, urlencode, urljoin, urlsplit
+from urllib.parse import SplitResult, quote, urlencode, urljoin, urlsplit
 
 from weightsync import __version__
 from weightsync.checksums import Promise
@@ -57,6 +57,8 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # The distribution spec's grammar: a repository path of lowercase components, a tag of at most 128 characters.
 REPOSITORY = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
 TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+REGISTRY = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+                      r"|\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?$")
 # What would need unpacking: archives and compressed streams (ModelPack *.tar*, ORAS directories, image layers).
 ARCHIVE = re.compile(r"(?:[.+/-]tar\b|gzip|zstd|\bxz\b|bzip2|\bzip\b)")
 ARCHIVE_PREFIXES = ("application/vnd.kitops.",  # KitOps ModelKit layers: tar or tar+gzip of a directory
@@ -99,12 +101,16 @@ def parse_reference(uri: str) -> tuple[str, str, str, str | None, str | None]:
             raise UsageError(f"--source {uri!r}: {tag!r} is not a valid tag")
     if registry in DOCKER_HUB and "/" not in path:
         path = f"library/{path}"  # docker's rule for official images: `ubuntu` is `library/ubuntu`
-    if not registry or not REPOSITORY.match(path):
+    if "@" in registry:  # not echoed: it would be a password in the logs
+        raise UsageError("--source has credentials in its oci:// URI; put them in docker's config.json (docker "
+                         "login) or podman's auth.json, never in the URI")
+    if not REGISTRY.match(registry):
+        raise UsageError(f"--source {uri!r}: {registry!r} is not a registry host[:port]")
+    if not REPOSITORY.match(path):
         raise UsageError(f"--source {uri!r} is not an OCI reference; use oci://registry/repository[:tag] or "
-                         "oci://registry/repository@sha256:<digest> (the registry is always named: docker.io, "
-                         "ghcr.io, ...)")
-    host = registry.rsplit(":", 1)[0].strip("[]")
-    if host in LOOPBACK:
+                         "oci://registry/repository@sha256:<digest>, the repository in lowercase and the registry "
+                         "always named (docker.io, ghcr.io, ...)")
+    if _hostname(registry) in LOOPBACK:
         scheme = "http"
     return scheme, registry, path, tag, digest
 
@@ -148,7 +154,7 @@ class OciSource:
 
     @property
     def _loopback(self) -> bool:
-        return self.registry.rsplit(":", 1)[0].strip("[]") in LOOPBACK
+        return _hostname(self.registry) in LOOPBACK
 
     @property
     def api_host(self) -> str:
@@ -183,6 +189,8 @@ class OciSource:
     def snapshot(self, revision: str | None, selection: Selection) -> Snapshot:
         digest = self._digest_of(revision) if revision else self.uri_digest
         ref = f"sha256:{digest}" if digest else (revision or self.default_ref)
+        if not digest and not TAG.match(ref):
+            raise UsageError(f"--revision {ref!r} is neither a tag nor a sha256:<hex> digest")
         where = f"{self.uri}{'@' if digest else ':'}{ref}"
         manifest, revision_id, media_type = self._manifest(ref, digest, where)
         if media_type in (OCI_INDEX, DOCKER_LIST):
@@ -329,7 +337,7 @@ class OciSource:
             raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from exc
         raise SourceError(f"{what}: more than {MAX_REDIRECTS} redirects")
 
-    def _request(self, parts: Any, method: str, headers: dict[str, str], data: bytes | None = None) -> Body:
+    def _request(self, parts: SplitResult, method: str, headers: dict[str, str], data: bytes | None = None) -> Body:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         return self._pool.send(parts.scheme, parts.hostname or "", port, method, target, headers, data)
@@ -464,6 +472,11 @@ class OciSource:
             return self._connections
 
 
+def _hostname(registry: str) -> str:
+    """`localhost` of `localhost:5000`, `::1` of `[::1]:5000`."""
+    return urlsplit(f"//{registry}").hostname or ""
+
+
 def _unpacking_needed(media_type: str, annotations: dict[str, Any]) -> str | None:
     """Why a layer is no file as it is (an archive to unpack), or None for a file."""
     if str(annotations.get(ORAS_UNPACK, "")).lower() == "true":
@@ -521,11 +534,13 @@ def registry_credentials(registry: str) -> Credentials:
         if not isinstance(config, dict):
             continue
         helpers = config.get("credHelpers") if isinstance(config.get("credHelpers"), dict) else {}
-        helper = next((helpers[key] for key in helpers if _host_of(key) in names), None) or config.get("credsStore")
-        if isinstance(helper, str) and helper:
-            found = _from_helper(helper, registry, path)
-            if found:
-                return found
+        own = next((helpers[key] for key in helpers if _host_of(key) in names), None)
+        for helper, required in ((own, True), (config.get("credsStore"), False)):
+            if isinstance(helper, str) and helper:
+                found = _from_helper(helper, registry, path, required)
+                if found:
+                    return found
+                break  # docker asks one helper: the registry's own, else the store
         auths = config.get("auths") if isinstance(config.get("auths"), dict) else {}
         for key, entry in auths.items():
             if _host_of(key) in names and isinstance(entry, dict):
@@ -552,8 +567,10 @@ def _from_entry(entry: dict[str, Any], origin: str) -> Credentials | None:
     return None
 
 
-def _from_helper(helper: str, registry: str, path: str) -> Credentials | None:
-    """`docker-credential-<helper> get`, as docker runs it: the server on stdin, JSON on stdout."""
+def _from_helper(helper: str, registry: str, path: str, required: bool) -> Credentials | None:
+    """`docker-credential-<helper> get`, as docker runs it: the server on stdin, JSON on stdout. A missing
+    `credsStore` program (a Docker Desktop config mounted in a pod) means no credentials; a missing helper named
+    for this registry is an error."""
     import json
     import subprocess
 
@@ -564,7 +581,10 @@ def _from_helper(helper: str, registry: str, path: str) -> Credentials | None:
     try:
         done = subprocess.run([program, "get"], input=server, capture_output=True, text=True, timeout=30)
     except FileNotFoundError as exc:
-        raise SourceError(f"{path} names the credential helper {program}, which is not on PATH") from exc
+        if not required:
+            return None
+        raise SourceError(f"{path} names the credential helper {program} for {registry}, which is not on "
+                          "PATH") from exc
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SourceError(f"the credential helper {program} failed: {type(exc).__name__}") from exc
     if done.returncode != 0:
