@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import random
+import re
 import signal
 import time
 import uuid
@@ -374,6 +375,16 @@ def test_docker_hub_names_plain_http_and_bad_references_are_resolved_as_docker_d
     for bad in ("oci://ghcr.io/Acme/Llama", "oci://ghcr.io/acme/llama@sha512:abc", "oci://ghcr.io/acme/x:bad tag"):
         with pytest.raises(UsageError):
             OciSource.from_uri(bad)
+
+
+def test_a_mistyped_oci_scheme_gets_a_hint_and_unknown_schemes_list_oci():
+    from weightsync.errors import UsageError
+    from weightsync.sources import open_source
+
+    with pytest.raises(UsageError, match=re.escape("did you mean oci://ghcr.io/acme/llama")):
+        open_source("oci:/ghcr.io/acme/llama")
+    with pytest.raises(UsageError, match="oci://registry/repo:tag"):
+        open_source("ftp://x/y")
 
 
 def test_a_registry_the_credential_helper_knows_is_read_through_it(tmp_path, monkeypatch):
