@@ -143,7 +143,7 @@ def test_sigkill_at_half_then_resume_fetches_about_the_missing_bytes(oci_registr
         process.send_signal(signal.SIGKILL)
         process.wait()
         first = proxy.stats.bytes_down
-        assert not (tmp_path / "v" / f"oci--{oci_registry.host.replace(':', '--')}").joinpath("current").exists()
+        assert not list((tmp_path / "v").glob("*/current")), "killed before publish: nothing is current"
         proxy.faults.throttle_bps = None
         proxy.stats.reset()
         resumed = last_path(weightsync(*args, env=oci_env))

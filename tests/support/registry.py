@@ -295,7 +295,10 @@ class Registry:
     # -- ORAS, as users push -------------------------------------------------------------------------------------
     def push(self, reference: str, files: dict[str, bytes]) -> str:
         """`oras push <host>/<reference> <file>...` with the ORAS Python SDK; the manifest's digest."""
-        import oras.client
+        try:
+            import oras.client
+        except ImportError:
+            skip_or_fail("the ORAS Python SDK is not installed (pip install oras, in weightsync[test])")
 
         with tempfile.TemporaryDirectory() as scratch:
             paths, titles = [], {}
