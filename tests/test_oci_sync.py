@@ -482,3 +482,13 @@ def test_a_manifest_whose_bytes_do_not_match_its_digest_is_refused_with_exit_4(o
         assert not list(tmp_path.glob("*/revisions/*"))
     finally:
         proxy.close()
+
+
+def test_credentials_are_never_sent_to_a_plain_http_token_realm_of_an_https_registry():
+    from weightsync.errors import SourceError
+    from weightsync.sources.oci import Credentials, OciSource
+
+    source = OciSource.from_uri("oci://ghcr.io/acme/llama")
+    with pytest.raises(SourceError, match="plain http"):  # refused before any connection is made
+        source._fetch_token({"realm": "http://auth.example/token", "service": "ghcr.io"},
+                            Credentials(username="u", password="secret-password", origin="test"), "resolving")

@@ -87,6 +87,9 @@ def parse_reference(uri: str) -> tuple[str, str, str, str | None, str | None]:
     scheme = "http" if uri.startswith("oci+http://") else "https"
     rest = uri.split("://", 1)[1].rstrip("/")
     registry, _, path = rest.partition("/")
+    if "@" in registry:  # not echoed: it would be a password in the logs
+        raise UsageError("--source has credentials in its oci:// URI; put them in docker's config.json (docker "
+                         "login) or podman's auth.json, never in the URI")
     digest = tag = None
     if "@" in path:
         path, _, pinned = path.partition("@")
@@ -101,9 +104,6 @@ def parse_reference(uri: str) -> tuple[str, str, str, str | None, str | None]:
             raise UsageError(f"--source {uri!r}: {tag!r} is not a valid tag")
     if registry in DOCKER_HUB and "/" not in path:
         path = f"library/{path}"  # docker's rule for official images: `ubuntu` is `library/ubuntu`
-    if "@" in registry:  # not echoed: it would be a password in the logs
-        raise UsageError("--source has credentials in its oci:// URI; put them in docker's config.json (docker "
-                         "login) or podman's auth.json, never in the URI")
     if not REGISTRY.match(registry):
         raise UsageError(f"--source {uri!r}: {registry!r} is not a registry host[:port]")
     if not REPOSITORY.match(path):
@@ -385,6 +385,9 @@ class OciSource:
         realm = urlsplit(params["realm"])
         if realm.scheme not in ("http", "https") or not realm.hostname:
             raise SourceError(f"{what}: the registry's token realm {params['realm']!r} is not an http(s) URL")
+        if realm.scheme == "http" and self.scheme == "https" and (credentials.username or credentials.identity_token):
+            raise SourceError(f"{what}: the https registry sends logins to a plain-http token realm ({realm.netloc});"
+                              " weightsync does not send credentials over plain http")
         headers = {"Host": realm.netloc, "User-Agent": USER_AGENT}
         method, data = "GET", None
         if credentials.identity_token:
