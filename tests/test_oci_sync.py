@@ -116,13 +116,27 @@ def test_a_pinned_digest_syncs_cold_and_its_warm_start_makes_zero_requests(oci_r
         proxy.close()
 
 
-def test_a_tag_that_now_names_other_bytes_than_the_pinned_digest_is_refused(oci_registry, oci_env, tmp_path):
+def test_a_pinned_digest_the_registry_does_not_hold_exits_3(oci_registry, oci_env, tmp_path):
     name = repo()
     oci_registry.push(f"{name}:v1", model(3))
     wrong = "sha256:" + "0" * 64
     result = weightsync("sync", "--source", f"oci://{oci_registry.host}/{name}@{wrong}", "--dest", str(tmp_path),
                         env=oci_env)
     assert result.returncode == 3 and "not found" in error_line(result)
+
+
+def test_a_lockfile_of_a_tag_keeps_syncing_the_locked_digest_after_the_tag_moves(oci_registry, oci_env, tmp_path):
+    name, files = repo(), model(10)
+    digest = oci_registry.push(f"{name}:v1", files)
+    lock = weightsync("lock", "--source", f"oci://{oci_registry.host}/{name}:v1", env=oci_env)
+    assert lock.returncode == 0, lock.stderr
+    body = json.loads(lock.stdout)
+    assert body["revision"] == digest.removeprefix("sha256:") and len(body["files"]) == len(files)
+    (tmp_path / "weightsync.lock").write_text(lock.stdout)
+    oci_registry.push(f"{name}:v1", {**files, "config.json": b'{"moved": true}'})
+    synced = weightsync("sync", "--lockfile", str(tmp_path / "weightsync.lock"), "--dest", str(tmp_path / "v"),
+                        env=oci_env)
+    assert last_path(synced).name == body["revision"] and tree_bytes(last_path(synced)) == files
 
 
 @pytest.mark.slow
