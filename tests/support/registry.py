@@ -11,16 +11,19 @@ hand-built manifests (ModelPack, archives, hostile titles, indexes) over the pla
 Without the binary the fixtures skip, unless WS_REQUIRE_REGISTRY=1 (CI), where that is a failure.
 
 Where distribution 2.8 differs from the big registries (seen here, relied on by the tests):
-- A tag in a repository that was never pushed answers 404 MANIFEST_UNKNOWN, not NAME_UNKNOWN (GHCR and Docker
-  Hub answer 401/denied for an unknown repo to an anonymous client, as this one does under token auth).
+- A tag in a repository that was never pushed answers 404 MANIFEST_UNKNOWN (the tag in its detail), not
+  NAME_UNKNOWN; Docker Hub and GHCR answer an anonymous client 401 UNAUTHORIZED for a repository that does not
+  exist or is private (known from their behaviour, not tested here), which is why weightsync's access-denied
+  line says the repository may not exist.
 - Filesystem storage serves blobs itself (206 to a Range); registries backed by S3/GCS (ECR, Docker Hub, GHCR)
   answer 307 to a presigned URL on another host instead. `Registry(s3=...)` does that too, with the session's
   SeaweedFS as its storage (distribution's s3 driver, path style because `regionendpoint` is set); its
   aws-sdk-go panics at start on an AWS_CA_BUNDLE in the environment, so the registry runs without AWS_*.
 - Under token auth every request needs a token, /v2/ included; Docker Hub and GHCR hand anonymous pull tokens
   for public repos, which is what `TokenServer(anonymous_pull=True)` does.
-- It rejects the OCI 1.1 `application/vnd.oci.artifact.manifest.v1+json` (removed from the spec in 1.1.0) and
-  stores `artifactType` in an image manifest as it is, without the referrers API.
+- It rejects the `application/vnd.oci.artifact.manifest.v1+json` of the OCI 1.1 release candidates (400
+  MANIFEST_INVALID; the final 1.1 dropped it), keeps an image manifest's `artifactType` as it is, and has no
+  referrers API (404), which newer registries (Harbor 2.8+, ECR) serve; weightsync reads neither.
 - (Of the SDK, not the registry:) oras-py 0.2.43 against the htpasswd registry hung in push (not chased), so the
   registries with auth get their artifacts through `push_manifest_of`, the same manifest shape over the plain API.
 - ORAS's Python SDK titles a layer with the file's basename (the Go CLI keeps the relative path), so `push`
