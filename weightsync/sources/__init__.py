@@ -1,6 +1,6 @@
 """The source interface: list files (path, size, checksum) and read a byte range.
 
-Every backend (`file`, `s3`, `hf`) implements `Source` and passes one conformance
+Every backend (`file`, `s3`, `hf`, `oci`) implements `Source` and passes one conformance
 suite (tests/test_source_conformance.py); the engine never knows which one it
 talks to. What a backend can do beyond the minimum is declared in its `Features`
 (as rclone's fs.Features), never probed with getattr. Each listed `RemoteFile`
