@@ -506,3 +506,24 @@ def test_credentials_are_never_sent_to_a_plain_http_token_realm_of_an_https_regi
     with pytest.raises(SourceError, match="plain http"):  # refused before any connection is made
         source._fetch_token({"realm": "http://auth.example/token", "service": "ghcr.io"},
                             Credentials(username="u", password="secret-password", origin="test"), "resolving")
+
+
+def test_docker_hub_logins_are_found_under_their_v1_key_and_podmans_file_comes_first(tmp_path, monkeypatch):
+    from weightsync.sources.oci import auth_files, registry_credentials
+
+    def auth(pair: str) -> dict[str, str]:
+        return {"auth": base64.b64encode(pair.encode()).decode()}
+
+    docker, runtime = tmp_path / "docker", tmp_path / "run"
+    (runtime / "containers").mkdir(parents=True)
+    docker.mkdir()
+    (docker / "config.json").write_text(json.dumps({"auths": {"https://index.docker.io/v1/": auth("dock:one"),
+                                                              "ghcr.io": auth("dock:two")}}))
+    (runtime / "containers" / "auth.json").write_text(json.dumps({"auths": {"ghcr.io": auth("pod:three")}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    assert auth_files() == [str(runtime / "containers" / "auth.json"), str(docker / "config.json")]
+    assert (registry_credentials("docker.io").username, registry_credentials("docker.io").password) == ("dock", "one")
+    assert registry_credentials("ghcr.io").password == "three", "podman's auth.json first, as podman reads it"
+    assert registry_credentials("quay.io").origin == "", "nothing stored: anonymous"
