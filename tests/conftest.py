@@ -14,6 +14,7 @@ from tests.support.azurite import Azurite, Unavailable
 from tests.support.gcsserver import GcsEmulator
 from tests.support.hubserver import HubServer
 from tests.support.proxy import CountingProxy
+from tests.support.registry import Registry
 from tests.support.s3server import SeaweedS3
 
 # Test-only credentials, generated per run: never real secrets, and unique so that
@@ -58,6 +59,14 @@ def s3_env(s3_proxy: CountingProxy) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     })
     return env
+
+
+@pytest.fixture(scope="session")
+def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """One anonymous docker-registry (CNCF distribution) for the session; tests push to repos of their own."""
+    registry = Registry(tmp_path_factory.mktemp("registry")).start()
+    yield registry
+    registry.stop()
 
 
 @pytest.fixture

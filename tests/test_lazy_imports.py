@@ -98,3 +98,12 @@ def test_a_gcs_pinned_warm_start_imports_nothing_heavy_and_an_emulator_sync_no_g
     revision = Path(weightsync(*args, env=gcs_env, check=True).stdout.splitlines()[-1]).name
     code, heavy = heavy_modules_loaded(*args, "--revision", revision, env=gcs_env)
     assert code == 0 and heavy == []
+
+
+def test_a_pinned_warm_start_from_an_oci_registry_imports_no_heavy_module(oci_registry, clean_env, tmp_path):
+    env = {**clean_env, "DOCKER_CONFIG": str(tmp_path / "docker")}
+    digest = oci_registry.push("acme/warm:v1", {"config.json": b"{}", "w.bin": b"x" * 200_000})
+    pinned = ("sync", "--source", f"oci://{oci_registry.host}/acme/warm@{digest}", "--dest", str(tmp_path / "v"))
+    weightsync(*pinned, env=env, check=True)
+    code, heavy = heavy_modules_loaded(*pinned, env=env)
+    assert code == 0 and heavy == []

@@ -16,8 +16,9 @@ As rclone's fstests: adding a backend means passing this module. To pass, a new 
 
 Each backend runs against a real server on loopback: a folder under tmp_path, the session's SeaweedFS
 (through the per-test counting proxy, as the CLI tests reach it), the in-process fake Hub,
-gcp-storage-emulator (tests/support/gcsserver.py, through the counting proxy), and the session's Azurite
-(through its counting proxy).
+gcp-storage-emulator (tests/support/gcsserver.py, through the counting proxy), the session's Azurite
+(through its counting proxy), and the session's docker-registry (CNCF distribution) with artifacts pushed by the
+ORAS SDK.
 To add a backend: write a `_<kind>_backend` factory below and add it to FACTORIES and its kind to BACKENDS.
 """
 
@@ -47,12 +48,13 @@ from weightsync.errors import NetworkError, TransientError, WeightsyncError
 from weightsync.retry import RetryPolicy, call_with_retries
 from weightsync.sources import LISTING_DIGEST, Features, RemoteFile, Selection, Source, open_source
 from weightsync.sources.hf import COMMIT
+from weightsync.sources.oci import HEX64
 
 MiB = 1024 * 1024
 BIG = "model.safetensors"
 BIG_SIZE = 20 * MiB + 12345  # three parts under boto3's defaults (8 MiB chunks): 8, 8 and an uneven 4 MiB + 12345
 S3_PART = 8 * MiB  # boto3's TransferConfig default multipart_threshold and multipart_chunksize
-BACKENDS = ("file", "s3", "hf", "gs", "az")
+BACKENDS = ("file", "s3", "hf", "gs", "az", "oci")
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -344,7 +346,43 @@ def _az_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     )
 
 
-FACTORIES = {"file": _file_backend, "s3": _s3_backend, "hf": _hf_backend, "gs": _gs_backend, "az": _az_backend}
+def _oci_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    registry = request.getfixturevalue("oci_registry")
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))  # no credentials: an anonymous registry
+    for name in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    # `oras push host/repo:latest config.json sub/dir/x.bin empty.txt model.safetensors`: one layer per file,
+    # titled by its relative path, the empty file an empty blob; the revision is the manifest's digest.
+    repo = f"acme/tiny-{uuid.uuid4().hex[:8]}"
+    files = model_files()
+    registry.push(f"{repo}:latest", files)
+
+    def change() -> None:
+        registry.push(f"{repo}:latest", {**files, "config.json": b'{"changed": true}'})
+
+    backend = Backend(
+        kind="oci", uri=f"oci://{registry.host}/{repo}", files=files, revision_shape=HEX64,
+        missing_uri=f"oci://{registry.host}/acme/no-such-repo", change=change, unreachable=None, rewrite=None,
+        skip_reason={"rewrite": "locators are blob digests: content-addressed, a blob's bytes never change"},
+    )
+
+    @contextlib.contextmanager
+    def unreachable() -> Iterator[None]:
+        live = backend.uri
+        with closed_port() as url:
+            backend.uri = f"oci://{url.removeprefix('http://')}/{repo}"
+            try:
+                yield
+            finally:
+                backend.uri = live
+
+    backend.unreachable = unreachable
+    return backend
+
+
+FACTORIES = {"file": _file_backend, "s3": _s3_backend, "hf": _hf_backend, "gs": _gs_backend, "az": _az_backend,
+             "oci": _oci_backend}
 
 
 @pytest.fixture(params=BACKENDS)

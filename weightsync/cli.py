@@ -229,13 +229,14 @@ GLOBAL_FLAGS = ("--log-format", "--debug")  # also accepted before the command
 
 ALL_OPTIONS = {option.flag: option for option in (
     Option("--source", "s3://bucket/prefix, hf://owner/name[@rev], gs://bucket/prefix, az://account/container/prefix "
-           "(or https://ACCOUNT.blob.core.windows.net/container/prefix), file:///abs/path or a directory; required "
+           "(or https://ACCOUNT.blob.core.windows.net/container/prefix), oci://registry/repo[:tag|@sha256:digest], "
+           "file:///abs/path or a directory; required "
            "unless --lockfile names it", group=WHAT, metavar="URI"),
     Option("--dest", "the volume (directory) models are published into", required=True, group=WHAT, metavar="DIR"),
     Option("--name", "directory of this model under DEST; one name holds one source and filter set",
            shown_default="derived from the source", group=WHAT),
-    Option("--revision", "branch, tag or commit (hf), or a revision id printed by a previous sync (pin)",
-           shown_default="the latest; main for hf://", group=WHAT),
+    Option("--revision", "branch, tag or commit (hf), tag or sha256:digest (oci), or a revision id printed by a "
+           "previous sync (pin)", shown_default="the latest; main for hf://, latest for oci://", group=WHAT),
     Option("--include", "only files matching this glob (repeatable; env: comma-separated)", repeat=True,
            group=WHAT),
     Option("--exclude", "skip files matching this glob (repeatable; env: comma-separated)", repeat=True,

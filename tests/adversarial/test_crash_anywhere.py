@@ -16,6 +16,7 @@ import pytest
 
 from tests.adversarial.harness import MiB, Proc, exposure, last_path, model, ws
 from tests.support.helpers import tree_bytes, upload_model
+from tests.support.proxy import CountingProxy
 
 RANDOM_KILLS_PER_SOURCE = 16
 PAUSE_POINTS = ("locked", "before-publish", "manifest-written", "renamed")
@@ -150,8 +151,25 @@ def test_sigkill_anywhere_azure_never_exposes_a_partial_model(azurite, container
 
 
 @pytest.mark.slow
+def test_sigkill_anywhere_oci_never_exposes_a_partial_model(oci_registry, clean_env, tmp_path):
+    files = model(13)
+    oci_registry.push("acme/crash:v1", files)
+    proxy = CountingProxy("127.0.0.1", oci_registry.port)
+    env = {**clean_env, "DOCKER_CONFIG": str(tmp_path / "docker"), "PYTHONUNBUFFERED": "1"}
+
+    def throttle(on: bool) -> None:
+        proxy.faults.throttle_bps = 3 * MiB if on else None
+
+    try:
+        _crash_campaign("oci", f"oci://{proxy.url.removeprefix('http://')}/acme/crash:v1", env, files, tmp_path,
+                        throttle, seed=7)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.slow
 def test_the_campaign_killed_at_least_30_times_and_exposed_nothing():
-    """Runs after the campaigns (file order): the issue's minimum, across S3, HF, GCS and Azure."""
+    """Runs after the campaigns (file order): the issue's minimum, across S3, HF, GCS, Azure and OCI."""
     if TOTALS["kills"] == 0:
         pytest.skip("the crash campaigns did not run in this session")
     print(f"\ncrash-anywhere total: {TOTALS['kills']} SIGKILLs, {TOTALS['exposed']} partial models exposed")

@@ -9,6 +9,9 @@ messages, for the secret values. It runs last in this directory (file order).
 
 from __future__ import annotations
 
+import base64
+import json
+import secrets
 from pathlib import Path
 
 import pytest
@@ -16,9 +19,12 @@ import pytest
 from tests.adversarial.harness import AWS_SESSION_SECRET, GCS_SECRET_TOKEN, HF_SECRET_TOKEN, BlackHole, recorded, ws
 from tests.support.gcsserver import FakeMetadataServer, RecordingGateway
 from tests.support.helpers import upload_model
+from tests.support.registry import TokenServer, running
 
+REGISTRY_PASSWORD = "wsRegistryPw" + secrets.token_hex(12)
 SECRETS = {"AWS session token": AWS_SESSION_SECRET, "HF token": HF_SECRET_TOKEN,
-           "Google access token": GCS_SECRET_TOKEN}  # the metadata server's tokens are this plus -1, -2, ...
+           "Google access token": GCS_SECRET_TOKEN,  # the metadata server's tokens are this plus -1, -2, ...
+           "registry password": REGISTRY_PASSWORD}
 VOLUMES: list[Path] = []
 
 
@@ -166,6 +172,41 @@ def test_azure_runs_with_debug_key_sas_connection_string_and_failures(azurite, c
     for result in results:
         assert _leaks(result.stdout + result.stderr) == [], result.stderr
         assert "sig=" not in result.stderr.replace("sig=***", "")
+
+
+def test_oci_runs_with_debug_token_auth_and_failures(clean_env, tmp_path):
+    token = TokenServer(tmp_path, {"dora": REGISTRY_PASSWORD})
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    env = {**clean_env, "DOCKER_CONFIG": str(docker)}
+    env.pop("REGISTRY_AUTH_FILE", None)
+    env.pop("XDG_RUNTIME_DIR", None)
+    dest = tmp_path / "vol"
+    VOLUMES.append(dest)
+
+    def login(password: str) -> None:
+        auth = base64.b64encode(f"dora:{password}".encode()).decode()
+        (docker / "config.json").write_text(json.dumps({"auths": {registry.host: {"auth": auth}}}))
+
+    try:
+        with running(tmp_path / "registry", token=token) as registry:
+            registry.push_manifest_of("acme/secret", "v1", [("w.bin", "application/octet-stream", b"w" * 200_000)])
+            uri = f"oci://{registry.host}/acme/secret"
+            login(REGISTRY_PASSWORD)
+            results = [ws("sync", "--debug", "--source", f"{uri}:v1", "--dest", str(dest), env=env),
+                       ws("sync", "--debug", "--source", f"{uri}:v9", "--dest", str(dest), env=env)]
+            login(REGISTRY_PASSWORD + "x")
+            results.append(ws("sync", "--debug", "--source", f"{uri}:v1", "--dest", str(tmp_path / "v2"), env=env))
+        results.append(ws("sync", "--debug", "--source", f"{uri}:v1", "--dest", str(tmp_path / "v3"), "--retries",
+                          "2", "--retry-base", "0.01", env=env))
+    finally:
+        token.close()
+    assert [r.returncode for r in results] == [0, 3, 3, 7], [r.stderr for r in results]  # 7: the registry stopped
+    pair = base64.b64encode(f"dora:{REGISTRY_PASSWORD}".encode()).decode()
+    for result in results:
+        output = result.stdout + result.stderr
+        assert _leaks(output) == [] and pair not in output, result.stderr
+        assert not any(minted in output for minted in token.minted), "a registry token was logged"
 
 
 def test_redaction_covers_presigned_url_parameters_and_known_secret_values(monkeypatch):

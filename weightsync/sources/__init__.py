@@ -1,6 +1,6 @@
 """The source interface: list files (path, size, checksum) and read a byte range.
 
-Every backend (`file`, `s3`, `hf`, `gs`) implements `Source` and passes one conformance
+Every backend (`file`, `s3`, `hf`, `gs`, `az`, `oci`) implements `Source` and passes one conformance
 suite (tests/test_source_conformance.py); the engine never knows which one it
 talks to. What a backend can do beyond the minimum is declared in its `Features`
 (as rclone's fs.Features), never probed with getattr. Each listed `RemoteFile`
@@ -206,13 +206,13 @@ def slugify(*parts: str) -> str:
 
 
 # `s3:/bucket`, `s3:bucket`, `hf:/owner/name`, `S3://...`: a scheme typed wrong, not a folder.
-NEAR_MISS = re.compile(r"^(s3|hf|gs|az|file|https?):/?(?!/)(.+)$", re.IGNORECASE)
+NEAR_MISS = re.compile(r"^(s3|hf|gs|az|oci|file|https?):/?(?!/)(.+)$", re.IGNORECASE)
 
 
 def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_style: str = "auto",
                 offline: bool = False) -> Source:
-    """Pick the backend from the URI scheme: s3://, hf://, gs://, az:// or an Azure blob https:// URL, file:// or a
-    plain path (timeouts and pool sizes from `transfer`, the defaults unless given)."""
+    """Pick the backend from the URI scheme: s3://, hf://, gs://, az:// or an Azure blob https:// URL, oci://,
+    file:// or a plain path (timeouts and pool sizes from `transfer`, the defaults unless given)."""
     transfer = transfer or DEFAULTS
     if uri.startswith("az://") or uri[:8].lower() == "https://":  # Azure's https:// URLs before any other https
         from weightsync.sources.azure import AzureSource, is_azure_blob_url
@@ -231,10 +231,14 @@ def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_
         from weightsync.sources.gcs import GcsSource
 
         return GcsSource.from_uri(uri, transfer)
+    if uri.startswith(("oci://", "oci+http://")):
+        from weightsync.sources.oci import OciSource
+
+        return OciSource.from_uri(uri, transfer)
     near_miss = NEAR_MISS.match(uri)
     if near_miss:
         scheme, rest = near_miss.group(1).lower(), near_miss.group(2)
-        article = "an" if scheme in ("s3", "hf", "az", "file") else "a"  # an ess-three, a gee-ess
+        article = "an" if scheme in ("s3", "hf", "az", "oci", "file") else "a"  # an ess-three, a gee-ess
         raise UsageError(f"--source {uri!r} looks like {article} {scheme}:// URI with a slash missing; did you mean "
                          f"{scheme}://{rest}?")
     if uri.startswith("file://") or "://" not in uri:
@@ -244,4 +248,4 @@ def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_
     scheme = uri.split("://", 1)[0]
     raise UsageError(f"unsupported source scheme '{scheme}://' in --source {uri!r}; "
                      "use s3://bucket/prefix, hf://owner/name, gs://bucket/prefix, az://account/container/prefix, "
-                     "file:///abs/path or a directory")
+                     "oci://registry/repo:tag, file:///abs/path or a directory")

@@ -54,8 +54,10 @@ class Pool:
                 return
         connection.close()
 
-    def send(self, scheme: str, host: str, port: int, method: str, target: str, headers: dict[str, str]) -> Body:
-        """Send one request and read the reply's head; its body is the caller's to read or close.
+    def send(self, scheme: str, host: str, port: int, method: str, target: str, headers: dict[str, str],
+             body: bytes | None = None) -> Body:
+        """Send one request (with a small `body`: a token request's form) and read the reply's head; its body is
+        the caller's to read or close.
 
         A pooled connection the server had closed meanwhile (keep-alive timeout) fails
         before any reply byte: that request is sent once more on a fresh connection.
@@ -65,7 +67,7 @@ class Pool:
         for attempt in (1, 2):
             connection, reused = self.take(scheme, host, port)
             try:
-                connection.request(method, target, headers=headers)
+                connection.request(method, target, body=body, headers=headers)
                 response = connection.getresponse()
                 break
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
