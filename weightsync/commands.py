@@ -23,6 +23,7 @@ from weightsync.logs import event, write_termination_message
 
 if TYPE_CHECKING:
     from weightsync.engine import Engine, SyncRequest, SyncResult
+    from weightsync.lockfile import Lockfile
     from weightsync.metrics import MetricsOptions, SyncMetrics
     from weightsync.signature import SignaturePolicy
 
@@ -113,13 +114,17 @@ def build_request(options: Options, dest: str | None = None) -> SyncRequest:
         lockfile = Lockfile.load(options.lockfile)
     source, revision, include, exclude = options.source, options.revision, options.include, options.exclude
     if lockfile:
-        if source and open_source(source).uri != open_source(lockfile.source).uri:
+        if source and _relock(options, source, lockfile):
+            lockfile = lockfile.for_source(open_source(source, lockfile=lockfile).uri)
+        elif source and open_source(source, lockfile=lockfile).uri != open_source(lockfile.source,
+                                                                                   lockfile=lockfile).uri:
             raise UsageError(f"--source {source} differs from the source pinned in --lockfile {lockfile.origin} "
                              f"({lockfile.source}); drop --source or regenerate the lockfile")
         if revision and revision != lockfile.revision:
             raise UsageError(f"--revision {revision} differs from --lockfile {lockfile.origin} "
                              f"({lockfile.revision}); drop --revision")
-        source, revision, include, exclude = lockfile.source, lockfile.revision, lockfile.include, lockfile.exclude
+        source, revision, include, exclude = (lockfile.source, lockfile.revision or None, lockfile.include,
+                                              lockfile.exclude)
     if not source:
         raise UsageError("--source is required (or set WEIGHTSYNC_SOURCE, or pass --lockfile)")
     offline = options.offline
@@ -138,6 +143,14 @@ def build_request(options: Options, dest: str | None = None) -> SyncRequest:
         lockfile=lockfile, lock_mode=options.lock_mode, require_checksum=options.require_checksum,
         rebind=options.rebind, transfer=transfer_config(options), signature=signature,
     )
+
+
+def _relock(options: Options, source: str, lockfile: Lockfile) -> bool:
+    """`weightsync lock --source https://host/base/ --lockfile other.lock`: lock that base URL to the files of a
+    lockfile made from another source (a local copy of what the web server holds), checked against the bytes
+    the server sends."""
+    return (options.command == "lock" and source.split("://", 1)[0].lower() in ("http", "https")
+            and source != lockfile.source)
 
 
 def signature_policy(options: Options) -> SignaturePolicy | None:
@@ -348,7 +361,12 @@ def run_lock(options: Options, _: list[str]) -> int:
         engine = Engine(request)
         result = engine.sync()
         manifest = Manifest.load(engine.volume.manifest_path(result.revision))
-    lockfile = Lockfile(source=engine.source.uri, revision=result.source_revision, files=tuple(manifest.files),
+    revision = result.source_revision
+    if engine.source.kind == "https":  # the id a sync from this lockfile publishes under: derived from the sha256s
+        from weightsync.sources.https import content_revision
+
+        revision = content_revision([(entry.path, entry.sha256) for entry in manifest.files])
+    lockfile = Lockfile(source=engine.source.uri, revision=revision, files=tuple(manifest.files),
                         include=request.selection.include, exclude=request.selection.exclude,
                         signature=manifest.signature.to_json() if manifest.signature else None)
     sys.stdout.write(lockfile.to_json())

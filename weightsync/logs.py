@@ -19,9 +19,9 @@ import time
 from typing import TextIO
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "HF_TOKEN",
-              "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID")
-SIGNED_QUERY = re.compile(r"(?i)((?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|"
-                          r"key-pair-id|policy|token)=)[^&\s\"']+")
+              "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "WEIGHTSYNC_HTTP_TOKEN")
+SIGNED_QUERY = re.compile(r"(?i)((?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-credential|"
+                          r"signature|key-pair-id|policy|token|(?<![\w-])sig)=)[^&\s\"']+")
 HF_TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{10,}\b")
 
 

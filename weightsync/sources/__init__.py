@@ -1,6 +1,6 @@
 """The source interface: list files (path, size, checksum) and read a byte range.
 
-Every backend (`file`, `s3`, `hf`) implements `Source` and passes one conformance
+Every backend (`file`, `s3`, `hf`, `https`) implements `Source` and passes one conformance
 suite (tests/test_source_conformance.py); the engine never knows which one it
 talks to. What a backend can do beyond the minimum is declared in its `Features`
 (as rclone's fs.Features), never probed with getattr. Each listed `RemoteFile`
@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from weightsync.checksums import Evidence, Promise
 from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import TransientError, UsageError, WeightsyncError
+
+if TYPE_CHECKING:
+    from weightsync.lockfile import Lockfile
 
 
 @dataclass(frozen=True)
@@ -210,9 +213,10 @@ NEAR_MISS = re.compile(r"^(s3|hf|gs|az|file|https?):/?(?!/)(.+)$", re.IGNORECASE
 
 
 def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_style: str = "auto",
-                offline: bool = False) -> Source:
-    """Pick the backend from the URI scheme: s3://, hf://, file:// or a plain path (timeouts and pool sizes
-    from `transfer`, the defaults unless given)."""
+                offline: bool = False, lockfile: Lockfile | None = None) -> Source:
+    """Pick the backend from the URI scheme: s3://, hf://, file://, a plain path, or any other http(s):// URL
+    (timeouts and pool sizes from `transfer`, the defaults unless given). `lockfile` names the files of an
+    https:// base URL, which a web server cannot list."""
     transfer = transfer or DEFAULTS
     if uri.startswith("s3://"):
         from weightsync.sources.s3 import S3Source
@@ -233,5 +237,9 @@ def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_
 
         return FileSource.from_uri(uri)
     scheme = uri.split("://", 1)[0]
-    raise UsageError(f"unsupported source scheme '{scheme}://' in --source {uri!r}; "
-                     "use s3://bucket/prefix, hf://owner/name, file:///abs/path or a directory")
+    if scheme.lower() in ("https", "http"):  # the generic fallback: more specific https hosts are matched above
+        from weightsync.sources.https import HttpsSource
+
+        return HttpsSource.from_uri(uri, transfer, lockfile=lockfile)
+    raise UsageError(f"unsupported source scheme '{scheme}://' in --source {uri.split('?', 1)[0]!r}; "
+                     "use s3://bucket/prefix, hf://owner/name, https://host/path, file:///abs/path or a directory")
