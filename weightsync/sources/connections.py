@@ -4,8 +4,8 @@ Each request takes a connection, and gives it back once its reply was read to th
 (a reply abandoned half-way closes its connection instead: its unread bytes would be
 the next reply's start). Proxies come from `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY`
 (CONNECT tunnels for https, the absolute URL for http); TLS uses the system's CAs, or
-the bundle a source names instead (`AWS_CA_BUNDLE`) or on top (`REQUESTS_CA_BUNDLE`). A read silent for `read_timeout` raises,
-which the engine turns into a resumed retry.
+the bundle a source names instead (`AWS_CA_BUNDLE`) or on top (`REQUESTS_CA_BUNDLE`). A
+read silent for `read_timeout` raises, which the engine turns into a resumed retry.
 """
 
 from __future__ import annotations

@@ -201,10 +201,10 @@ class HttpsSource:
             promises.append(Promise("sha256", pinned_sha256, "#sha256" if by_fragment else "lockfile",
                                     origin="url fragment" if by_fragment else "lockfile"))
         values = {p.value for p in promises}
-        if len(values) > 1:
-            raise IntegrityError(f"{what}: the server's {header.field if header else 'digest'} sha256 differs from "
-                                 "the one pinned by " + ("the URL's #sha256" if self._fragment_sha256 else "the lockfile")
-                                 + "; nothing was downloaded — fix the pin or the server", path=path)
+        if len(values) > 1 and header is not None:
+            pin = "the URL's #sha256" if self._fragment_sha256 else "the lockfile"
+            raise IntegrityError(f"{what}: the server's {header.field} sha256 differs from the one {pin} pins; "
+                                 "nothing was downloaded — fix the pin or the server", path=path)
         # The validator open_range pins reads to: a strong ETag, else Last-Modified (a weak ETag cannot be one).
         validator = strong or headers.get("last-modified", "")
         return RemoteFile(path=path, size=size, promises=tuple(promises), etag=identity or None,
