@@ -238,12 +238,13 @@ class HttpsSource:
             if start == 0 and end == file.size:
                 return RangeBody(body, what)
             body.close()
-            if validator:
+            if validator and not reply_validator:
                 raise IntegrityError(f"{what}: the server answered a ranged request pinned to {validator} with the "
                                      "whole file, so it changed since it was listed; nothing was published — "
                                      "rerun to sync the new version", path=file.path)
-            raise IntegrityError(f"{what}: the server ignored the byte range (and gives no ETag or Last-Modified "
-                                 "to pin one); cannot resume safely", path=file.path)
+            raise IntegrityError(f"{what}: the server ignored the byte range (bytes {start}-{end - 1}) and sent "
+                                 "the whole file; cannot resume safely — serve it with Range support",
+                                 path=file.path)
         expected = f"bytes {start}-{end - 1}/{file.size}"
         if body.headers.get("content-range", "") != expected:
             got = body.headers.get("content-range")
