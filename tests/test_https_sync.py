@@ -24,6 +24,8 @@ from tests.support.helpers import (
     weightsync_popen,
 )
 from tests.support.httpserver import HttpServer, private_ca
+from tests.support.nginx import REQUIRE_ENV as NGINX_REQUIRED
+from tests.support.nginx import Nginx, Unavailable
 from tests.support.proxy import CountingProxy
 from weightsync.lockfile import Lockfile
 from weightsync.manifest import ManifestEntry
@@ -427,3 +429,66 @@ def test_plain_http_on_loopback_works_for_in_cluster_mirrors(env, tmp_path):
         result = weightsync("sync", "--lockfile", str(lock), "--dest", str(tmp_path / "v"), env=env)
     assert result.returncode == 0, result.stderr
     assert tree_bytes(published_dir(result)) == files
+
+
+# ----------------------------------------------------------------------------------------------- nginx
+
+
+@pytest.fixture
+def nginx(tls, tmp_path: Path) -> Iterator[Nginx]:
+    """nginx (a real static web server) serving tmp_path/www over TLS, 8 MiB/s per connection; a skip where it is
+    not installed, a failure under WS_REQUIRE_NGINX=1."""
+    server = Nginx(tmp_path / "www", tmp_path / "nginx", tls[0].parent, limit_rate="8m")
+    try:
+        server.start()
+    except Unavailable as exc:
+        if os.environ.get(NGINX_REQUIRED):
+            pytest.fail(f"{exc}, and {NGINX_REQUIRED} is set")
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+def test_nginx_serves_a_lockfile_set_byte_identical_through_heads_and_ranged_gets(nginx, env, tmp_path):
+    files = model(21)
+    for name, data in files.items():
+        (nginx.root / "models/tiny" / name).parent.mkdir(parents=True, exist_ok=True)
+        (nginx.root / "models/tiny" / name).write_bytes(data)
+    lock = write_lockfile(tmp_path / "tiny.lock", nginx.url + BASE, files)
+    result = weightsync("sync", "--lockfile", str(lock), "--dest", str(tmp_path / "v"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert tree_bytes(published_dir(result)) == files
+    assert "4 files sha256 (lockfile)" in result.stderr
+    gets = [r for r in nginx.requests() if r["method"] == "GET"]
+    assert gets and all(r["status"] == "206" and r["if_range"].startswith('"') for r in gets), gets
+
+
+@pytest.mark.slow
+def test_nginx_resume_is_pinned_by_if_range_and_a_file_rewritten_meanwhile_is_fetched_whole(nginx, env, tmp_path):
+    path = nginx.root / "models" / BIG
+    path.parent.mkdir(parents=True)
+    path.write_bytes(os.urandom(24 * MiB))
+    url, dest = f"{nginx.url}/models/{BIG}", str(tmp_path / "v")
+    process = weightsync_popen("sync", "--source", url, "--dest", dest, env=env)
+    time.sleep(1.5)  # 8 MiB/s: about half of it
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = weightsync("sync", "--source", url, "--dest", dest, env=env)  # unchanged: resumed, not restarted
+    assert resumed.returncode == 0, resumed.stderr
+    assert tree_bytes(published_dir(resumed)) == {BIG: path.read_bytes()}
+    [first, second] = [r for r in nginx.requests() if r["method"] == "GET"]
+    assert second["range"] != f"bytes=0-{24 * MiB - 1}" and second["status"] == "206", (first, second)
+    assert second["if_range"].startswith('"'), "pinned to nginx's strong ETag"
+    process = weightsync_popen("sync", "--source", url, "--dest", str(tmp_path / "w"), env=env)
+    time.sleep(1.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    path.write_bytes(os.urandom(24 * MiB))  # same size, a new mtime: a new ETag, a size-only check would not tell
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    nginx.access_log.write_text("")
+    changed = weightsync("sync", "--source", url, "--dest", str(tmp_path / "w"), env=env)
+    assert changed.returncode == 0, changed.stderr
+    assert published_dir(changed).name != published_dir(resumed).name, "a new ETag is a new revision"
+    assert tree_bytes(published_dir(changed)) == {BIG: path.read_bytes()}, "downloaded whole, never spliced"
+    [get] = [r for r in nginx.requests() if r["method"] == "GET"]
+    assert get["range"].startswith("bytes=0-")
