@@ -418,6 +418,19 @@ def test_a_presigned_query_never_reaches_any_output_metrics_or_the_volume(server
     assert manifest["source"] == f"{server.url}{BASE}{BIG}"
 
 
+def test_a_server_that_refuses_head_like_a_url_presigned_for_get_is_probed_with_a_one_byte_get(server, env,
+                                                                                             tmp_path):
+    files = model(22)
+    publish(server, files)
+    server.faults.head_status = 403
+    lock = write_lockfile(tmp_path / "tiny.lock", server.url + BASE, files)
+    result = weightsync("sync", "--lockfile", str(lock), "--dest", str(tmp_path / "v"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert tree_bytes(published_dir(result)) == files, "the empty file's size comes from a 416's Content-Range"
+    probes = [r for r in server.requests if r.method == "GET" and r.headers.get("range") == "bytes=0-0"]
+    assert len(probes) == len(files)
+
+
 # ----------------------------------------------------------------------------------------------- plain http
 
 

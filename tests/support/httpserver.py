@@ -9,7 +9,7 @@ per request (no multipart/byteranges), no conditional GETs (If-None-Match, If-Mo
 and the digest headers (`Repr-Digest`, RFC 9530, or the older `Digest`, RFC 3230) are computed per reply
 instead of configured. Faults: a flipped byte in the bytes served (`corrupt`), a stall after the headers
 (`stall`), a file replaced after some bytes of it went out and the connection dropped (`change_after`), a
-per-connection throttle.
+per-connection throttle, a HEAD refused as a URL presigned for GET refuses it (`head_status`).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Faults:
     change_after: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # path -> (bytes, new content)
     throttle_bps: int | None = None
     ignore_range: bool = False
+    head_status: int | None = None  # answer every HEAD with this (403: a URL presigned for GET only)
 
 
 class HttpServer:
@@ -136,6 +137,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             server.requests.append(record)
         if server.token is not None and self.headers.get("Authorization") != f"Bearer {server.token}":
             return self._empty(record, 401, {"WWW-Authenticate": "Bearer"})
+        if self.command == "HEAD" and server.faults.head_status:
+            return self._empty(record, server.faults.head_status, {})
         if server.redirect_to is not None:
             location = server.redirect_to.url + self.path + (f"?{server.redirect_query}" if server.redirect_query
                                                              else "")

@@ -180,15 +180,7 @@ class HttpsSource:
     def _head(self, path: str, pinned_sha256: str | None) -> RemoteFile:
         url = self._locator(path)
         what = f"checking {self._shown(url)}"
-        body = self._request("HEAD", url, {"Accept-Encoding": "identity"}, what)
-        if body.status != 200:
-            raise self._status(body, what)
-        body.close()
-        headers = body.headers
-        try:
-            size = int(headers.get("content-length", ""))
-        except ValueError:
-            raise SourceError(f"{what}: the server sent no Content-Length, so the size cannot be checked") from None
+        size, headers = self._probe(url, what)
         etag = headers.get("etag", "")
         strong = etag if etag and not etag.startswith("W/") else ""
         identity = strong or headers.get("last-modified", "") or etag
@@ -209,6 +201,27 @@ class HttpsSource:
         validator = strong or headers.get("last-modified", "")
         return RemoteFile(path=path, size=size, promises=tuple(promises), etag=identity or None,
                           locator=f"{validator}\n{url}")
+
+    def _probe(self, url: str, what: str) -> tuple[int, dict[str, str]]:
+        """A file's size and headers from a HEAD; from a one-byte GET where HEAD is refused (a URL presigned for
+        GET only, as S3's and GCS's are, answers a HEAD with 403; some servers have no HEAD)."""
+        body = self._request("HEAD", url, {"Accept-Encoding": "identity"}, what)
+        if body.status in (403, 405, 501):
+            body.close()
+            body = self._request("GET", url, {"Range": "bytes=0-0", "Accept-Encoding": "identity"}, what)
+            if body.status in (206, 416):
+                body.read_all()  # a byte, or nothing: the connection stays reusable
+                total = body.headers.get("content-range", "").rpartition("/")[2]
+                if not total.isdigit():
+                    raise SourceError(f"{what}: the server's Content-Range gives no size")
+                return int(total), body.headers
+        if body.status != 200:
+            raise self._status(body, what)
+        body.close()
+        try:
+            return int(body.headers.get("content-length", "")), body.headers
+        except ValueError:
+            raise SourceError(f"{what}: the server sent no Content-Length, so the size cannot be checked") from None
 
     def describe(self, file: RemoteFile, thorough: bool = False) -> RemoteFile:
         return file  # the HEAD of the listing already gave all a server says about a file
