@@ -23,12 +23,10 @@ from tests.support.helpers import (
     weightsync,
     weightsync_popen,
 )
-from tests.support.httpserver import HttpServer, private_ca
+from tests.support.httpserver import HttpServer, private_ca, write_lockfile
 from tests.support.nginx import REQUIRE_ENV as NGINX_REQUIRED
 from tests.support.nginx import Nginx, Unavailable
 from tests.support.proxy import CountingProxy
-from weightsync.lockfile import Lockfile
-from weightsync.manifest import ManifestEntry
 
 MiB = 1024 * 1024
 BASE = "/models/tiny/"
@@ -70,12 +68,6 @@ def server(tls: tuple[Path, object]) -> Iterator[HttpServer]:
 def publish(server: HttpServer, files: dict[str, bytes], base: str = BASE) -> None:
     for name, data in files.items():
         server.put(base + name, data)
-
-
-def write_lockfile(path: Path, source: str, files: dict[str, bytes]) -> Path:
-    entries = tuple(ManifestEntry(name, len(data), sha256(data)) for name, data in files.items())
-    path.write_text(Lockfile(source=source, revision="", files=entries).to_json())
-    return path
 
 
 def published_dir(result) -> Path:
@@ -145,6 +137,28 @@ def test_a_base_url_without_a_lockfile_is_a_usage_error_that_says_to_give_one(se
     result = weightsync("sync", "--source", server.url + BASE, "--dest", str(tmp_path / "v"), env=env)
     assert result.returncode == 2
     assert "--lockfile" in error_line(result) and "weightsync lock" in error_line(result)
+    assert result.stderr.count("\n") == 1 and server.requests == [], "refused before any request or log line"
+
+
+def test_verify_and_status_of_a_lockfile_set_need_no_lockfile(server, env, tmp_path):
+    files = model(23)
+    publish(server, files)
+    lock = write_lockfile(tmp_path / "tiny.lock", server.url + BASE, files)
+    synced = weightsync("sync", "--lockfile", str(lock), "--dest", str(tmp_path / "v"), env=env)
+    assert synced.returncode == 0, synced.stderr
+    server.reset_log()
+    for args in (["verify"], ["verify", "--revision", published_dir(synced).name],
+                 ["verify", "--source", server.url + BASE], ["status"]):
+        result = weightsync(*args, "--dest", str(tmp_path / "v"), env=env)
+        assert result.returncode == 0, (args, result.stderr)
+    assert server.requests == []
+    (published_dir(synced) / "config.json").chmod(0o644)
+    (published_dir(synced) / "config.json").write_bytes(b"{}")
+    damaged = weightsync("verify", "--dest", str(tmp_path / "v"), env=env)
+    assert damaged.returncode == 4 and "config.json" in error_line(damaged) and "--lockfile" in error_line(damaged)
+    repaired = weightsync("sync", "--lockfile", str(lock), "--dest", str(tmp_path / "v"), "--verify", "full", env=env)
+    assert repaired.returncode == 0, repaired.stderr
+    assert tree_bytes(published_dir(repaired)) == files
 
 
 def test_lock_a_base_url_to_the_files_of_a_local_copy_then_sync_from_that_lockfile(server, env, tmp_path):

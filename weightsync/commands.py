@@ -279,6 +279,8 @@ def run_verify(options: Options, _: list[str]) -> int:
         repair = shlex.join(["weightsync", "sync", "--source", engine.source.uri, "--dest", _required(options.dest),
                              *_model_flags(engine), *engine.request.selection.flags(), "--revision",
                              engine.source_revision_of(directory.name), "--verify", "full", *_trust_flags(options)])
+        if getattr(engine.source, "is_set", False):  # an https:// base URL: its files are the lockfile's
+            repair += " --lockfile <the lockfile it was synced with>"
         raise IntegrityError(f"{directory} failed verification: " + "; ".join(problems[:5])
                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
                              + f" — repair it (only the damaged files are downloaded again, while the source "

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
+from urllib.parse import unquote
 
 CHUNK = 64 * 1024
 
@@ -131,7 +132,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self, body: bool) -> None:
         server = self.owner
-        path = self.path.split("?", 1)[0]
+        path = unquote(self.path.split("?", 1)[0])
         record = Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
         with server._lock:
             server.requests.append(record)
@@ -265,3 +266,13 @@ def private_ca(directory: Path) -> tuple[Path, ssl.SSLContext]:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(chain_path, key_path)
     return ca_path, context
+
+
+def write_lockfile(path: Path, source: str, files: dict[str, bytes]) -> Path:
+    """A weightsync lockfile naming `files` (relative path -> bytes) under the base URL `source`."""
+    from weightsync.lockfile import Lockfile
+    from weightsync.manifest import ManifestEntry
+
+    entries = tuple(ManifestEntry(name, len(data), hashlib.sha256(data).hexdigest()) for name, data in files.items())
+    path.write_text(Lockfile(source=source, revision="", files=entries).to_json())
+    return path

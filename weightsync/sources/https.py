@@ -83,16 +83,19 @@ class HttpsSource:
                              f"accepted (they would be logged); set {TOKEN_ENV} to a bearer token instead")
         if parts.fragment and not FRAGMENT.match(parts.fragment):
             raise UsageError(f"--source {shown!r}: the URL fragment must be #sha256=<64 hex digits>")
-        if parts.path.endswith("/") or not parts.path.strip("/"):
-            if parts.fragment:
-                raise UsageError(f"--source {shown!r}: #sha256= pins one file; a base URL ending in '/' takes "
-                                 "its files and their sha256s from --lockfile")
-            if lockfile is None:
-                raise UsageError(f"--source {shown!r} names a folder, and a web server cannot list one: give "
-                                 "--lockfile FILE listing its files (make one with `weightsync lock --source "
-                                 "<local copy> > FILE`, then `weightsync lock --source URL --lockfile FILE`), or "
-                                 "name one file")
+        if parts.fragment and (parts.path.endswith("/") or not parts.path.strip("/")):
+            raise UsageError(f"--source {shown!r}: #sha256= pins one file; a base URL ending in '/' takes "
+                             "its files and their sha256s from --lockfile")
         return cls(url=uri, lockfile=lockfile, transfer=transfer)
+
+    def _require_lockfile(self) -> None:
+        """A base URL names a folder, which a web server cannot list: without a lockfile there is nothing to
+        sync (a revision already on the volume can still be served, verified or pinned)."""
+        if self.is_set and self.lockfile is None:
+            raise UsageError(f"--source {self.uri!r} names a folder, and a web server cannot list one: give "
+                             "--lockfile FILE listing its files (make one with `weightsync lock --source "
+                             "<local copy> > FILE`, then `weightsync lock --source URL --lockfile FILE`), or "
+                             "name one file")
 
     # -- identity ------------------------------------------------------------------
     @property
@@ -143,11 +146,14 @@ class HttpsSource:
             raise UsageError(f"--revision {revision!r} is not a weightsync revision id for a URL (20 hex "
                              "characters, as printed by a previous sync); leave it unset, or pin the content "
                              "with #sha256= or --lockfile")
+        if not revision:
+            self._require_lockfile()
         return revision or None
 
     # -- listing -------------------------------------------------------------------
     def snapshot(self, revision: str | None, selection: Selection) -> Snapshot:
         """A HEAD per file: its size, its identity (ETag, Last-Modified) and any digest header."""
+        self._require_lockfile()
         locked = {f.path: f.sha256 for f in self.lockfile.files} if self.lockfile else {}
         if self.is_set:
             wanted = [(path, sha256) for path, sha256 in locked.items() if selection.matches(path)]
