@@ -379,6 +379,15 @@ def test_an_untrusted_certificate_is_exit_3_with_a_line_naming_the_variables(ser
     assert "TLS certificate is not trusted" in line and "SSL_CERT_FILE" in line and "REQUESTS_CA_BUNDLE" in line
 
 
+def test_https_to_a_plain_http_port_is_exit_3_saying_so(env, tmp_path):
+    with HttpServer() as plain:
+        plain.put(BASE + BIG, b"x")
+        url = plain.url.replace("http://", "https://") + BASE + BIG
+        result = weightsync("sync", "--source", url, "--dest", str(tmp_path / "v"), env=env)
+    assert result.returncode == 3, result.stderr
+    assert "does not speak TLS" in error_line(result) and "http://" in error_line(result)
+
+
 # ----------------------------------------------------------------------------------------------- token, redirects
 
 

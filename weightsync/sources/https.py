@@ -288,10 +288,10 @@ class HttpsSource:
                 headers = {"Host": parts.netloc, "User-Agent": USER_AGENT, **extra}
                 if token and (parts.scheme, parts.netloc) == (origin.scheme, origin.netloc):
                     headers["Authorization"] = f"Bearer {token}"
-                port = parts.port or (443 if parts.scheme == "https" else 80)
-                target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
                 if parts.scheme not in ("http", "https"):
                     raise SourceError(f"{what}: redirected to a {parts.scheme or 'relative'}:// URL")
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+                target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
                 body = self._pool.send(parts.scheme, parts.hostname or "", port, method, target, headers)
                 if body.status not in (301, 302, 303, 307, 308):
                     return body
@@ -306,6 +306,11 @@ class HttpsSource:
         except ssl.SSLCertVerificationError as exc:
             raise SourceError(f"{what}: the server's TLS certificate is not trusted ({exc.verify_message}); set "
                               "SSL_CERT_FILE (or REQUESTS_CA_BUNDLE) to a CA bundle that holds its CA") from exc
+        except ssl.SSLError as exc:
+            if exc.reason != "WRONG_VERSION_NUMBER":
+                raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from exc
+            raise SourceError(f"{what}: the server does not speak TLS on that port; if it serves plain HTTP, use "
+                              "http:// (only on loopback or a trusted network)") from exc
         except (OSError, http.client.HTTPException) as exc:
             raise TransientError(f"{what}: {type(exc).__name__}: {_without_query(str(exc))}") from exc
         raise SourceError(f"{what}: more than {MAX_REDIRECTS} redirects")
