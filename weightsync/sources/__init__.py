@@ -22,7 +22,7 @@ from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import TransientError, UsageError, WeightsyncError
 
 if TYPE_CHECKING:
-    from weightsync.lockfile import Lockfile
+    from weightsync.manifest import ManifestEntry
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,20 @@ class RangeReader(Protocol):
     def readinto(self, buffer: memoryview) -> int: ...
 
     def close(self) -> None: ...
+
+
+class PinnedFiles(Protocol):
+    """The files a lockfile pins (a `lockfile.Lockfile` is one): what a source that cannot list, an https:// base
+    URL, is told to fetch."""
+
+    @property
+    def files(self) -> tuple[ManifestEntry, ...]: ...
+
+    @property
+    def revision(self) -> str: ...
+
+    @property
+    def origin(self) -> str: ...
 
 
 class Source(Protocol):
@@ -213,7 +227,7 @@ NEAR_MISS = re.compile(r"^(s3|hf|gs|az|file|https?):/?(?!/)(.+)$", re.IGNORECASE
 
 
 def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_style: str = "auto",
-                offline: bool = False, lockfile: Lockfile | None = None) -> Source:
+                offline: bool = False, lockfile: PinnedFiles | None = None) -> Source:
     """Pick the backend from the URI scheme: s3://, hf://, file://, a plain path, or any other http(s):// URL
     (timeouts and pool sizes from `transfer`, the defaults unless given). `lockfile` names the files of an
     https:// base URL, which a web server cannot list."""

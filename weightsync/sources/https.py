@@ -34,7 +34,7 @@ from weightsync.errors import IntegrityError, SourceError, TransientError, Usage
 from weightsync.sources import LISTING_DIGEST, Features, RemoteFile, Selection, Snapshot, listing_digest, slugify
 
 if TYPE_CHECKING:
-    from weightsync.lockfile import Lockfile
+    from weightsync.sources import PinnedFiles
     from weightsync.sources.connections import Body, Pool, RangeBody
 
 TOKEN_ENV = "WEIGHTSYNC_HTTP_TOKEN"
@@ -62,7 +62,7 @@ class HttpsSource:
     """One URL or a lockfile's files under a base URL; each file's locator is its full URL (query included)."""
 
     url: str  # as given, query included: what requests go to
-    lockfile: Lockfile | None = None
+    lockfile: PinnedFiles | None = None
     transfer: TransferConfig = DEFAULTS
     kind: str = "https"
     default_ref: str | None = None
@@ -72,7 +72,7 @@ class HttpsSource:
 
     @classmethod
     def from_uri(cls, uri: str, transfer: TransferConfig = DEFAULTS, *,
-                 lockfile: Lockfile | None = None) -> HttpsSource:
+                 lockfile: PinnedFiles | None = None) -> HttpsSource:
         parts = urlsplit(uri)
         shown = _without_query(uri)
         if parts.scheme not in ("http", "https") or not parts.hostname:
