@@ -337,6 +337,21 @@ def test_a_file_changed_between_two_ranged_reads_is_exit_4_and_never_spliced(ser
     assert len(gets) == 2 and gets[1].headers["range"].startswith(f"bytes={MiB}-") and gets[1].status == 200
 
 
+def test_a_server_that_ignores_range_serves_whole_files_but_a_resume_is_exit_4(server, env, tmp_path):
+    files = model(24, big=4 * MiB)
+    publish(server, files)
+    server.faults.ignore_range = True
+    whole = weightsync("sync", "--source", server.url + BASE + BIG, "--dest", str(tmp_path / "v"), env=env)
+    assert whole.returncode == 0, whole.stderr
+    assert tree_bytes(published_dir(whole)) == {BIG: files[BIG]}
+    server.faults.change_after = {BASE + BIG: (1 * MiB, files[BIG])}  # a dropped connection, the same content
+    resumed = weightsync("sync", "--source", server.url + BASE + BIG, "--dest", str(tmp_path / "w"),
+                         "--retry-base", "0.01", env=env)
+    assert resumed.returncode == 4, resumed.stderr
+    assert "ignored the byte range" in error_line(resumed)
+    assert nothing_published(tmp_path / "w")
+
+
 def test_a_stalled_server_ends_in_exit_7_with_a_short_stall_timeout(server, env, tmp_path):
     files = model(14)
     publish(server, files)
