@@ -171,6 +171,10 @@ def test_lock_a_base_url_to_the_files_of_a_local_copy_then_sync_from_that_lockfi
     local = weightsync("lock", "--source", str(folder), env=env)
     assert local.returncode == 0, local.stderr
     (tmp_path / "local.lock").write_text(local.stdout)
+    mixed = weightsync("sync", "--source", f"{server.url}{BASE}?sig=wsquerysecret9", "--lockfile",
+                       str(tmp_path / "local.lock"), "--dest", str(tmp_path / "v"), env=env)
+    assert mixed.returncode == 2 and "weightsync lock --source" in error_line(mixed)
+    assert "wsquerysecret9" not in mixed.stderr
     relocked = weightsync("lock", "--source", server.url + BASE, "--lockfile", str(tmp_path / "local.lock"), env=env)
     assert relocked.returncode == 0, relocked.stderr
     body = json.loads(relocked.stdout)

@@ -116,10 +116,13 @@ def build_request(options: Options, dest: str | None = None) -> SyncRequest:
     if lockfile:
         if source and _relock(options, source, lockfile):
             lockfile = lockfile.for_source(open_source(source, lockfile=lockfile).uri)
-        elif source and open_source(source, lockfile=lockfile).uri != open_source(lockfile.source,
-                                                                                   lockfile=lockfile).uri:
-            raise UsageError(f"--source {source} differs from the source pinned in --lockfile {lockfile.origin} "
-                             f"({lockfile.source}); drop --source or regenerate the lockfile")
+        elif source:
+            wanted = open_source(source, lockfile=lockfile).uri  # as shown: without a presigned URL's query
+            if wanted != open_source(lockfile.source, lockfile=lockfile).uri:
+                hint = (f", or lock it to these files: `weightsync lock --source {wanted} --lockfile "
+                        f"{lockfile.origin} > new.lock`" if _is_http(wanted) else "")
+                raise UsageError(f"--source {wanted} differs from the source pinned in --lockfile {lockfile.origin} "
+                                 f"({lockfile.source}); drop --source or regenerate the lockfile{hint}")
         if revision and revision != lockfile.revision:
             raise UsageError(f"--revision {revision} differs from --lockfile {lockfile.origin} "
                              f"({lockfile.revision}); drop --revision")
@@ -149,8 +152,11 @@ def _relock(options: Options, source: str, lockfile: Lockfile) -> bool:
     """`weightsync lock --source https://host/base/ --lockfile other.lock`: lock that base URL to the files of a
     lockfile made from another source (a local copy of what the web server holds), checked against the bytes
     the server sends."""
-    return (options.command == "lock" and source.split("://", 1)[0].lower() in ("http", "https")
-            and source != lockfile.source)
+    return options.command == "lock" and _is_http(source) and source != lockfile.source
+
+
+def _is_http(source: str) -> bool:
+    return source.split("://", 1)[0].lower() in ("http", "https")
 
 
 def signature_policy(options: Options) -> SignaturePolicy | None:

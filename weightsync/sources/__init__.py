@@ -242,10 +242,10 @@ def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_
         return HubSource.from_uri(uri, transfer, offline=offline)
     near_miss = NEAR_MISS.match(uri)
     if near_miss:
-        scheme, rest = near_miss.group(1).lower(), near_miss.group(2)
-        article = "an" if scheme in ("s3", "hf", "az", "file") else "a"  # an ess-three, a gee-ess
-        raise UsageError(f"--source {uri!r} looks like {article} {scheme}:// URI with a slash missing; did you mean "
-                         f"{scheme}://{rest}?")
+        scheme, rest = near_miss.group(1).lower(), near_miss.group(2).split("?", 1)[0]  # a query is never shown
+        article = "an" if scheme in ("s3", "hf", "az", "file", "http", "https") else "a"  # an ess-three, a gee-ess
+        raise UsageError(f"--source {uri.split('?', 1)[0]!r} looks like {article} {scheme}:// URI with a slash "
+                         f"missing; did you mean {scheme}://{rest}?")
     if uri.startswith("file://") or "://" not in uri:
         from weightsync.sources.file import FileSource
 
