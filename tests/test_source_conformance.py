@@ -17,8 +17,9 @@ As rclone's fstests: adding a backend means passing this module. To pass, a new 
 Each backend runs against a real server on loopback: a folder under tmp_path, the session's SeaweedFS
 (through the per-test counting proxy, as the CLI tests reach it), the in-process fake Hub,
 gcp-storage-emulator (tests/support/gcsserver.py, through the counting proxy), the session's Azurite
-(through its counting proxy), and the session's docker-registry (CNCF distribution) with artifacts pushed by the
-ORAS SDK.
+(through its counting proxy), the session's docker-registry (CNCF distribution) with artifacts pushed by the
+ORAS SDK, and a TLS web server behind a private CA (tests/support/httpserver.py) serving the model as a
+lockfile's files under a base URL.
 To add a backend: write a `_<kind>_backend` factory below and add it to FACTORIES and its kind to BACKENDS.
 """
 
@@ -54,7 +55,7 @@ MiB = 1024 * 1024
 BIG = "model.safetensors"
 BIG_SIZE = 20 * MiB + 12345  # three parts under boto3's defaults (8 MiB chunks): 8, 8 and an uneven 4 MiB + 12345
 S3_PART = 8 * MiB  # boto3's TransferConfig default multipart_threshold and multipart_chunksize
-BACKENDS = ("file", "s3", "hf", "gs", "az", "oci")
+BACKENDS = ("file", "s3", "hf", "gs", "az", "oci", "https")
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -146,6 +147,7 @@ class Backend:
     rewrite_exit_code: int | None = None  # what open_range / readinto must then fail with
     skip_reason: dict[str, str] = field(default_factory=dict)  # test name -> why it does not apply here
     layouts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # path -> part sizes of a multipart upload
+    opener: Callable[[str], Source] = open_source  # how a URI becomes a Source (https: with its lockfile)
     source: Source = field(init=False)
 
     def __post_init__(self) -> None:
@@ -153,7 +155,7 @@ class Backend:
 
     def open(self, uri: str | None = None) -> Source:
         """A fresh Source: no state shared with any other."""
-        return open_source(uri or self.uri)
+        return self.opener(uri or self.uri)
 
     def skip_unless(self, test: str) -> None:
         if test in self.skip_reason:
@@ -381,8 +383,61 @@ def _oci_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return backend
 
 
+def _https_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    from tests.support.httpserver import HttpServer, private_ca
+    from weightsync.lockfile import Lockfile
+    from weightsync.manifest import ManifestEntry
+
+    # A web server cannot list a folder: the model is the files a lockfile names under the base URL, and its
+    # revision is derived from their sha256s. "Changing the source" is therefore a new file and a new lockfile.
+    ca, context = private_ca(tmp_path / "tls")
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    server = HttpServer(tls=context).__enter__()
+    request.addfinalizer(server.stop)
+    base, files = "/models/tiny/", model_files()
+    for name, data in files.items():
+        server.put(base + name, data)
+
+    def locked(contents: dict[str, bytes]) -> Lockfile:
+        entries = tuple(ManifestEntry(path, len(data), hashlib.sha256(data).hexdigest())
+                        for path, data in contents.items())
+        return Lockfile(source=server.url + base, revision="", files=entries)
+
+    pinned = {"lockfile": locked(files)}
+
+    def change() -> None:
+        new = {**files, "config.json": b'{"model_type": "tiny", "hidden_size": 128}'}
+        server.put(base + "config.json", new["config.json"])
+        pinned["lockfile"] = locked(new)
+
+    def rewrite(path: str) -> None:
+        data = files[path]
+        server.put(base + path, bytes(b ^ 0xFF for b in data[:64]) + data[64:])
+
+    backend = Backend(
+        kind="https", uri=server.url + base, files=files, revision_shape=LISTING_DIGEST,
+        missing_uri=server.url + "/models/no-such-model/", change=change, unreachable=None,
+        rewrite=rewrite, rewrite_exit_code=4,  # If-Range names the listed ETag: the new file comes back as a 200
+        opener=lambda uri: open_source(uri, lockfile=pinned["lockfile"]),
+    )
+
+    @contextlib.contextmanager
+    def unreachable() -> Iterator[None]:
+        with closed_port() as url:
+            saved, backend.uri = backend.uri, url.replace("http://", "https://") + base
+            try:
+                yield
+            finally:
+                backend.uri = saved
+
+    backend.unreachable = unreachable
+    return backend
+
+
 FACTORIES = {"file": _file_backend, "s3": _s3_backend, "hf": _hf_backend, "gs": _gs_backend, "az": _az_backend,
-             "oci": _oci_backend}
+             "oci": _oci_backend, "https": _https_backend}
 
 
 @pytest.fixture(params=BACKENDS)

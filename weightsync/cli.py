@@ -171,6 +171,7 @@ def _url(text: str) -> str:
 
 # -- environment ---------------------------------------------------------------------------------------------
 TEST_ENV = ("WEIGHTSYNC_TEST_PAUSE_AT", "WEIGHTSYNC_TEST_PAUSE_SECONDS")  # see weightsync/testhooks.py
+CREDENTIAL_ENV = ("WEIGHTSYNC_HTTP_TOKEN",)  # the https:// source's bearer token (sources/https.py), not an option
 
 # Kubernetes gives every container variables for each Service in its namespace (enableServiceLinks, on by
 # default): <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT[_<PORT NAME>], <NAME>_PORT and
@@ -211,7 +212,7 @@ def _env_value(name: str) -> str | None:
 
 def _check_env() -> None:
     """A WEIGHTSYNC_* variable that no option reads is a typo that would silently do nothing: refuse it."""
-    known = {option.env for option in ALL_OPTIONS.values()} | set(TEST_ENV)
+    known = {option.env for option in ALL_OPTIONS.values()} | set(TEST_ENV) | set(CREDENTIAL_ENV)
     for name in sorted(os.environ):
         if name.startswith(ENV_PREFIX) and name not in known and not is_service_link(name, os.environ[name]):
             import difflib
@@ -230,8 +231,8 @@ GLOBAL_FLAGS = ("--log-format", "--debug")  # also accepted before the command
 ALL_OPTIONS = {option.flag: option for option in (
     Option("--source", "s3://bucket/prefix, hf://owner/name[@rev], gs://bucket/prefix, az://account/container/prefix "
            "(or https://ACCOUNT.blob.core.windows.net/container/prefix), oci://registry/repo[:tag|@sha256:digest], "
-           "file:///abs/path or a directory; required "
-           "unless --lockfile names it", group=WHAT, metavar="URI"),
+           "https://host/path/file[#sha256=HEX], https://host/base/ with --lockfile, file:///abs/path or a "
+           "directory; required unless --lockfile names it", group=WHAT, metavar="URI"),
     Option("--dest", "the volume (directory) models are published into", required=True, group=WHAT, metavar="DIR"),
     Option("--name", "directory of this model under DEST; one name holds one source and filter set",
            shown_default="derived from the source", group=WHAT),
@@ -362,12 +363,15 @@ COMMANDS: dict[str, tuple[str, str, tuple[Option, ...]]] = {
                         name={"help": "the model to verify", "shown_default": "the only model on DEST"},
                         revision={"help": "the revision to verify", "shown_default": "current"})),
     "lock": ("sync once and print a lockfile pinning the revision and every file's sha256", "",
-             _options("--source", "--revision", "--include", "--exclude", "--s3-addressing-style", "--dest",
+             _options("--source", "--revision", "--include", "--exclude", "--lockfile", "--s3-addressing-style",
+                      "--dest",
                       "--name", "--concurrency", "--stall-timeout", "--no-progress-timeout", "--require-checksum",
                       *TRUST_FLAGS,
                       "--log-format", "--debug",
                       dest={"required": False, "help": "keep the synced model on this volume",
-                            "shown_default": "a temporary directory"})),
+                            "shown_default": "a temporary directory"},
+                      lockfile={"help": "with an https:// base URL as --source: lock it to this lockfile's files "
+                                "(made from a local copy), checked against the bytes the server sends"})),
     "status": ("the models, revisions, staging and lock holders on a volume", "",
                _options("--dest", "--json", "--log-format", "--debug")),
     "gc": ("remove old revisions nothing points at and abandoned staging (never `current` or a locked one)", "",

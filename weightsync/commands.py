@@ -23,6 +23,7 @@ from weightsync.logs import event, write_termination_message
 
 if TYPE_CHECKING:
     from weightsync.engine import Engine, SyncRequest, SyncResult
+    from weightsync.lockfile import Lockfile
     from weightsync.metrics import MetricsOptions, SyncMetrics
     from weightsync.signature import SignaturePolicy
 
@@ -113,13 +114,20 @@ def build_request(options: Options, dest: str | None = None) -> SyncRequest:
         lockfile = Lockfile.load(options.lockfile)
     source, revision, include, exclude = options.source, options.revision, options.include, options.exclude
     if lockfile:
-        if source and open_source(source).uri != open_source(lockfile.source).uri:
-            raise UsageError(f"--source {source} differs from the source pinned in --lockfile {lockfile.origin} "
-                             f"({lockfile.source}); drop --source or regenerate the lockfile")
+        if source and _relock(options, source, lockfile):
+            lockfile = lockfile.for_source(open_source(source, lockfile=lockfile).uri)
+        elif source:
+            wanted = open_source(source, lockfile=lockfile).uri  # as shown: without a presigned URL's query
+            if wanted != open_source(lockfile.source, lockfile=lockfile).uri:
+                hint = (f", or lock it to these files: `weightsync lock --source {wanted} --lockfile "
+                        f"{lockfile.origin} > new.lock`" if _is_http(wanted) else "")
+                raise UsageError(f"--source {wanted} differs from the source pinned in --lockfile {lockfile.origin} "
+                                 f"({lockfile.source}); drop --source or regenerate the lockfile{hint}")
         if revision and revision != lockfile.revision:
             raise UsageError(f"--revision {revision} differs from --lockfile {lockfile.origin} "
                              f"({lockfile.revision}); drop --revision")
-        source, revision, include, exclude = lockfile.source, lockfile.revision, lockfile.include, lockfile.exclude
+        source, revision, include, exclude = (lockfile.source, lockfile.revision or None, lockfile.include,
+                                              lockfile.exclude)
     if not source:
         raise UsageError("--source is required (or set WEIGHTSYNC_SOURCE, or pass --lockfile)")
     offline = options.offline
@@ -138,6 +146,17 @@ def build_request(options: Options, dest: str | None = None) -> SyncRequest:
         lockfile=lockfile, lock_mode=options.lock_mode, require_checksum=options.require_checksum,
         rebind=options.rebind, transfer=transfer_config(options), signature=signature,
     )
+
+
+def _relock(options: Options, source: str, lockfile: Lockfile) -> bool:
+    """`weightsync lock --source https://host/base/ --lockfile other.lock`: lock that base URL to the files of a
+    lockfile made from another source (a local copy of what the web server holds), checked against the bytes
+    the server sends."""
+    return options.command == "lock" and _is_http(source) and source != lockfile.source
+
+
+def _is_http(source: str) -> bool:
+    return source.split("://", 1)[0].lower() in ("http", "https")
 
 
 def signature_policy(options: Options) -> SignaturePolicy | None:
@@ -266,6 +285,8 @@ def run_verify(options: Options, _: list[str]) -> int:
         repair = shlex.join(["weightsync", "sync", "--source", engine.source.uri, "--dest", _required(options.dest),
                              *_model_flags(engine), *engine.request.selection.flags(), "--revision",
                              engine.source_revision_of(directory.name), "--verify", "full", *_trust_flags(options)])
+        if getattr(engine.source, "is_set", False):  # an https:// base URL: its files are the lockfile's
+            repair += " --lockfile <the lockfile it was synced with>"
         raise IntegrityError(f"{directory} failed verification: " + "; ".join(problems[:5])
                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
                              + f" — repair it (only the damaged files are downloaded again, while the source "
@@ -348,7 +369,12 @@ def run_lock(options: Options, _: list[str]) -> int:
         engine = Engine(request)
         result = engine.sync()
         manifest = Manifest.load(engine.volume.manifest_path(result.revision))
-    lockfile = Lockfile(source=engine.source.uri, revision=result.source_revision, files=tuple(manifest.files),
+    revision = result.source_revision
+    if engine.source.kind == "https":  # the id a sync from this lockfile publishes under: derived from the sha256s
+        from weightsync.sources.https import content_revision
+
+        revision = content_revision([(entry.path, entry.sha256) for entry in manifest.files])
+    lockfile = Lockfile(source=engine.source.uri, revision=revision, files=tuple(manifest.files),
                         include=request.selection.include, exclude=request.selection.exclude,
                         signature=manifest.signature.to_json() if manifest.signature else None)
     sys.stdout.write(lockfile.to_json())

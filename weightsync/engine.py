@@ -182,7 +182,8 @@ class Engine:
     def __init__(self, request: SyncRequest, source: Source | None = None) -> None:
         self.request = request
         self.source = source or open_source(request.source, request.transfer,
-                                            addressing_style=request.addressing_style, offline=request.offline)
+                                            addressing_style=request.addressing_style, offline=request.offline,
+                                            lockfile=request.lockfile)
         self.hub_cache = self._hub_cache() if request.layout == "hf-cache" else None
         if self.hub_cache is not None:
             # weightsync's own volume lives inside the repo's folder, where huggingface_hub looks at nothing

@@ -76,6 +76,13 @@ class Lockfile:
         except (ValueError, KeyError, TypeError, IntegrityError) as exc:
             raise UsageError(f"--lockfile {path} is malformed: {exc}; regenerate it with `weightsync lock`") from exc
 
+    def for_source(self, source: str) -> Lockfile:
+        """The same files pinned at another source (`weightsync lock --source URL --lockfile FILE`): their paths,
+        sizes and sha256s, without the old source's revision and promises, which mean nothing to the new one."""
+        files = tuple(ManifestEntry(path=f.path, size=f.size, sha256=f.sha256) for f in self.files)
+        return Lockfile(source=source, revision="", files=files, include=self.include, exclude=self.exclude,
+                        signature=self.signature, origin=self.origin)
+
     @cached_property
     def by_path(self) -> dict[str, ManifestEntry]:
         return {f.path: f for f in self.files}

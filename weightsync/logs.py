@@ -20,11 +20,11 @@ from typing import TextIO
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "HF_TOKEN",
               "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN",
-              "AZURE_STORAGE_CONNECTION_STRING", "AZURE_CLIENT_SECRET", "IDENTITY_HEADER")
+              "AZURE_STORAGE_CONNECTION_STRING", "AZURE_CLIENT_SECRET", "IDENTITY_HEADER", "WEIGHTSYNC_HTTP_TOKEN")
 # Presigned-URL signatures (S3's X-Amz-*, GCS's X-Goog-*, CloudFront's), an Azure SAS's `sig`, and a connection
 # string's secrets.
 SIGNED_QUERY = re.compile(r"(?i)((?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|"
-                          r"x-goog-credential|signature|key-pair-id|policy|token|sig|accountkey|"
+                          r"x-goog-credential|signature|key-pair-id|policy|token|(?<![\w-])sig|accountkey|"
                           r"sharedaccesssignature)=)[^&;\s\"']+")
 HF_TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{10,}\b")
 GOOGLE_TOKEN_SHAPE = re.compile(r"\bya29\.[A-Za-z0-9_.-]+")

@@ -2,7 +2,7 @@
 
 Every weightsync process the suite starts goes through `ws()` / `ws_popen()`, which
 record all of its stdout and stderr, so test_secrets.py can grep the output of the
-whole run for the secret values (AWS keys, session token, HF token, signatures).
+whole run for the secret values (AWS keys, session token, HF token, HTTP bearer token, signatures).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ MiB = 1024 * 1024
 HF_SECRET_TOKEN = "hf_" + secrets.token_hex(16)
 AWS_SESSION_SECRET = "wsSessionToken" + secrets.token_hex(20)
 GCS_SECRET_TOKEN = "wsGoogleToken" + secrets.token_hex(20)  # not ya29.-shaped: only never logging it hides it
+HTTP_SECRET_TOKEN = "wsHttpBearer" + secrets.token_hex(16)  # WEIGHTSYNC_HTTP_TOKEN of the https:// runs
+PRESIGNED_SECRET = "wsPresignedSig" + secrets.token_hex(16)  # a presigned URL's signature in an https:// source
 RECORD = Path(os.environ.get("WS_ADVERSARIAL_RECORD") or tempfile.mkdtemp(prefix="ws-adversarial-")) / "outputs.log"
 _counts = {"processes": 0}
 

@@ -87,3 +87,35 @@ def test_two_revisions_and_two_sources_into_one_volume_do_not_block_each_other(h
     assert elapsed < 20
     assert holder.wait(120) == 0, holder.stderr
     assert tree_bytes(Path(holder.stdout.splitlines()[-1])) == slow
+
+
+@pytest.mark.slow
+def test_eight_processes_same_https_lockfile_same_empty_volume_fetch_once(tmp_path, clean_env):
+    from tests.support.httpserver import HttpServer, private_ca, write_lockfile
+    from tests.support.proxy import CountingProxy
+
+    files = model(23, shards=4, shard_size=4 * MiB)
+    size = sum(map(len, files.values()))
+    ca, context = private_ca(tmp_path / "tls")
+    env = {**{k: v for k, v in clean_env.items() if k not in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")},
+           "SSL_CERT_FILE": str(ca), "PYTHONUNBUFFERED": "1"}
+    with HttpServer(tls=context) as server:
+        for name, data in files.items():
+            server.put(f"/many/{name}", data)
+        proxy = CountingProxy("127.0.0.1", server.port)  # counts at the wire: TLS records, HEADs and handshakes too
+        proxy.faults.throttle_bps = 8 * MiB
+        try:
+            lock = write_lockfile(tmp_path / "many.lock", f"https://127.0.0.1:{proxy.port}/many/", files)
+            processes = [Proc("sync", "--lockfile", str(lock), "--dest", str(tmp_path / "vol"), env=env,
+                              workdir=tmp_path / "logs") for _ in range(8)]
+            codes = [p.wait(180) for p in processes]
+        finally:
+            proxy.close()
+    assert codes == [0] * 8, [p.stderr for p in processes]
+    paths = {p.stdout.strip().splitlines()[-1] for p in processes}
+    assert len(paths) == 1
+    assert tree_bytes(Path(paths.pop())) == files
+    fetched = proxy.stats.bytes_down
+    print(f"\n8 processes (https): model {size} bytes, {fetched} bytes crossed the wire ({fetched / size:.3f}x)")
+    assert fetched <= 1.05 * size, (fetched, size)
+    assert sum("warm start" in p.stderr for p in processes) == 7

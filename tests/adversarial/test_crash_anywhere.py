@@ -168,8 +168,28 @@ def test_sigkill_anywhere_oci_never_exposes_a_partial_model(oci_registry, clean_
 
 
 @pytest.mark.slow
+def test_sigkill_anywhere_https_never_exposes_a_partial_model(tmp_path, clean_env):
+    from tests.support.httpserver import HttpServer, private_ca, write_lockfile
+
+    files = model(13)
+    ca, context = private_ca(tmp_path / "tls")
+    env = {**{k: v for k, v in clean_env.items() if k not in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")},
+           "SSL_CERT_FILE": str(ca), "PYTHONUNBUFFERED": "1"}
+    with HttpServer(tls=context) as server:
+        for name, data in files.items():
+            server.put(f"/crash/{name}", data)
+        lock = write_lockfile(tmp_path / "crash.lock", f"{server.url}/crash/", files)
+
+        def throttle(on: bool) -> None:
+            server.faults.throttle_bps = 3 * MiB if on else None
+
+        _crash_campaign("https", f"{server.url}/crash/", env, files, tmp_path, throttle, seed=7,
+                        model_args=["--lockfile", str(lock)])
+
+
+@pytest.mark.slow
 def test_the_campaign_killed_at_least_30_times_and_exposed_nothing():
-    """Runs after the campaigns (file order): the issue's minimum, across S3, HF, GCS, Azure and OCI."""
+    """Runs after the campaigns (file order): the issue's minimum, across S3, HF, GCS, Azure, OCI and HTTPS."""
     if TOTALS["kills"] == 0:
         pytest.skip("the crash campaigns did not run in this session")
     print(f"\ncrash-anywhere total: {TOTALS['kills']} SIGKILLs, {TOTALS['exposed']} partial models exposed")

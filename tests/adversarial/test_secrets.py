@@ -1,5 +1,5 @@
-"""Secrets never appear in any output: AWS keys, session tokens, HF tokens, Google access tokens, presigned-URL
-signatures, Azure account keys, SAS signatures and connection strings.
+"""Secrets never appear in any output: AWS keys, session tokens, HF tokens, Google access tokens, HTTP bearer tokens,
+presigned-URL signatures, Azure account keys, SAS signatures and connection strings, registry passwords.
 
 Every weightsync process of the adversarial suite is recorded (harness.ws / Proc), the
 scenarios below add --debug runs of successes and failures of every kind, and the last
@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.adversarial.harness import AWS_SESSION_SECRET, GCS_SECRET_TOKEN, HF_SECRET_TOKEN, BlackHole, recorded, ws
+from tests.adversarial.harness import (
+    AWS_SESSION_SECRET,
+    GCS_SECRET_TOKEN,
+    HF_SECRET_TOKEN,
+    HTTP_SECRET_TOKEN,
+    PRESIGNED_SECRET,
+    BlackHole,
+    recorded,
+    ws,
+)
 from tests.support.gcsserver import FakeMetadataServer, RecordingGateway
 from tests.support.helpers import upload_model
 from tests.support.registry import TokenServer, running
@@ -24,7 +33,8 @@ from tests.support.registry import TokenServer, running
 REGISTRY_PASSWORD = "wsRegistryPw" + secrets.token_hex(12)
 SECRETS = {"AWS session token": AWS_SESSION_SECRET, "HF token": HF_SECRET_TOKEN,
            "Google access token": GCS_SECRET_TOKEN,  # the metadata server's tokens are this plus -1, -2, ...
-           "registry password": REGISTRY_PASSWORD}
+           "registry password": REGISTRY_PASSWORD, "HTTP token": HTTP_SECRET_TOKEN,
+           "presigned signature": PRESIGNED_SECRET}
 VOLUMES: list[Path] = []
 
 
@@ -36,7 +46,7 @@ def _aws_secrets(s3_env):
 
 
 def _leaks(text: str) -> list[str]:
-    assert len(SECRETS) >= 5 and all(len(v) >= 12 for v in SECRETS.values())
+    assert len(SECRETS) >= 7 and all(len(v) >= 12 for v in SECRETS.values())
     return [what for what, value in SECRETS.items() if value in text]
 
 
@@ -209,6 +219,37 @@ def test_oci_runs_with_debug_token_auth_and_failures(clean_env, tmp_path):
         assert not any(minted in output for minted in token.minted), "a registry token was logged"
 
 
+def test_https_runs_with_debug_token_presigned_redirect_and_failures(tmp_path, clean_env):
+    import hashlib
+
+    from tests.support.httpserver import HttpServer, private_ca
+
+    ca, context = private_ca(tmp_path / "tls")
+    env = {**{k: v for k, v in clean_env.items() if k not in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")},
+           "SSL_CERT_FILE": str(ca), "WEIGHTSYNC_HTTP_TOKEN": HTTP_SECRET_TOKEN, "PYTHONUNBUFFERED": "1"}
+    data = b"w" * 300_000
+    dest = tmp_path / "vol"
+    VOLUMES.append(dest)
+    query = f"X-Amz-Signature={PRESIGNED_SECRET}&sig={PRESIGNED_SECRET}"
+    with HttpServer(tls=context, host="localhost") as cdn, \
+            HttpServer(tls=context, token=HTTP_SECRET_TOKEN, redirect_to=cdn, redirect_query=query) as origin:
+        cdn.put("/m/w.bin", data)
+        url = f"{origin.url}/m/w.bin?{query}"
+        results = [ws("sync", "--debug", "--source", f"{url}#sha256={hashlib.sha256(data).hexdigest()}", "--dest",
+                      str(dest), env=env)]
+        results.append(ws("sync", "--debug", "--log-format", "json", "--source", f"{url}#sha256={'0' * 64}",
+                          "--dest", str(tmp_path / "v2"), env=env))
+        results.append(ws("sync", "--debug", "--source", url, "--dest", str(tmp_path / "v3"),
+                          env={**env, "WEIGHTSYNC_HTTP_TOKEN": HTTP_SECRET_TOKEN + "x"}))
+        results.append(ws("sync", "--debug", "--source", f"{origin.url}/m/gone.bin?{query}", "--dest",
+                          str(tmp_path / "v4"), env=env))
+        results.append(ws("status", "--dest", str(dest), "--json", env=env))
+    assert [r.returncode for r in results] == [0, 4, 3, 3, 0], [r.stderr for r in results]
+    assert not any(r.authenticated for r in cdn.requests), "the token stays with the origin"
+    for result in results:
+        assert _leaks(result.stdout + result.stderr) == [], result.stderr
+
+
 def test_redaction_covers_presigned_url_parameters_and_known_secret_values(monkeypatch):
     from weightsync.logs import redact
 
@@ -219,9 +260,11 @@ def test_redaction_covers_presigned_url_parameters_and_known_secret_values(monke
            "https://storage.googleapis.com/b/w.bin?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Credential=sa%40p.iam"
            "&X-Goog-Signature=0a1b2c3d4e5f "
            f"token {AWS_SESSION_SECRET} and {HF_SECRET_TOKEN}, Authorization: Bearer ya29.a0AfB_byC-xyz.123")
+    url += " https://acct.example/c/w.bin?sv=2024&sig=azSig%2B123 https://storage.example/w?X-Goog-Signature=gs99"
     text = redact(url)
-    for leaked in ("AKIA123", "FQoGZXIvYXdz", "deadbeefcafe", "abcDEF123", "K2ABC", AWS_SESSION_SECRET,
-                   HF_SECRET_TOKEN, "sa%40p.iam", "0a1b2c3d4e5f", "a0AfB_byC-xyz"):
+    assert "sv=2024" in text, "only the secret parameters are redacted"
+    for leaked in ("azSig", "gs99", "AKIA123", "FQoGZXIvYXdz", "deadbeefcafe", "abcDEF123", "K2ABC",
+                   AWS_SESSION_SECRET, HF_SECRET_TOKEN, "sa%40p.iam", "0a1b2c3d4e5f", "a0AfB_byC-xyz"):
         assert leaked not in text, text
 
 

@@ -1,6 +1,6 @@
 """The source interface: list files (path, size, checksum) and read a byte range.
 
-Every backend (`file`, `s3`, `hf`, `gs`, `az`, `oci`) implements `Source` and passes one conformance
+Every backend (`file`, `s3`, `hf`, `gs`, `az`, `oci`, `https`) implements `Source` and passes one conformance
 suite (tests/test_source_conformance.py); the engine never knows which one it
 talks to. What a backend can do beyond the minimum is declared in its `Features`
 (as rclone's fs.Features), never probed with getattr. Each listed `RemoteFile`
@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from weightsync.checksums import Evidence, Promise
 from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import TransientError, UsageError, WeightsyncError
+
+if TYPE_CHECKING:
+    from weightsync.manifest import ManifestEntry
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,20 @@ class RangeReader(Protocol):
     def readinto(self, buffer: memoryview) -> int: ...
 
     def close(self) -> None: ...
+
+
+class PinnedFiles(Protocol):
+    """The files a lockfile pins (a `lockfile.Lockfile` is one): what a source that cannot list, an https:// base
+    URL, is told to fetch."""
+
+    @property
+    def files(self) -> tuple[ManifestEntry, ...]: ...
+
+    @property
+    def revision(self) -> str: ...
+
+    @property
+    def origin(self) -> str: ...
 
 
 class Source(Protocol):
@@ -210,9 +227,10 @@ NEAR_MISS = re.compile(r"^(s3|hf|gs|az|oci|file|https?):/?(?!/)(.+)$", re.IGNORE
 
 
 def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_style: str = "auto",
-                offline: bool = False) -> Source:
+                offline: bool = False, lockfile: PinnedFiles | None = None) -> Source:
     """Pick the backend from the URI scheme: s3://, hf://, gs://, az:// or an Azure blob https:// URL, oci://,
-    file:// or a plain path (timeouts and pool sizes from `transfer`, the defaults unless given)."""
+    file://, a plain path, or any other http(s):// URL (timeouts and pool sizes from `transfer`, the defaults
+    unless given). `lockfile` names the files of an https:// base URL, which a web server cannot list."""
     transfer = transfer or DEFAULTS
     if uri.startswith("az://") or uri[:8].lower() == "https://":  # Azure's https:// URLs before any other https
         from weightsync.sources.azure import AzureSource, is_azure_blob_url
@@ -237,15 +255,19 @@ def open_source(uri: str, transfer: TransferConfig | None = None, *, addressing_
         return OciSource.from_uri(uri, transfer)
     near_miss = NEAR_MISS.match(uri)
     if near_miss:
-        scheme, rest = near_miss.group(1).lower(), near_miss.group(2)
-        article = "an" if scheme in ("s3", "hf", "az", "oci", "file") else "a"  # an ess-three, a gee-ess
-        raise UsageError(f"--source {uri!r} looks like {article} {scheme}:// URI with a slash missing; did you mean "
-                         f"{scheme}://{rest}?")
+        scheme, rest = near_miss.group(1).lower(), near_miss.group(2).split("?", 1)[0]  # a query is never shown
+        article = "an" if scheme in ("s3", "hf", "az", "oci", "file", "http", "https") else "a"  # an ess-three
+        raise UsageError(f"--source {uri.split('?', 1)[0]!r} looks like {article} {scheme}:// URI with a slash "
+                         f"missing; did you mean {scheme}://{rest}?")
     if uri.startswith("file://") or "://" not in uri:
         from weightsync.sources.file import FileSource
 
         return FileSource.from_uri(uri)
     scheme = uri.split("://", 1)[0]
-    raise UsageError(f"unsupported source scheme '{scheme}://' in --source {uri!r}; "
+    if scheme.lower() in ("https", "http"):  # the generic fallback: more specific https hosts are matched above
+        from weightsync.sources.https import HttpsSource
+
+        return HttpsSource.from_uri(uri, transfer, lockfile=lockfile)
+    raise UsageError(f"unsupported source scheme '{scheme}://' in --source {uri.split('?', 1)[0]!r}; "
                      "use s3://bucket/prefix, hf://owner/name, gs://bucket/prefix, az://account/container/prefix, "
-                     "oci://registry/repo:tag, file:///abs/path or a directory")
+                     "oci://registry/repo:tag, https://host/path, file:///abs/path or a directory")

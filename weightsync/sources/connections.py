@@ -4,8 +4,8 @@ Each request takes a connection, and gives it back once its reply was read to th
 (a reply abandoned half-way closes its connection instead: its unread bytes would be
 the next reply's start). Proxies come from `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY`
 (CONNECT tunnels for https, the absolute URL for http); TLS uses the system's CAs, or
-the bundle a source names (`AWS_CA_BUNDLE`). A read silent for `read_timeout` raises,
-which the engine turns into a resumed retry.
+the bundle a source names instead (`AWS_CA_BUNDLE`) or on top (`REQUESTS_CA_BUNDLE`). A
+read silent for `read_timeout` raises, which the engine turns into a resumed retry.
 """
 
 from __future__ import annotations
@@ -25,17 +25,22 @@ from weightsync.errors import TransientError
 class Pool:
     """Idle keep-alive connections per (scheme, host, port), each used by one request at a time."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float, size: int, ca_bundle: str = "") -> None:
+    def __init__(self, connect_timeout: float, read_timeout: float, size: int, ca_bundle: str = "",
+                 extra_ca: str = "") -> None:
         self._connect_timeout, self._read_timeout, self._size = connect_timeout, read_timeout, size
         self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
-        self._ca_bundle = ca_bundle
+        self._ca_bundle, self._extra_ca = ca_bundle, extra_ca
         self._tls: ssl.SSLContext | None = None
 
     def _context(self) -> ssl.SSLContext:
+        """`ca_bundle` instead of the system's CAs; `extra_ca` on top of them (or of `ca_bundle`)."""
         with self._lock:
             if self._tls is None:
-                self._tls = ssl.create_default_context(cafile=self._ca_bundle or None)
+                context = ssl.create_default_context(cafile=self._ca_bundle or None)
+                if self._extra_ca:
+                    context.load_verify_locations(cafile=self._extra_ca)
+                self._tls = context
             return self._tls
 
     def take(self, scheme: str, host: str, port: int) -> tuple[http.client.HTTPConnection, bool]:
