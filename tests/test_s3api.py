@@ -12,12 +12,8 @@ import datetime
 import http.server
 import ipaddress
 import os
-import shutil
-import socket
 import ssl
-import subprocess
 import threading
-import time
 import unittest.mock
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.helpers import error_line, weightsync
+from tests.support.tinyproxy import tinyproxy as running_tinyproxy
 from weightsync.errors import SourceError
 from weightsync.sources import Selection
 from weightsync.sources.s3 import S3Source
@@ -151,33 +148,8 @@ def test_wrong_secret_is_access_denied_with_the_servers_code(small_model, s3_env
 
 @pytest.fixture
 def tinyproxy(tmp_path) -> Iterator[tuple[str, Path]]:
-    binary = shutil.which("tinyproxy")
-    if binary is None:
-        if os.environ.get("WS_REQUIRE_TINYPROXY"):  # .ci/run installed it: a skip there would hide a broken install
-            pytest.fail("tinyproxy is missing but WS_REQUIRE_TINYPROXY is set")
-        pytest.skip("tinyproxy is not installed (apt-get install tinyproxy; .ci/run installs it)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = tmp_path / "tinyproxy.log"
-    (tmp_path / "tinyproxy.conf").write_text(
-        f"Port {port}\nListen 127.0.0.1\nTimeout 60\nLogFile \"{log}\"\nLogLevel Connect\nMaxClients 50\n"
-        "Allow 127.0.0.1\nDisableViaHeader Yes\n")  # no ConnectPort line: CONNECT to any port (the TLS stub's)
-    process = subprocess.Popen([binary, "-d", "-c", str(tmp_path / "tinyproxy.conf")], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail(f"tinyproxy did not start: {log.read_text() if log.exists() else ''}")
-            time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", log
-    process.terminate()
-    process.wait(10)
+    with running_tinyproxy(tmp_path) as proxy:
+        yield proxy
 
 
 def test_requests_go_through_the_http_proxy_the_environment_names(small_model, s3_server, s3_env, tinyproxy,
