@@ -41,6 +41,7 @@ class Options:
 
     command: str = ""
     source: str | None = None
+    fallback: tuple[str, ...] = ()
     dest: str | None = None
     name: str | None = None
     layout: Layout = "native"
@@ -122,6 +123,7 @@ def build_request(options: Options, dest: str | None = None) -> SyncRequest:
         source, revision, include, exclude = lockfile.source, lockfile.revision, lockfile.include, lockfile.exclude
     if not source:
         raise UsageError("--source is required (or set WEIGHTSYNC_SOURCE, or pass --lockfile)")
+    fallbacks = _fallbacks(source, options.fallback, lockfile is not None)
     offline = options.offline
     if source.startswith("hf://") and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE:
         offline = True
@@ -131,13 +133,36 @@ def build_request(options: Options, dest: str | None = None) -> SyncRequest:
                          f"({lockfile.signature.get('policy', '?')}): pass the same --trust-* flags (and --signature, "
                          "if it was a file)")
     return SyncRequest(
-        source=source, dest=Path(dest or _required(options.dest)), name=options.name, layout=options.layout,
+        source=source, fallbacks=fallbacks, dest=Path(dest or _required(options.dest)), name=options.name,
+        layout=options.layout,
         repo_id=options.repo_id, revision=revision,
         selection=Selection(include=tuple(include), exclude=tuple(exclude)), verify=options.verify,
         lock_timeout=options.lock_timeout, offline=offline, addressing_style=options.s3_addressing_style,
         lockfile=lockfile, lock_mode=options.lock_mode, require_checksum=options.require_checksum,
         rebind=options.rebind, transfer=transfer_config(options), signature=signature,
     )
+
+
+def _fallbacks(source: str, given: tuple[str, ...], pinned_by_lockfile: bool) -> tuple[str, ...]:
+    """--fallback URIs, each a source URI of its own (parsed now: a typo is exit 2 before any request), none
+    repeating another. A lockfile pins one source's files and promises, so it takes no fallback."""
+    if not given:
+        return ()
+    from weightsync.sources import open_source
+
+    if pinned_by_lockfile:
+        raise UsageError("--fallback does not apply with --lockfile: a lockfile pins one source's files and their "
+                         "checksums; drop --fallback, or sync without --lockfile")
+    seen = {open_source(source).uri: "--source"}
+    for uri in given:
+        try:
+            canonical = open_source(uri).uri
+        except UsageError as exc:  # the backends word it for --source: name the flag that was given
+            raise UsageError(str(exc).replace("--source", "--fallback")) from None
+        if canonical in seen:
+            raise UsageError(f"--fallback {uri} names the same source as {seen[canonical]}; give each source once")
+        seen[canonical] = f"--fallback {uri}"
+    return tuple(given)
 
 
 def signature_policy(options: Options) -> SignaturePolicy | None:
