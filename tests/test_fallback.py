@@ -9,6 +9,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -305,7 +306,7 @@ class FakeSource:
     fail_after_files: int | None = None  # open_range fails (not retried away) once this many files were read
     kind: str = "fake"
     default_ref: str | None = None
-    features: Features = Features(promises=frozenset({"sha256"}))
+    features: ClassVar[Features] = Features(promises=frozenset({"sha256"}))
     calls: list[str] = field(default_factory=list)
     read: set[str] = field(default_factory=set)
 
