@@ -194,6 +194,28 @@ def test_primary_dying_mid_download_restarts_on_the_fallback_and_publishes_only_
     assert [p.name for p in (tmp_path / "tiny" / "revisions").iterdir()] == [commit]
 
 
+def test_a_source_serving_corrupt_bytes_falls_through_loudly_and_publishes_the_fallback(
+        s3_server, bucket, hub, both_env, tmp_path):
+    files = model_files(11)
+    hub.add_commit("acme/tiny", files)
+    upload_model(s3_server.client(), bucket, "acme/tiny", files)
+    hub.faults.corrupt = {"model-00000.safetensors"}
+    result = weightsync("--log-format", "json", "sync", "--source", "hf://acme/tiny", "--fallback",
+                        f"s3://{bucket}/acme/tiny", "--dest", str(tmp_path), env=both_env)
+    assert result.returncode == 0, result.stderr
+    path, manifest = published_manifest(result)
+    assert tree_bytes(path) == files and manifest.source == f"s3://{bucket}/acme/tiny"
+    [fallback] = events(result, "source_fallback")
+    assert fallback["level"] == "error" and fallback["exit_code"] == 4 and fallback["stage"] == "download"
+
+
+def test_hf_hub_offline_drops_an_hf_fallback(tmp_path, clean_env):
+    result = weightsync("sync", "--source", str(tmp_path / "missing"), "--fallback", "hf://acme/tiny",
+                        "--dest", str(tmp_path / "vol"), "--name", "m", env={**clean_env, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 3, result.stderr
+    assert "HF_HUB_OFFLINE" in result.stderr and "hf://acme/tiny" not in error_line(result)
+
+
 def test_offline_after_a_fallback_sync_finds_the_primary_ref(s3_server, bucket, hub, both_env, tmp_path):
     files = model_files(8)
     hub.add_commit("acme/tiny", files)

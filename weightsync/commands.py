@@ -125,8 +125,13 @@ def build_request(options: Options, dest: str | None = None) -> SyncRequest:
         raise UsageError("--source is required (or set WEIGHTSYNC_SOURCE, or pass --lockfile)")
     fallbacks = _fallbacks(source, options.fallback, lockfile is not None)
     offline = options.offline
-    if source.startswith("hf://") and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE:
+    hub_offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE
+    if source.startswith("hf://") and hub_offline:
         offline = True
+    elif hub_offline and any(uri.startswith("hf://") for uri in fallbacks):  # the Hub is not to be asked
+        event("fallback_skipped", "HF_HUB_OFFLINE is set: not falling back to %s",
+              ", ".join(uri for uri in fallbacks if uri.startswith("hf://")))
+        fallbacks = tuple(uri for uri in fallbacks if not uri.startswith("hf://"))
     signature = signature_policy(options)
     if lockfile and lockfile.signature and signature is None:
         raise UsageError(f"--lockfile {lockfile.origin} was made under a signature policy "

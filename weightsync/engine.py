@@ -200,7 +200,8 @@ source's verified copy is safe). A UsageError (this request is wrong everywhere)
 
 
 class _SourceFailed(Exception):
-    """One source's attempt failed with a fall-through error, at `stage` (resolve, or download)."""
+    """One source's attempt failed with a fall-through error, at `stage`: resolve (listing), plan (signature,
+    lockfile, pin) or download (fetch, verify, signature check)."""
 
     def __init__(self, stage: str, error: WeightsyncError) -> None:
         super().__init__(str(error))
