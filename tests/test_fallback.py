@@ -299,6 +299,29 @@ def test_fallback_from_the_environment_is_comma_separated(tmp_path, clean_env):
     assert revision["from_fallback"] is True and revision["primary"] == f"file://{tmp_path / 'a'}"
 
 
+def test_metrics_and_termination_message_say_the_revision_came_from_the_fallback(tmp_path, clean_env):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "w.bin").write_bytes(b"w")
+    metrics, termination = tmp_path / "metrics.prom", tmp_path / "termination"
+    result = weightsync("sync", "--source", str(tmp_path / "a"), "--fallback", str(tmp_path / "b"), "--dest",
+                        str(tmp_path / "vol"), "--name", "m", "--metrics-textfile", str(metrics),
+                        "--termination-log", str(termination), env=clean_env)
+    assert result.returncode == 0, result.stderr
+    text = metrics.read_text()
+    assert 'weightsync_from_fallback{model="m",source_kind="file"} 1.0' in text
+    assert 'weightsync_source_fallbacks_total{model="m",source_kind="file"} 1.0' in text
+    message = json.loads(termination.read_text())
+    assert message["from_fallback"] is True and message["source"] == f"file://{tmp_path / 'b'}"
+    assert message["skipped_sources"][0]["source"] == f"file://{tmp_path / 'a'}"
+
+
+def test_sync_run_and_serve_take_fallback_and_lock_does_not():
+    for command in ("sync", "run", "serve"):
+        assert "--fallback URI" in weightsync(command, "--help").stdout, command
+    refused = weightsync("lock", "--source", "/tmp", "--fallback", "/tmp")  # a lockfile pins one source
+    assert refused.returncode == 2 and "unrecognized option '--fallback'" in error_line(refused)
+
+
 def test_the_same_source_given_twice_exits_2(tmp_path):
     twice = weightsync("sync", "--source", str(tmp_path), "--fallback", str(tmp_path), "--dest", str(tmp_path / "v"))
     assert twice.returncode == 2 and "same source" in error_line(twice)
