@@ -419,3 +419,37 @@ def test_a_mirror_failing_mid_download_is_finished_from_the_origin_only_with_fil
     assert manifest.source == "fake://origin"
     assert [entry.sha256 for entry in manifest.files] == [hashlib.sha256(files[p]).hexdigest() for p in sorted(files)]
     assert result.skipped and result.skipped[0][0] == "fake://mirror"
+
+
+def test_a_pinned_warm_start_with_fallbacks_stays_light(s3_proxy, hub, both_env, tmp_path, clean_env):
+    from tests.support.helpers import heavy_modules_loaded, modules_loaded
+    from tests.test_lazy_imports import NOT_ON_A_PLAIN_WARM_START
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "w.bin").write_bytes(b"w" * 1000)
+    args = ["sync", "--source", str(folder), "--fallback", str(tmp_path / "elsewhere"), "--dest",
+            str(tmp_path / "v"), "--name", "m"]
+    revision = Path(weightsync(*args, env=clean_env, check=True).stdout.splitlines()[-1]).name
+    code, modules = modules_loaded(*args, "--revision", revision, env=clean_env)
+    assert code == 0 and sorted(modules.intersection(NOT_ON_A_PLAIN_WARM_START)) == []
+
+    commit = hub.add_commit("acme/tiny", model_files(12))
+    hub_args = ["sync", "--source", "s3://mirror/acme/tiny", "--fallback", "hf://acme/tiny", "--dest",
+                str(tmp_path / "hub")]
+    assert weightsync(*hub_args, env={**both_env, "AWS_ENDPOINT_URL": dead_endpoint()}).returncode == 0
+    code, heavy = heavy_modules_loaded(*hub_args, "--revision", commit, env=both_env)
+    assert code == 0 and heavy == []
+
+
+def test_hf_cache_layout_takes_the_repo_id_of_the_hub_fallback(hub, both_env, tmp_path):
+    files = model_files(13)
+    commit = hub.add_commit("acme/tiny", files)
+    env = {**both_env, "AWS_ENDPOINT_URL": dead_endpoint()}
+    result = weightsync("sync", "--layout", "hf-cache", "--source", "s3://mirror/acme/tiny", "--fallback",
+                        "hf://acme/tiny", "--dest", str(tmp_path), env=env)
+    assert result.returncode == 0, result.stderr
+    snapshot = Path(result.stdout.splitlines()[-1])
+    assert snapshot == tmp_path / "models--acme--tiny" / "snapshots" / commit
+    assert tree_bytes(snapshot) == files
+    assert (tmp_path / "models--acme--tiny" / "refs" / "main").read_text().strip() == commit
