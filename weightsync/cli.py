@@ -246,8 +246,8 @@ ALL_OPTIONS = {option.flag: option for option in (
            "hub cache (point HF_HUB_CACHE at it), the model lands in models--OWNER--NAME/snapshots/<commit> and "
            "servers load it by repo id, offline", default="native", choices=get_args(Layout), group=WHAT),
     Option("--repo-id", "with --layout hf-cache, the repo id (OWNER/NAME) to cache the model under; required for "
-           "s3://, gs:// and file:// sources (their revision id is the commit)", shown_default="the hf:// source's",
-           group=WHAT, metavar="OWNER/NAME"),
+           "s3://, gs:// and file:// sources (their revision id is the commit)",
+           shown_default="the hf:// source's, or --fallback's", group=WHAT, metavar="OWNER/NAME"),
     Option("--lockfile", "download exactly what this `weightsync lock` file pins; exit 4 if the source differs",
            group=WHAT, metavar="FILE"),
     Option("--rebind", "let --name switch to a different source or filter set than it serves now (pods "

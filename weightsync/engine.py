@@ -488,11 +488,11 @@ class Engine:
         recorded = Selection(include=tuple(serving.selection.get("include", ())),
                              exclude=tuple(serving.selection.get("exclude", ())))
         bound, asked = serving.bound_to, [source.uri for source in self.sources]
-        # With --fallback the name is bound to the set of sources its sync declared to be one model: this sync
-        # keeps the meaning if its primary is one of them (a fallback added, removed or swapped in first), or if
-        # it names the bound primary among its own (a mirror put in front of the origin it mirrors). A primary
-        # that is none of them, with none of them behind it, is another model: --rebind.
-        if recorded == wanted and (asked[0] in bound or bound[0] in asked):
+        # With --fallback the name is bound to the set of sources its sync declared to be one model. A sync keeps
+        # the meaning when its own sources share one with that set: a fallback added, removed or swapped in
+        # first, a mirror put in front of the origin it mirrors (`--source s3://mirror --fallback <origin>`).
+        # Sources that share none are another model, however many there are: --rebind.
+        if recorded == wanted and not set(asked).isdisjoint(bound):
             return
         serves = serving.source + (f" (bound to {', '.join(bound)})" if serving.sources else "")
         raise UsageError(
