@@ -249,10 +249,10 @@ class Engine:
 
     @property
     def retry(self) -> RetryPolicy:
-        """The retry policy for the source in use. The last source honours a Retry-After as long as the watchdog
-        allows (waiting is all that is left); one with a fallback behind it is not waited for beyond `retry_max`
-        seconds (the cap of its own backoff): a mirror that says "come back in a minute" while the origin answers
-        now would only delay the start. The policies share one progress clock."""
+        """The retry policy for the source in use. The last source honours a Retry-After as a lone source does
+        (retry.py's cap, within the watchdog): waiting is all that is left. One with a fallback behind it is not
+        waited for beyond `retry_max` seconds (the cap of its own backoff): a mirror that says "come back in a
+        minute" while the origin answers now would only delay the start. The policies share one progress clock."""
         if self.source is self.sources[-1]:
             return self.base_retry
         return replace(self.base_retry, retry_after_limit=self.base_retry.max_delay)
@@ -376,6 +376,7 @@ class Engine:
         return None
 
     def _names_no_revision(self, source: Source) -> bool:
+        """Whether `source` refuses --revision as no revision of its kind (so it cannot hold it)."""
         try:
             source.pinned_revision(self.request.revision)
         except UsageError:
