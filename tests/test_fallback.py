@@ -453,3 +453,17 @@ def test_hf_cache_layout_takes_the_repo_id_of_the_hub_fallback(hub, both_env, tm
     assert snapshot == tmp_path / "models--acme--tiny" / "snapshots" / commit
     assert tree_bytes(snapshot) == files
     assert (tmp_path / "models--acme--tiny" / "refs" / "main").read_text().strip() == commit
+
+
+def test_a_denied_mirror_falls_through_to_the_origin_saying_denied(s3_server, bucket, hub, both_env, tmp_path):
+    files = model_files(14)
+    hub.add_commit("acme/tiny", files)
+    upload_model(s3_server.client(), bucket, "acme/tiny", files)
+    env = {**both_env, "AWS_SECRET_ACCESS_KEY": "expired-or-wrong-secret-key"}
+    result = weightsync("--log-format", "json", "sync", "--source", f"s3://{bucket}/acme/tiny", "--fallback",
+                        "hf://acme/tiny", "--dest", str(tmp_path), env=env)
+    assert result.returncode == 0, result.stderr
+    assert tree_bytes(published_manifest(result)[0]) == files
+    [fallback] = events(result, "source_fallback")
+    assert fallback["exit_code"] == 3 and fallback["level"] == "warning"
+    assert "expired-or-wrong-secret-key" not in result.stderr
