@@ -467,3 +467,46 @@ def test_a_denied_mirror_falls_through_to_the_origin_saying_denied(s3_server, bu
     [fallback] = events(result, "source_fallback")
     assert fallback["exit_code"] == 3 and fallback["level"] == "warning"
     assert "expired-or-wrong-secret-key" not in result.stderr
+
+
+def test_serve_starts_from_the_fallback_and_returns_to_the_primary_once_it_is_back(tmp_path, clean_env):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.support.helpers import ROOT
+
+    primary, fallback, dest = tmp_path / "primary", tmp_path / "fallback", tmp_path / "v"
+    fallback.mkdir()
+    (fallback / "w.bin").write_bytes(b"from the fallback")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "weightsync", "serve", "--source", str(primary), "--fallback", str(fallback),
+         "--dest", str(dest), "--name", "m", "--metrics-port", str(port), "--recheck-interval", "0.5"],
+        env=clean_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        metrics = ""
+        while 'weightsync_ready{model="m",source_kind="file"} 1.0' not in metrics and time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                    metrics = response.read().decode()
+            except OSError:
+                continue
+        assert 'weightsync_from_fallback{model="m",source_kind="file"} 1.0' in metrics
+        assert (dest / "m" / "current" / "w.bin").read_bytes() == b"from the fallback"
+        primary.mkdir()
+        (primary / "w.bin").write_bytes(b"from the primary")
+        first = os.readlink(dest / "m" / "current")
+        while os.readlink(dest / "m" / "current") == first and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (dest / "m" / "current" / "w.bin").read_bytes() == b"from the primary"
+        current = os.readlink(dest / "m" / "current")
+        assert Manifest.load(dest / "m" / "manifests" / f"{Path(current).name}.json").source == f"file://{primary}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
