@@ -233,6 +233,9 @@ ALL_OPTIONS = {option.flag: option for option in (
            "(or https://ACCOUNT.blob.core.windows.net/container/prefix), oci://registry/repo[:tag|@sha256:digest], "
            "https://host/path/file[#sha256=HEX], https://host/base/ with --lockfile, file:///abs/path or a "
            "directory; required unless --lockfile names it", group=WHAT, metavar="URI"),
+    Option("--fallback", "another source of the same model, tried in order when --source (or the fallback "
+           "before it) is unreachable, lacks the revision or is denied; each revision comes whole from one "
+           "source (repeatable; env: comma-separated)", repeat=True, group=WHAT, metavar="URI"),
     Option("--dest", "the volume (directory) models are published into", required=True, group=WHAT, metavar="DIR"),
     Option("--name", "directory of this model under DEST; one name holds one source and filter set",
            shown_default="derived from the source", group=WHAT),
@@ -246,8 +249,8 @@ ALL_OPTIONS = {option.flag: option for option in (
            "hub cache (point HF_HUB_CACHE at it), the model lands in models--OWNER--NAME/snapshots/<commit> and "
            "servers load it by repo id, offline", default="native", choices=get_args(Layout), group=WHAT),
     Option("--repo-id", "with --layout hf-cache, the repo id (OWNER/NAME) to cache the model under; required for "
-           "every source but hf:// (their revision id is the commit)", shown_default="the hf:// source's",
-           group=WHAT, metavar="OWNER/NAME"),
+           "every source but hf:// (their revision id is the commit)",
+           shown_default="the hf:// source's, or --fallback's", group=WHAT, metavar="OWNER/NAME"),
     Option("--lockfile", "download exactly what this `weightsync lock` file pins; exit 4 if the source differs",
            group=WHAT, metavar="FILE"),
     Option("--rebind", "let --name switch to a different source or filter set than it serves now (pods "
@@ -333,8 +336,8 @@ def _options(*flags: str, **changed: dict[str, Any]) -> tuple[Option, ...]:
 SOURCE_FLAGS = ("--source", "--name", "--revision", "--include", "--exclude", "--s3-addressing-style")
 TRUST_FLAGS = ("--signature", "--trust-key", "--trust-certificate", "--trust-identity", "--trust-issuer",
                "--trust-root", "--signature-ignore")
-SYNC_FLAGS = ("--source", "--dest", "--name", "--layout", "--repo-id", "--revision", "--include", "--exclude",
-              "--lockfile", "--rebind",
+SYNC_FLAGS = ("--source", "--fallback", "--dest", "--name", "--layout", "--repo-id", "--revision", "--include",
+              "--exclude", "--lockfile", "--rebind",
               "--verify", "--require-checksum", *TRUST_FLAGS, "--concurrency", "--offline", "--s3-addressing-style",
               "--stall-timeout", "--no-progress-timeout", "--retries", "--retry-base", "--lock-timeout",
               "--lock-mode", "--lease-timeout",
@@ -412,7 +415,7 @@ def _add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> 
             group.add_argument(option.flag, action="store_const", const=True, default=default,
                                help=option.help_text())
         elif option.repeat:
-            group.add_argument(option.flag, action="append", metavar="GLOB", default=default,
+            group.add_argument(option.flag, action="append", metavar=option.metavar or "GLOB", default=default,
                                help=option.help_text())
         else:
             metavar = "{" + ",".join(option.choices) + "}" if option.choices else option.metavar or option.dest.upper()

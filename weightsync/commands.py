@@ -42,6 +42,7 @@ class Options:
 
     command: str = ""
     source: str | None = None
+    fallback: tuple[str, ...] = ()
     dest: str | None = None
     name: str | None = None
     layout: Layout = "native"
@@ -130,16 +131,23 @@ def build_request(options: Options, dest: str | None = None) -> SyncRequest:
                                               lockfile.exclude)
     if not source:
         raise UsageError("--source is required (or set WEIGHTSYNC_SOURCE, or pass --lockfile)")
+    fallbacks = _fallbacks(source, options.fallback, lockfile is not None)
     offline = options.offline
-    if source.startswith("hf://") and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE:
+    hub_offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE
+    if source.startswith("hf://") and hub_offline:
         offline = True
+    elif hub_offline and any(uri.startswith("hf://") for uri in fallbacks):  # the Hub is not to be asked
+        event("fallback_skipped", "HF_HUB_OFFLINE is set: not falling back to %s",
+              ", ".join(uri for uri in fallbacks if uri.startswith("hf://")))
+        fallbacks = tuple(uri for uri in fallbacks if not uri.startswith("hf://"))
     signature = signature_policy(options)
     if lockfile and lockfile.signature and signature is None:
         raise UsageError(f"--lockfile {lockfile.origin} was made under a signature policy "
                          f"({lockfile.signature.get('policy', '?')}): pass the same --trust-* flags (and --signature, "
                          "if it was a file)")
     return SyncRequest(
-        source=source, dest=Path(dest or _required(options.dest)), name=options.name, layout=options.layout,
+        source=source, fallbacks=fallbacks, dest=Path(dest or _required(options.dest)), name=options.name,
+        layout=options.layout,
         repo_id=options.repo_id, revision=revision,
         selection=Selection(include=tuple(include), exclude=tuple(exclude)), verify=options.verify,
         lock_timeout=options.lock_timeout, offline=offline, addressing_style=options.s3_addressing_style,
@@ -157,6 +165,28 @@ def _relock(options: Options, source: str, lockfile: Lockfile) -> bool:
 
 def _is_http(source: str) -> bool:
     return source.split("://", 1)[0].lower() in ("http", "https")
+
+
+def _fallbacks(source: str, given: tuple[str, ...], pinned_by_lockfile: bool) -> tuple[str, ...]:
+    """--fallback URIs, each a source URI of its own (parsed now: a typo is exit 2 before any request), none
+    repeating another. A lockfile pins one source's files and promises, so it takes no fallback."""
+    if not given:
+        return ()
+    from weightsync.sources import open_source
+
+    if pinned_by_lockfile:
+        raise UsageError("--fallback does not apply with --lockfile: a lockfile pins one source's files and their "
+                         "checksums; drop --fallback, or sync without --lockfile")
+    seen = {open_source(source).uri: "--source"}
+    for uri in given:
+        try:
+            canonical = open_source(uri).uri
+        except UsageError as exc:  # the backends word it for --source: name the flag that was given
+            raise UsageError(str(exc).replace("--source", "--fallback")) from None
+        if canonical in seen:
+            raise UsageError(f"--fallback {uri} names the same source as {seen[canonical]}; give each source once")
+        seen[canonical] = f"--fallback {uri}"
+    return tuple(given)
 
 
 def signature_policy(options: Options) -> SignaturePolicy | None:

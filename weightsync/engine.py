@@ -30,7 +30,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -62,6 +62,7 @@ class SyncRequest:
 
     source: str
     dest: Path
+    fallbacks: tuple[str, ...] = ()  # tried in order when `source` is unreachable or lacks the revision
     name: str | None = None
     layout: Layout = "native"
     repo_id: str | None = None  # hf-cache: the cache entry's repo id (an hf:// source has its own)
@@ -86,7 +87,7 @@ class SyncResult:
     path: Path
     name: str
     revision: str
-    source: str
+    source: str  # where this revision's bytes came from: the primary or one of its fallbacks
     source_revision: str
     files: int
     total_bytes: int
@@ -104,6 +105,13 @@ class SyncResult:
     signature: SignatureRecord | None = None
     signature_checked_now: bool = False  # warm: the signature was checked by this run, not when it was published
     cache_snapshot: Path | None = None  # --layout hf-cache: the snapshot directory servers load
+    primary: str = ""  # the --source asked for, when --fallback sources were given ("" without them)
+    skipped: tuple[tuple[str, str], ...] = ()  # (source, why) for each source this run fell through
+
+    @property
+    def from_fallback(self) -> bool:
+        """Whether the revision came from a --fallback source rather than the primary --source."""
+        return bool(self.primary) and self.source != self.primary
 
     @property
     def model_dir(self) -> Path:
@@ -135,16 +143,20 @@ class SyncResult:
             if self.signature is not None:
                 when = "now, against the files re-hashed" if self.signature_checked_now else "when published"
                 signed = f"; signature {self.signature.file} by {self.signature.signer} checked {when}"
-            return (f"already published (warm start) {self.source} revision {self.revision}: "
+            return (f"already published (warm start) {self.source} revision {self.revision}{self._fallback_note()}: "
                     f"{counted(self.files, 'file')}, "
                     f"{human_bytes(self.total_bytes)}, checked ({self.checked}) in "
                     f"{human_duration(self.seconds)}; nothing downloaded; verified when published: "
                     f"{describe_tally(self.evidence)}{signed}")
-        return (f"published {self.source} revision {self.revision}: {counted(self.files, 'file')}, "
+        return (f"published {self.source} revision {self.revision}{self._fallback_note()}: "
+                f"{counted(self.files, 'file')}, "
                 f"{human_bytes(self.total_bytes)}; fetched {human_bytes(self.bytes_fetched)}, "
                 f"reused {human_bytes(self.bytes_reused)}, resumed {human_bytes(self.bytes_resumed)} "
                 f"in {human_duration(self.seconds)} (average {human_bytes(rate)}/s); verified: {self.verification}"
                 + (f"; in the Hugging Face cache as {self.cache_snapshot}" if self.cache_snapshot else ""))
+
+    def _fallback_note(self) -> str:
+        return f" (fallback for {self.primary})" if self.from_fallback else ""
 
     def fields(self) -> dict[str, object]:
         """The summary as data, for JSON logs, the termination message and metrics."""
@@ -155,7 +167,10 @@ class SyncResult:
                 "seconds": round(self.seconds, 3), "lock_wait_seconds": round(self.lock_wait_seconds, 3),
                 "retries": self.retries, "warm": self.warm, "verification": self.verification,
                 "evidence": self.evidence, **({"checked": self.checked} if self.warm else {}),
-                **({"signature": self.signature.to_json()} if self.signature else {})}
+                **({"signature": self.signature.to_json()} if self.signature else {}),
+                **({"primary": self.primary, "from_fallback": self.from_fallback,
+                    "skipped_sources": [{"source": uri, "reason": why} for uri, why in self.skipped]}
+                   if self.primary else {})}
 
 
 def default_name(source: Source, selection: Selection) -> str:
@@ -176,33 +191,72 @@ def _ref_key(ref: str, selection: Selection) -> str:
     return f"{ref}@{variant}" if variant else ref
 
 
-class Engine:
-    """Runs one request against one volume."""
+FALLS_THROUGH = (NetworkError, SourceError, IntegrityError)
+"""What makes a sync try its next --fallback source: the source is unreachable after its retries (or asks to
+wait longer than a source with another behind it is waited for), lacks or denies the repo / prefix / revision,
+or served a listing or bytes that failed verification (nothing unverified is ever published, so another
+source's verified copy is safe). A UsageError (this request is wrong everywhere) and the volume's own failures
+(disk space, locks) never do: another source cannot cure them."""
 
-    def __init__(self, request: SyncRequest, source: Source | None = None) -> None:
+
+class _SourceFailed(Exception):
+    """One source's attempt failed with a fall-through error, at `stage`: resolve (listing), plan (signature,
+    lockfile, pin) or download (fetch, verify, signature check)."""
+
+    def __init__(self, stage: str, error: WeightsyncError) -> None:
+        super().__init__(str(error))
+        self.stage, self.error = stage, error
+
+
+class Engine:
+    """Runs one request against one volume, from its source or, in order, its fallbacks."""
+
+    def __init__(self, request: SyncRequest, source: Source | None = None,
+                 sources: Sequence[Source] | None = None) -> None:
         self.request = request
-        self.source = source or open_source(request.source, request.transfer,
-                                            addressing_style=request.addressing_style, offline=request.offline,
-                                            lockfile=request.lockfile)
+        if sources is None:
+            opened = [source or self._open(request.source)]
+            sources = [*opened, *(self._open(uri) for uri in request.fallbacks)]
+        self.sources: tuple[Source, ...] = tuple(sources)
+        self.primary = self.sources[0]
+        # The source this run takes its snapshot (and so every byte) from: the primary until `_sync` moves on to
+        # a fallback. Set once per attempt, never changed while an attempt runs: one revision, one source.
+        self.source = self.primary
+        self.skipped: list[tuple[str, str]] = []
         self.hub_cache = self._hub_cache() if request.layout == "hf-cache" else None
         if self.hub_cache is not None:
             # weightsync's own volume lives inside the repo's folder, where huggingface_hub looks at nothing
             self.volume = ModelVolume(self.hub_cache.repo, HUB_CACHE_VOLUME, label=self.hub_cache.folder)
         else:
             self.volume = ModelVolume(request.dest.absolute(),
-                                      request.name or default_name(self.source, request.selection))
+                                      request.name or default_name(self.primary, request.selection))
         self.started = time.monotonic()
         self.damaged: dict[str, set[str]] = {}  # revision -> paths that failed the warm check (repaired, not reused)
         self._manifests: dict[str, Manifest] = {}
         self._signatures: dict[str, SignatureRecord] = {}  # revision -> the signature this run accepted it under
 
+    def _open(self, uri: str) -> Source:
+        request = self.request
+        return open_source(uri, request.transfer, addressing_style=request.addressing_style, offline=request.offline,
+                           lockfile=request.lockfile)
+
     @cached_property
-    def retry(self) -> RetryPolicy:
+    def base_retry(self) -> RetryPolicy:
         """One progress clock for every request of this sync; made at the first request (a warm start makes
         none, and so never loads retry.py)."""
         from weightsync.retry import RetryPolicy
 
         return RetryPolicy.of(self.request.transfer)
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """The retry policy for the source in use. The last source honours a Retry-After as a lone source does
+        (retry.py's cap, within the watchdog): waiting is all that is left. One with a fallback behind it is not
+        waited for beyond `retry_max` seconds (the cap of its own backoff): a mirror that says "come back in a
+        minute" while the origin answers now would only delay the start. The policies share one progress clock."""
+        if self.source is self.sources[-1]:
+            return self.base_retry
+        return replace(self.base_retry, retry_after_limit=self.base_retry.max_delay)
 
     # -- public entry points ---------------------------------------------------
     def sync(self) -> SyncResult:
@@ -214,7 +268,7 @@ class Engine:
 
     # -- the Hugging Face cache layout (hfcache.py) --------------------------------
     def _hub_cache(self) -> HubCache:
-        request, source = self.request, self.source
+        request, source = self.request, self._hub_source() or self.primary
         if request.name:
             raise UsageError("--name does not apply to --layout hf-cache: the cache entry is named by the repo id "
                              "(--repo-id, or the hf:// source's)")
@@ -230,10 +284,16 @@ class Engine:
     def _cache_ref(self) -> str | None:
         """The ref to point at the commit: the branch or tag asked for (none for a commit, as huggingface_hub
         does); `main` for a source without refs, whose every sync is its latest."""
-        if self.source.kind != "hf":
+        hub = self._hub_source()
+        if hub is None:
             return "main"
-        wanted = self.request.revision or self.source.default_ref
-        return None if self.source.pinned_revision(self.request.revision) else wanted
+        wanted = self.request.revision or hub.default_ref
+        return None if hub.pinned_revision(self.request.revision) else wanted
+
+    def _hub_source(self) -> Source | None:
+        """The first hf:// source among the primary and its fallbacks: it names the hub cache entry and its ref
+        (an s3:// mirror of the repo, first, serves the same commit)."""
+        return next((source for source in self.sources if source.kind == "hf"), None)
 
     def _into_hub_cache(self, result: SyncResult) -> SyncResult:
         """Project the published revision into the hub cache (blobs, snapshot, ref), unless it already is."""
@@ -244,26 +304,30 @@ class Engine:
         commit, ref = result.source_revision, self._cache_ref()
         if not self.hub_cache.is_published(commit, ref, [(entry.path, entry.size) for entry in manifest.files]):
             directory = self.volume.revision_dir(result.revision)
-            files = [CachedFile(entry.path, entry.size, self._blob_name(entry), directory / entry.path)
+            from_hub = manifest.source.startswith("hf://")
+            files = [CachedFile(entry.path, entry.size, self._blob_name(entry, from_hub), directory / entry.path)
                      for entry in manifest.files]
             self.hub_cache.publish(commit, ref, files)
         return replace(result, cache_snapshot=self.hub_cache.snapshot_dir(commit))
 
-    def _blob_name(self, entry: ManifestEntry) -> str:
+    @staticmethod
+    def _blob_name(entry: ManifestEntry, from_hub: bool) -> str:
         """huggingface_hub's name for the blob: the Hub's etag (LFS sha256 or git blob sha1), else the sha256."""
         etag = (entry.etag or "").lower()
-        if self.source.kind == "hf" and len(etag) in (40, 64) and HEX.fullmatch(etag):
+        if from_hub and len(etag) in (40, 64) and HEX.fullmatch(etag):
             return etag
         return entry.sha256
 
     def _sync(self) -> SyncResult:
-        request, source, volume = self.request, self.source, self.volume
+        request, primary, volume = self.request, self.primary, self.volume
         volume.check_dest()  # what can be refused without a request comes first, before any log line
         self._check_binding()
-        pinned = source.pinned_revision(request.revision)
-        event("start", "sync %s%s into %s", source.uri, f" revision {request.revision}" if request.revision else "",
-              volume.root, source=source.uri, revision=request.revision, dest=str(volume.root),
-              offline=request.offline, verify=request.verify)
+        pinned = self._pinned()
+        fallbacks = [source.uri for source in self.sources[1:]]
+        event("start", "sync %s%s%s into %s", primary.uri, f" revision {request.revision}" if request.revision else "",
+              f" (fallback {', '.join(fallbacks)})" if fallbacks else "", volume.root, source=primary.uri,
+              revision=request.revision, dest=str(volume.root), offline=request.offline, verify=request.verify,
+              **({"fallbacks": fallbacks} if fallbacks else {}))
         known = revision_key(pinned, request.selection) if pinned else None
         if request.offline and not known:
             known = self._offline_revision()
@@ -276,19 +340,82 @@ class Engine:
                 raise SourceError(f"--offline: revision {known} of {volume.label} is not complete on {volume.root} "
                                   f"(published revisions: {have}); run once with network access")
 
+        # Each source in turn, from its own snapshot to a published revision: an attempt that fails with a
+        # fall-through error, while resolving or mid-download, leaves nothing published and the next source
+        # starts its plan from scratch (see `_attempt` for why its staging never splices two sources' bytes).
+        failures: list[tuple[Source, _SourceFailed]] = []
+        for index, source in enumerate(self.sources):
+            self.source = source
+            try:
+                return self._attempt(pinned)
+            except _SourceFailed as failed:
+                failures.append((source, failed))
+                if index + 1 < len(self.sources):
+                    self._fall_through(source, failed, self.sources[index + 1])
+        self.source = primary
+        if any(failed.stage == "resolve" and isinstance(failed.error, NetworkError) for _, failed in failures):
+            return self._last_published_instead(failures, pinned)
+        raise self._every_source_failed(failures)
+
+    def _pinned(self) -> str | None:
+        """The revision id --revision pins (no request needed), by the first source that can name it.
+
+        A source that cannot name it at all (an S3 prefix given a Hub commit) cannot hold it: `_attempt` skips
+        it. Only when no source can is the request wrong (the primary's UsageError, exit 2).
+        """
+        refusals: list[UsageError] = []
+        for source in self.sources:
+            try:
+                pinned = source.pinned_revision(self.request.revision)
+            except UsageError as exc:
+                refusals.append(exc)
+                continue
+            if pinned:
+                return pinned
+        if len(refusals) == len(self.sources):
+            raise refusals[0]
+        return None
+
+    def _names_no_revision(self, source: Source) -> bool:
+        """Whether `source` refuses --revision as no revision of its kind (so it cannot hold it)."""
+        try:
+            source.pinned_revision(self.request.revision)
+        except UsageError:
+            return True
+        return False
+
+    def _attempt(self, pinned: str | None) -> SyncResult:
+        """Resolve, plan, fetch and publish from `self.source` alone; a fall-through error is `_SourceFailed`.
+
+        Never mixing two sources: the snapshot is this source's, and so is every file the plan downloads. What
+        an earlier attempt left in staging is only ever reused under this snapshot's own promises: a staging
+        directory belongs to one revision id, so two sources share one only when they report the same revision
+        (a weightsync mirror and its origin: the same content); a part file is resumed only for the same
+        (path, size, ETag) (resume.py), which another source's object does not have unless it is that object;
+        and a finished staged file is kept only once it verifies against this source's promise
+        (fetch._recheck_staged). Reused (hardlinked) files match this snapshot's sha256 or identity, as always.
+        """
+        request, volume, source = self.request, self.volume, self.source
+        if len(self.sources) > 1 and self._names_no_revision(source):
+            raise _SourceFailed("resolve", SourceError(f"{source.uri} cannot hold revision {request.revision} (not "
+                                                       "a revision id or ref of this kind of source)"))
         try:
             snapshot = self._resolve(request.revision)
-        except NetworkError as unreachable:
-            return self._last_published_instead(unreachable, pinned)
-        snapshot = self._with_signature(snapshot)
-        if request.lockfile:
-            snapshot = replace(snapshot, files=request.lockfile.check_listing(snapshot.files))
-        if pinned and snapshot.revision != pinned:
-            self._refuse_unknown_pin(pinned, snapshot.revision)
+        except FALLS_THROUGH as exc:
+            raise _SourceFailed("resolve", exc) from exc
+        try:
+            snapshot = self._with_signature(snapshot)
+            if request.lockfile:
+                snapshot = replace(snapshot, files=request.lockfile.check_listing(snapshot.files))
+            if pinned and snapshot.revision != pinned:
+                self._refuse_unknown_pin(pinned, snapshot.revision)
+        except FALLS_THROUGH as exc:
+            raise _SourceFailed("plan", exc) from exc
         key = revision_key(snapshot.revision, request.selection)
+        ref = self._ref_of(snapshot, pinned)
         manifest = self.published(key)
         if manifest is not None:
-            return self._finish_warm(manifest, key, ref=snapshot.ref, source_revision=snapshot.revision)
+            return self._finish_warm(manifest, key, ref=ref, source_revision=snapshot.revision)
 
         from weightsync.locking import volume_lock
 
@@ -298,11 +425,51 @@ class Engine:
             testhooks.pause("locked")
             manifest = self.published(key)
             if manifest is not None:
-                result = self._finish_warm(manifest, key, ref=snapshot.ref, source_revision=snapshot.revision)
+                result = self._finish_warm(manifest, key, ref=ref, source_revision=snapshot.revision)
             else:
-                result = self._download_and_publish(snapshot, key, held)
+                try:
+                    result = self._download_and_publish(snapshot, key, held, ref)
+                except FALLS_THROUGH as exc:
+                    raise _SourceFailed("download", exc) from exc
             result.lock_wait_seconds = held.waited
         return result
+
+    def _ref_of(self, snapshot: Snapshot, pinned: str | None) -> str | None:
+        """The ref to record the revision under: the snapshot's, or, from a fallback without refs (an s3://
+        mirror of an hf:// primary), the primary's wanted ref, so --offline and an unreachable start find the
+        newest revision of `main` whichever source published it."""
+        if snapshot.ref or pinned or self.source is self.primary or not self.primary.features.refs:
+            return snapshot.ref
+        return self.request.revision or self.primary.default_ref
+
+    def _fall_through(self, source: Source, failed: _SourceFailed, following: Source) -> None:
+        """One event per source given up on: which, why, at which stage, and which source is tried next."""
+        error = failed.error
+        loud = isinstance(error, IntegrityError)  # a source that served bad bytes or an unsafe listing
+        reason = f"{type(error).__name__} (exit {error.exit_code}): {error}"
+        self.skipped.append((source.uri, str(error)))
+        event("source_fallback", "%s failed %s (%s); trying the next source, %s%s", source.uri,
+              "while " + {"resolve": "resolving", "plan": "planning", "download": "downloading"}[failed.stage],
+              reason, following.uri,
+              "; nothing it served was published: every byte is verified before it is" if loud else "",
+              level=logging.ERROR if loud else logging.WARNING, source=source.uri, next_source=following.uri,
+              stage=failed.stage, reason=str(error), exit_code=error.exit_code, error_kind=type(error).__name__)
+
+    def _every_source_failed(self, failures: list[tuple[Source, _SourceFailed]]) -> WeightsyncError:
+        """The one error when no source could be used: what each said. Exit 7 if any was unreachable (a rerun
+        may succeed once it is back), else the code every source agreed on, else the primary's."""
+        if len(failures) == 1:
+            return failures[0][1].error
+        errors = [failed.error for _, failed in failures]
+        kinds = {type(error) for error in errors}
+        if len(kinds) == 1:
+            kind: type[WeightsyncError] = kinds.pop()
+        elif any(isinstance(error, NetworkError) for error in errors):
+            kind = NetworkError
+        else:
+            kind = type(errors[0])
+        said = "; ".join(f"[{source.uri}] {failed.error}" for source, failed in failures)
+        return kind(f"no source could be used ({counted(len(failures), 'source')} tried, in order): {said}")
 
     def _check_binding(self) -> None:
         """One name, one meaning: refuse a sync that would point `current` at another source or filter set.
@@ -322,11 +489,17 @@ class Engine:
         wanted = request.selection
         recorded = Selection(include=tuple(serving.selection.get("include", ())),
                              exclude=tuple(serving.selection.get("exclude", ())))
-        if serving.source == self.source.uri and recorded == wanted:
+        bound, asked = serving.bound_to, [source.uri for source in self.sources]
+        # With --fallback the name is bound to the set of sources its sync declared to be one model. A sync keeps
+        # the meaning when its own sources share one with that set: a fallback added, removed or swapped in
+        # first, a mirror put in front of the origin it mirrors (`--source s3://mirror --fallback <origin>`).
+        # Sources that share none are another model, however many there are: --rebind.
+        if recorded == wanted and not set(asked).isdisjoint(bound):
             return
+        serves = serving.source + (f" (bound to {', '.join(bound)})" if serving.sources else "")
         raise UsageError(
-            f"{volume.root} serves {serving.source}{_describe_filters(recorded)}, and this sync asks for "
-            f"{self.source.uri}{_describe_filters(wanted)}: syncing it under the same name would change what "
+            f"{volume.root} serves {serves}{_describe_filters(recorded)}, and this sync asks for "
+            f"{', '.join(asked)}{_describe_filters(wanted)}: syncing it under the same name would change what "
             f"{volume.current} means for every pod that reads it. Give it its own --name, or pass --rebind "
             f"(WEIGHTSYNC_REBIND=1) to switch {volume.label} over on purpose")
 
@@ -448,7 +621,8 @@ class Engine:
         self._point_current(key, ref)
         how = "sha256 of every file against the manifest" if self.request.verify == "full" else "manifest and sizes"
         return SyncResult(path=self.volume.revision_dir(key), name=self.volume.label, revision=key,
-                          source=self.source.uri, source_revision=source_revision, files=len(manifest.files),
+                          source=manifest.source, source_revision=source_revision, files=len(manifest.files),
+                          **self._fallback_fields(),
                           total_bytes=manifest.total_bytes, seconds=time.monotonic() - self.started, warm=True,
                           checked=how, paths=tuple(entry.path for entry in manifest.files),
                           file_evidence=tuple(entry.evidence for entry in manifest.files),
@@ -464,8 +638,11 @@ class Engine:
         except (WeightsyncError, OSError) as exc:
             log.debug("not updating %s: %s", self.volume.current, exc)
 
-    def _last_published_instead(self, unreachable: NetworkError, pinned: str | None) -> SyncResult:
-        """The source is unreachable: serve what the last sync of this ref published, loudly, or fail."""
+    def _last_published_instead(self, failures: list[tuple[Source, _SourceFailed]], pinned: str | None
+                                ) -> SyncResult:
+        """No source could be used and one was unreachable: serve what the last sync of this ref published
+        (from whichever source), loudly, or fail with what every source said."""
+        unreachable = self._every_source_failed(failures)
         if pinned or self.request.lockfile:
             raise unreachable
         try:
@@ -475,24 +652,28 @@ class Engine:
         manifest = self.published(known) if known else None
         if manifest is None or known is None:
             raise unreachable
-        event("source_unreachable", "%s is unreachable (%s); starting with the last published revision %s",
-              self.source.uri, unreachable, known, level=logging.WARNING, revision=known, error=str(unreachable))
+        uris = ", ".join(source.uri for source, _ in failures)
+        event("source_unreachable", "%s %s unreachable (%s); starting with the last published revision %s",
+              uris, "is" if len(failures) == 1 else "are", unreachable, known, level=logging.WARNING,
+              revision=known, error=str(unreachable), **({"sources": uris.split(", ")} if len(failures) > 1 else {}))
         return self._finish_warm(manifest, known, ref=None, source_revision=known)
 
     def _offline_revision(self) -> str | None:
-        ref = self.request.revision or self.source.default_ref
+        """The revision the last sync of this ref published (the primary's ref: fallbacks record theirs under
+        it, `_ref_of`), else `current`; no request."""
+        ref = self.request.revision or self.primary.default_ref
         if ref:
             found = self.volume.read_ref(_ref_key(ref, self.request.selection))
             if found:
                 return found
-            raise SourceError(f"--offline: {self.source.uri} revision {ref} was never synced onto "
+            raise SourceError(f"--offline: {self.primary.uri} revision {ref} was never synced onto "
                               f"{self.volume.root}; run once with network access, or pin a revision that is "
                               "on the volume")
         current = self.volume.current_revision()
         variant = self.request.selection.key()
         if current and (not variant or current.endswith(f"-{variant}")):
             return current
-        raise SourceError(f"--offline: nothing published for {self.source.uri}"
+        raise SourceError(f"--offline: nothing published for {self.primary.uri}"
                           f"{' revision ' + ref if ref else ''} on {self.volume.root}; "
                           "run once with network access, or pin a revision that is on the volume")
 
@@ -560,7 +741,14 @@ class Engine:
         os.rename(directory, trash)
         return trash
 
-    def _download_and_publish(self, snapshot: Snapshot, key: RevisionKey, held: Held) -> SyncResult:
+    def _fallback_fields(self) -> dict[str, object]:
+        """SyncResult's primary and skipped sources, when --fallback sources were given."""
+        if len(self.sources) == 1:
+            return {}
+        return {"primary": self.primary.uri, "skipped": tuple(self.skipped)}
+
+    def _download_and_publish(self, snapshot: Snapshot, key: RevisionKey, held: Held, ref: str | None
+                              ) -> SyncResult:
         """Plan (reuse, describe, staged, resume), fetch and verify what is missing, then publish."""
         from weightsync.fetch import Fetcher, plan_fetch, report_verified
         from weightsync.progress import Progress
@@ -610,14 +798,16 @@ class Engine:
                 raise
 
         signature = self._check_signature(tree, {f.path: verified[f.path].sha256 for f in snapshot.files}, key)
-        manifest = Manifest(source=self.source.uri, revision=key, ref=snapshot.ref,
+        manifest = Manifest(source=self.source.uri, revision=key, ref=ref,
+                            sources=[source.uri for source in self.sources] if len(self.sources) > 1 else [],
                             selection={"include": list(request.selection.include),
                                        "exclude": list(request.selection.exclude)},
                             files=[ManifestEntry(path=f.path, size=f.size, sha256=verified[f.path].sha256, etag=f.etag,
                                                  evidence=verified[f.path].evidence) for f in snapshot.files],
                             signature=signature)
-        self._publish(manifest, staging, key, snapshot.ref, held)
+        self._publish(manifest, staging, key, ref, held)
         return SyncResult(path=volume.revision_dir(key), name=volume.label, revision=key, source=self.source.uri,
+                          **self._fallback_fields(),
                           source_revision=snapshot.revision, files=len(snapshot.files), total_bytes=total,
                           bytes_fetched=progress.bytes_done,
                           bytes_reused=reused, bytes_resumed=plan.bytes_resumed,

@@ -61,6 +61,14 @@ class Manifest:
     selection: dict[str, list[str]] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     signature: SignatureRecord | None = None  # the signature the revision was published under, if one was required
+    sources: list[str] = field(default_factory=list)
+    """The sync's --source then its --fallback sources, in order, when it had fallbacks (`source` is the one the
+    bytes came from): what the name is bound to (engine._check_binding). Empty: `source` alone."""
+
+    @property
+    def bound_to(self) -> list[str]:
+        """The sources this revision's sync declared to be one model: its primary first."""
+        return self.sources or [self.source]
 
     @property
     def total_bytes(self) -> int:
@@ -78,6 +86,8 @@ class Manifest:
         }
         if self.signature is not None:
             body["signature"] = self.signature.to_json()
+        if self.sources:
+            body["sources"] = self.sources
         return json.dumps(body, indent=1, ensure_ascii=False).encode() + b"\n"
 
     @classmethod
@@ -108,7 +118,11 @@ class Manifest:
                 from weightsync.signature import SignatureRecord
 
                 signature = SignatureRecord.from_json(body["signature"])
+            sources = body.get("sources") or []
+            if not isinstance(sources, list) or not all(isinstance(uri, str) for uri in sources):
+                raise ManifestError(f"bad sources {sources!r}")
             return cls(source=body["source"], revision=body["revision"], files=entries, ref=body.get("ref"),
+                       sources=sources,
                        selection=body.get("selection") or {}, created=float(body.get("created", 0)),
                        signature=signature)
         except FileNotFoundError as exc:

@@ -60,6 +60,12 @@ class SyncMetrics:
                                     "were verified against (evidence: crc64nvme, crc32-composite, md5-multipart, "
                                     "sha256, git-sha1, size-only, ...).", [*names, "evidence"],
                                     registry=self.registry)
+        self.from_fallback = Gauge("weightsync_from_fallback", "1 when the revision the last sync published (or "
+                                   "found published) came from a --fallback source, not the primary --source.",
+                                   names, registry=self.registry)
+        self.source_fallbacks = Counter("weightsync_source_fallbacks", "Sources given up on for the next "
+                                        "--fallback (unreachable, missing, denied, failed verification).", names,
+                                        registry=self.registry)
         self.ready = Gauge("weightsync_ready", "1 once a verified model is published (serve mode).", names,
                            registry=self.registry)
 
@@ -73,6 +79,8 @@ class SyncMetrics:
         for kind, count in result.evidence_kinds.items():
             self.verified_files.labels(**labels, evidence=kind).set(count)
         self.lock_wait.labels(**labels).set(result.lock_wait_seconds)
+        self.from_fallback.labels(**labels).set(1 if result.from_fallback else 0)
+        self.source_fallbacks.labels(**labels).inc(len(result.skipped))
         self.syncs.labels(**labels, result="success").inc()
         self.duration.labels(**labels, result="success").set(result.seconds)
         self.last_success.labels(**labels).set(time.time())

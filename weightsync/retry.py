@@ -10,6 +10,11 @@ silent server. The watchdog does: when nothing has made progress for
 succeeded), the next failure is the last, whatever attempts are left. So with the
 defaults a dead endpoint ends in exit 7 after at most no_progress_timeout plus one
 stall timeout, while a slow transfer whose bytes keep coming never trips it.
+
+A server's Retry-After (the Hub's 429, S3's 503 SlowDown) is honoured up to `max_delay * 3`;
+if the wait would take the sync past the watchdog it gives up at once, saying so. A source
+with a --fallback behind it is not waited for beyond `retry_after_limit` (the engine sets
+it): the next source is tried at once instead.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class RetryPolicy:
     base_delay: float = DEFAULTS.retry_base
     max_delay: float = DEFAULTS.retry_max
     no_progress_timeout: float = DEFAULTS.no_progress_timeout
+    retry_after_limit: float | None = None
+    """A Retry-After longer than this ends the retries at once (a --fallback source is tried instead)."""
     clock: ProgressClock = field(default_factory=ProgressClock, compare=False, repr=False)
 
     @classmethod
@@ -58,7 +65,9 @@ class RetryPolicy:
                    no_progress_timeout=config.no_progress_timeout)
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Full-jitter backoff (AWS architecture blog), never shorter than Retry-After."""
+        """Full-jitter backoff (AWS architecture blog), never shorter than Retry-After up to `max_delay * 3`
+        (60 s by default: the Hub's usual ask is honoured in full; a longer one is tried again after that, and
+        the watchdog bounds how often)."""
         import random  # only once something failed
 
         backoff = random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
@@ -88,11 +97,18 @@ def call_with_retries(
                     f"{reason} (gave up after {policy.attempts} attempts; "
                     "check the endpoint and network, then rerun to resume)"
                 ) from exc
+            limit = policy.retry_after_limit
+            if limit is not None and exc.retry_after is not None and exc.retry_after > limit:
+                raise NetworkError(
+                    f"{reason}; the server asks to retry after {exc.retry_after:g}s, longer than the {limit:g}s a "
+                    "source with a --fallback behind it is waited for"
+                ) from exc
             pause = policy.delay(attempt, exc.retry_after)
             quiet = policy.clock.quiet_for(started)
             if quiet + pause >= policy.no_progress_timeout:
+                asked = f" and the server asks to wait {exc.retry_after:g}s more" if exc.retry_after else ""
                 raise NetworkError(
-                    f"{reason}; nothing arrived for {quiet:.0f}s, so it gave up after {attempt + 1} "
+                    f"{reason}; nothing arrived for {quiet:.0f}s{asked}, so it gave up after {attempt + 1} "
                     f"attempts (--no-progress-timeout {policy.no_progress_timeout:g}s); check the endpoint and "
                     "network, then rerun to resume"
                 ) from exc

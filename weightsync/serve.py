@@ -96,7 +96,7 @@ def _recheck(engine: Engine, reporter: Reporter, current: str) -> str:
     from weightsync.engine import Engine
 
     try:
-        result = reporter.sync(Engine(engine.request, source=engine.source))
+        result = reporter.sync(Engine(engine.request, sources=engine.sources))
     except WeightsyncError as exc:
         event("recheck_failed", "re-check failed, keeping %s: %s", current, exc, level=logging.WARNING,
               error=str(exc))

@@ -29,6 +29,8 @@ def model_status(volume: ModelVolume) -> dict[str, Any]:
             entry.update(files=len(manifest.files), bytes=manifest.total_bytes, source=manifest.source,
                          published=manifest.created, evidence=tally(f.evidence for f in manifest.files),
                          signature=manifest.signature.to_json() if manifest.signature else None)
+            if manifest.sources:  # synced with --fallback: the primary asked for, and whether this came from it
+                entry.update(primary=manifest.bound_to[0], from_fallback=manifest.source != manifest.bound_to[0])
         except ManifestError as exc:
             entry["problem"] = str(exc)
         try:
@@ -88,6 +90,8 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"  {mark} {rev['revision']:<42} {rev['files']:>6} {human_bytes(rev['bytes']):>10}  "
                          f"{published:<12} {verified:<12}")
             lines.append(f"      verified by: {describe_tally(rev['evidence'])}")
+            if rev.get("from_fallback"):
+                lines.append(f"      from fallback {rev['source']} (primary {rev['primary']})")
             if rev.get("signature"):
                 lines.append(f"      signed by: {rev['signature']['signer']} ({rev['signature']['file']})")
         for stage in model.get("staging", []):

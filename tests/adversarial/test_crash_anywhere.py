@@ -45,8 +45,10 @@ def _round(start, name_dir: Path, expected: dict[str, bytes], rng: random.Random
 
 
 def _crash_campaign(kind: str, source: str, env: dict[str, str], files: dict[str, bytes], tmp_path: Path,
-                    set_throttle, seed: int) -> None:
+                    set_throttle, seed: int, model_args: list[str] | None = None) -> None:
+    """`model_args` name the model for a sync (default `--source SOURCE`; an https:// set: `--lockfile FILE`)."""
     rng = random.Random(seed)
+    what = model_args or ["--source", source]
     problems: list[str] = []
     volume_index = 0
     killed = 0
@@ -59,7 +61,7 @@ def _crash_campaign(kind: str, source: str, env: dict[str, str], files: dict[str
 
     def check_clean_rerun(dest: Path, name_dir: Path) -> None:
         set_throttle(False)
-        again = ws("sync", "--source", source, "--dest", str(dest), "--name", "m", env=env)
+        again = ws("sync", *what, "--dest", str(dest), "--name", "m", env=env)
         assert again.returncode == 0, again.stderr
         assert tree_bytes(last_path(again)) == files
         verify = ws("verify", "--source", source, "--dest", str(dest), "--name", "m", env=env)
@@ -70,13 +72,13 @@ def _crash_campaign(kind: str, source: str, env: dict[str, str], files: dict[str
     # Random moments: startup, listing, lock, mid-chunk, between files, verification, publish.
     set_throttle(True)
     started = time.monotonic()
-    calibration = ws("sync", "--source", source, "--dest", str(tmp_path / "calibration"), "--name", "m", env=env)
+    calibration = ws("sync", *what, "--dest", str(tmp_path / "calibration"), "--name", "m", env=env)
     assert calibration.returncode == 0, calibration.stderr
     full_run = time.monotonic() - started
     while killed < RANDOM_KILLS_PER_SOURCE:
         dest, name_dir = fresh_volume()
         before = TOTALS["kills"]
-        problems += _round(lambda w, d=dest: Proc("sync", "--source", source, "--dest", str(d), "--name", "m",
+        problems += _round(lambda w, d=dest: Proc("sync", *what, "--dest", str(d), "--name", "m",
                                                     env=env, workdir=w),
                            name_dir, files, rng, min(5, RANDOM_KILLS_PER_SOURCE - killed), full_run * 1.1,
                            tmp_path / "logs")
@@ -86,7 +88,7 @@ def _crash_campaign(kind: str, source: str, env: dict[str, str], files: dict[str
     # Exact moments: holding the lock, every file verified but nothing published, manifest written, renamed.
     for point in PAUSE_POINTS:
         dest, name_dir = fresh_volume()
-        process = Proc("sync", "--source", source, "--dest", str(dest), "--name", "m",
+        process = Proc("sync", *what, "--dest", str(dest), "--name", "m",
                        env={**env, "WEIGHTSYNC_TEST_PAUSE_AT": point}, workdir=tmp_path / "logs")
         assert process.wait_for(f"paused at {point}"), process.stderr
         assert process.kill()
