@@ -29,17 +29,24 @@ def finish(process: subprocess.Popen[str], timeout: float = 300) -> subprocess.C
 
 
 def test_with_default_settings_every_kind_of_hang_ends_in_exit_7_within_two_minutes(
-        s3_server, s3_env, bucket, hub_env, tmp_path):
-    """Three hangs side by side, each with no flag but --source and --dest: an S3 endpoint that accepts and
-    never answers, a Hub that does the same, and a GET body that dies after 4 MiB and never sends again."""
+        s3_server, s3_env, bucket, hub_env, clean_env, tmp_path):
+    """Hangs side by side, each with no flag but --source and --dest: an endpoint of every source (S3, the Hub,
+    GCS, Azure, an OCI registry, a web server) that accepts and never answers, and an S3 GET body that dies
+    after 4 MiB and never sends again."""
     files = {"model.safetensors": os.urandom(24 * MiB), "config.json": b"{}"}
     upload_model(s3_server.client(), bucket, "dies", files)
-    s3_hole, hub_hole = BlackHole(), BlackHole()
+    holes = {kind: BlackHole() for kind in ("s3", "hf", "gs", "az", "oci", "https")}
     dying = FaultProxy(s3_server.s3_port, dead_after=4 * MiB)
+    azure = ("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;"
+             f"BlobEndpoint={holes['az'].url}/devstoreaccount1;")
     try:
         cases = {
-            "s3 endpoint": ({**s3_env, "AWS_ENDPOINT_URL": s3_hole.url}, "s3://b/p"),
-            "hub endpoint": ({**hub_env, "HF_ENDPOINT": hub_hole.url}, "hf://acme/hung"),
+            "s3 endpoint": ({**s3_env, "AWS_ENDPOINT_URL": holes["s3"].url}, "s3://b/p"),
+            "hub endpoint": ({**hub_env, "HF_ENDPOINT": holes["hf"].url}, "hf://acme/hung"),
+            "gcs endpoint": ({**clean_env, "STORAGE_EMULATOR_HOST": holes["gs"].url}, "gs://b/p"),
+            "azure endpoint": ({**clean_env, "AZURE_STORAGE_CONNECTION_STRING": azure}, "az://devstoreaccount1/c/p"),
+            "oci registry": (clean_env, f"oci://{holes['oci'].url.removeprefix('http://')}/acme/hung:v1"),
+            "web server": (clean_env, f"{holes['https'].url}/m/model.safetensors#sha256={'0' * 64}"),
             "s3 body": ({**s3_env, "AWS_ENDPOINT_URL": dying.url}, f"s3://{bucket}/dies"),
         }
         started = time.monotonic()
@@ -56,7 +63,7 @@ def test_with_default_settings_every_kind_of_hang_ends_in_exit_7_within_two_minu
         assert dying.bytes_down == 4 * MiB
         assert not list((tmp_path / "s3 body").glob("*/revisions/*")), "nothing is published"
     finally:
-        for server in (s3_hole, hub_hole, dying):
+        for server in (*holes.values(), dying):
             server.close()
 
 
