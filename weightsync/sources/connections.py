@@ -54,9 +54,12 @@ class Pool:
                 return
         connection.close()
 
-    def send(self, scheme: str, host: str, port: int, method: str, target: str, headers: dict[str, str]) -> Body:
+    def send(self, scheme: str, host: str, port: int, method: str, target: str, headers: dict[str, str],
+             body: bytes | bytearray | memoryview | None = None) -> Body:
         """Send one request and read the reply's head; its body is the caller's to read or close.
 
+        `body` is an in-memory payload (a mirror's part, a PutObject, a CompleteMultipartUpload XML): its length
+        is known, so it goes out with Content-Length, and it can be sent again on a retry. Reads send none.
         A pooled connection the server had closed meanwhile (keep-alive timeout) fails
         before any reply byte: that request is sent once more on a fresh connection.
         """
@@ -65,7 +68,7 @@ class Pool:
         for attempt in (1, 2):
             connection, reused = self.take(scheme, host, port)
             try:
-                connection.request(method, target, headers=headers)
+                connection.request(method, target, body=body, headers=headers)
                 response = connection.getresponse()
                 break
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
