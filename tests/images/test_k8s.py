@@ -20,7 +20,7 @@ from tests.images.helpers import REPO, find_tool, require_tool
 
 pytestmark = pytest.mark.slow
 
-OVERLAYS = ["cpu", "gpu", "sidecar", "prewarm", "node-cache", "hf-cache", "gcs", "azure", "oci"]
+OVERLAYS = ["cpu", "gpu", "sidecar", "prewarm", "node-cache", "hf-cache", "gcs", "azure", "oci", "mirror"]
 CHART = REPO / "charts/weightsync"
 # The oldest release with native sidecars (restartPolicy: Always initContainers), and the newest schema.
 KUBE_VERSIONS = ["1.29", None]
@@ -113,18 +113,24 @@ def assert_no_service_links(docs: list[dict[str, Any]]) -> None:
 
 
 @functools.cache
-def weightsync_variables() -> frozenset[str]:
-    """The WEIGHTSYNC_* variables `weightsync sync --help` lists: the agent refuses any other."""
-    result = subprocess.run([sys.executable, "-m", "weightsync", "sync", "--help"], text=True,
+def weightsync_variables(command: str = "sync") -> frozenset[str]:
+    """The WEIGHTSYNC_* variables `weightsync COMMAND --help` lists: the agent refuses any other."""
+    result = subprocess.run([sys.executable, "-m", "weightsync", command, "--help"], text=True,
                             capture_output=True, timeout=60, cwd=REPO)
     assert result.returncode == 0, result.stderr
     names = frozenset(re.findall(r"\[env\s+(WEIGHTSYNC_[A-Z0-9_]+)\]", result.stdout))
-    assert {"WEIGHTSYNC_SOURCE", "WEIGHTSYNC_NAME", "WEIGHTSYNC_DEST"} <= names
+    assert {"WEIGHTSYNC_SOURCE", "WEIGHTSYNC_TO" if command == "mirror" else "WEIGHTSYNC_DEST"} <= names
     return names
 
 
 def assert_weightsync_variables_are_options(docs: list[dict[str, Any]]) -> None:
-    used = {key for d in docs if d["kind"] == "ConfigMap" for key in d.get("data", {})}
+    """Every WEIGHTSYNC_* a manifest sets is an option of the command that reads it (the mirror Job's own
+    ConfigMap: `weightsync mirror`'s; everything else: `weightsync sync`'s)."""
+    mirror = {key for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("weightsync-mirror")
+              for key in d.get("data", {}) if key.startswith("WEIGHTSYNC_")}
+    assert not mirror - weightsync_variables("mirror"), f"not options of weightsync mirror: {sorted(mirror)}"
+    used = {key for d in docs if d["kind"] == "ConfigMap" and not d["metadata"]["name"].startswith(
+        "weightsync-mirror") for key in d.get("data", {})}
     for _, spec in pod_specs(docs):
         for item in spec.get("initContainers", []) + spec["containers"]:
             used.update(var["name"] for var in item.get("env", []))
@@ -228,6 +234,22 @@ def test_kustomize_overlay_is_valid_hardened_and_scanner_clean(overlay: str, tmp
         assert container(job, "weightsync")["args"][0] == "sync"
         assert find(docs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
         assert find(docs, "Deployment")["spec"]["replicas"] > 1
+    if overlay == "mirror":
+        # The Job fetches from the origin once into the in-cluster store; the replicas sync from the store.
+        job = find(docs, "Job", "weightsync-mirror")["spec"]["template"]["spec"]
+        agent = container(job, "weightsync")
+        assert agent["args"] == ["mirror"]
+        mirror_map = next(d for d in docs if d["kind"] == "ConfigMap"
+                          and d["metadata"]["name"].startswith("weightsync-mirror"))
+        assert {"configMapRef": {"name": mirror_map["metadata"]["name"]}} in agent["envFrom"]
+        mirror_config = mirror_map["data"]
+        assert {"secretRef": {"name": "weightsync-credentials", "optional": True}} in agent["envFrom"]
+        assert mirror_config["WEIGHTSYNC_SOURCE"].startswith("hf://")
+        assert mirror_config["WEIGHTSYNC_TO"] == config["WEIGHTSYNC_SOURCE"] == "s3://models/tiny-mlp"
+        assert mirror_config["AWS_ENDPOINT_URL"] == config["AWS_ENDPOINT_URL"], "one in-cluster store"
+        assert not any(v.get("persistentVolumeClaim") for v in job["volumes"]), "it streams: no model volume"
+        assert agent["resources"]["limits"]["memory"] == "1Gi"
+        assert container(spec, "weightsync")["args"][0] == "sync"
     # Each cloud's workload identity: the ServiceAccount (and for AKS the pod label) carry it, no key does.
     service_account = find(docs, "ServiceAccount", "weightsync")["metadata"].get("annotations", {})
     if overlay == "gcs":
