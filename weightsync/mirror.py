@@ -33,7 +33,6 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -231,6 +230,8 @@ class Mirror:
         self._write("marking the mirror in progress at", lambda: self.api.put_object(
             self.bucket, self.key(f"{STATE}/mirroring"), *_json_object({"source": source.uri,
                                                                        "revision": snapshot.revision}), {}))
+        from concurrent.futures import ThreadPoolExecutor
+
         concurrency = max(1, min(request.transfer.concurrency, len(plan)))
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             outcomes = list(pool.map(lambda item: self._mirror_file(*item), plan))
@@ -275,6 +276,8 @@ class Mirror:
     def _describe(self, files: list[RemoteFile]) -> list[RemoteFile]:
         if not self.source.features.describes or not files:
             return files
+        from concurrent.futures import ThreadPoolExecutor
+
         from weightsync.retry import call_with_retries
 
         def describe(remote: RemoteFile) -> RemoteFile:

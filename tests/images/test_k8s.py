@@ -326,6 +326,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                          {"name": "ca", "configMap": {"name": "corporate-ca"}}],
         "gpu": {"enabled": True},
     },
+    # Mirror once per cluster: a Job fetches the origin into the in-cluster store the pods sync from.
+    "mirror-from-the-hub-into-seaweedfs": {
+        "weightsync": {"source": "s3://models/acme/tiny-mlp",
+                       "s3": {"endpoint": "http://seaweedfs-s3.storage.svc:8333", "addressingStyle": "path"}},
+        "mirror": {"enabled": True, "source": "hf://acme/tiny-mlp", "revision": "main"},
+        "credentials": {"existingSecret": "weightsync-credentials"},
+    },
     # The example values file for vLLM, as a user passes it with -f.
     "vllm": yaml.safe_load((CHART / "values-vllm.yaml").read_text()),
     # vLLM loading the model by repo id from the Hugging Face cache layout.
@@ -383,6 +390,18 @@ def test_helm_rendering_is_valid_hardened_and_scanner_clean(helm, value_set: str
     assert_no_service_links(docs)
     assert_weightsync_variables_are_options(docs)
     assert "helm test" in extra["NOTES"] or not values.get("tests", {}).get("enabled", True)
+
+    jobs = [d for d in docs if d["kind"] == "Job"]
+    if values.get("mirror", {}).get("enabled"):
+        (job,) = jobs
+        mirror = container(job["spec"]["template"]["spec"], "weightsync")
+        assert mirror["args"][:3] == ["mirror", f"--source={values['mirror']['source']}",
+                                      f"--to={values['weightsync']['source']}"]
+        assert {"name": "AWS_ENDPOINT_URL", "value": values["weightsync"]["s3"]["endpoint"]} in mirror["env"]
+        assert {"secretRef": {"name": "weightsync-credentials"}} in mirror["envFrom"]
+        assert not any("persistentVolumeClaim" in v for v in job["spec"]["template"]["spec"]["volumes"])
+    else:
+        assert not jobs
 
     spec = find(docs, "Deployment")["spec"]["template"]["spec"]
     agent, server = container(spec, "weightsync"), container(spec, "server")
@@ -537,6 +556,11 @@ def test_helm_rejects_inconsistent_values(helm) -> None:
             chart.validate_schema({"weightsync": {"layout": "hub"}})
         with pytest.raises(helm.HelmError):
             chart.validate_schema({"weightsync": {"layout": "hf-cache", "repoId": "acme--x/y"}})
+        with pytest.raises(helm.HelmError, match="s3:// URI"):  # the mirror's target is the pods' source
+            chart.render(values={"mirror": {"enabled": True, "source": "hf://a/b"},
+                                 "weightsync": {"source": "hf://a/b"}}, name="demo")
+        with pytest.raises(helm.HelmError, match="mirror.source"):
+            chart.render(values={"mirror": {"enabled": True}}, name="demo")
         with pytest.raises(helm.HelmError, match="repoId"):  # an s3:// source has no repo id of its own
             chart.render(values={"weightsync": {"layout": "hf-cache"}}, name="demo")
 

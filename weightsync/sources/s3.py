@@ -97,6 +97,25 @@ def _head_promises(head: dict[str, str], listed: tuple[Promise, ...]) -> tuple[P
     return tuple(promises)
 
 
+def _read_mirror_lockfile(text: bytes, where: str) -> tuple[str, str, list[tuple[str, int, str]]]:
+    """(origin URI, revision, [(path, size, sha256)]) of a mirror's lockfile object: lockfile.py's format,
+    read here for the three fields a sync needs (the source layer does not import the orchestration's)."""
+    import json
+
+    from weightsync.layout import check_relative_path
+
+    body = json.loads(text)
+    if body.get("weightsync_lockfile") != 1:
+        raise ValueError(f"not a weightsync lockfile (format {body.get('weightsync_lockfile')!r})")
+    entries = []
+    for item in body["files"]:
+        sha256 = str(item["sha256"]).lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256) or int(item["size"]) < 0:
+            raise ValueError(f"bad entry for {item.get('path')!r}")
+        entries.append((check_relative_path(str(item["path"]), where), int(item["size"]), sha256))
+    return str(body["source"]), str(body["revision"]), entries
+
+
 def _with_layout(promise: Promise, layout: tuple[int, ...] | str, checksums: dict[str, tuple[str, ...]]) -> Promise:
     """A composite promise completed with the server's part layout, or voided with the reason it has none."""
     if not promise.parts:
@@ -223,42 +242,39 @@ class S3Source:
         Objects the lockfile does not name (left by a newer mirror run that has not committed yet, or awaiting
         deletion after one that has) are not part of the revision.
         """
-        from weightsync.lockfile import Lockfile
-
         where = f"s3://{self.bucket}/{lock_object.locator}"
         with self._errors(f"reading {where}"):
             text = self.api.get_small_object(self.bucket, lock_object.locator)
         try:
-            lockfile = Lockfile.parse(text.decode(), where)
+            origin, revision, entries = _read_mirror_lockfile(text, where)
         except (ValueError, KeyError, TypeError, IntegrityError) as exc:
             raise IntegrityError(f"the mirror at {self.uri} is incomplete or changed: its {MIRROR_LOCKFILE} is "
                                  f"unreadable ({exc}); rerun weightsync mirror") from exc
         by_path = {f.path: f for f in listed}
         problems: list[str] = []
         files: list[RemoteFile] = []
-        for entry in lockfile.files:
-            if not selection.matches(entry.path):
+        for path, size, sha256 in entries:
+            if not selection.matches(path):
                 continue
-            remote = by_path.get(entry.path)
+            remote = by_path.get(path)
             if remote is None:
-                problems.append(f"{entry.path}: missing")
+                problems.append(f"{path}: missing")
                 continue
-            if remote.size != entry.size:
-                problems.append(f"{entry.path}: {remote.size} bytes, the lockfile says {entry.size}")
+            if remote.size != size:
+                problems.append(f"{path}: {remote.size} bytes, the lockfile says {size}")
                 continue
             files.append(remote.with_promises(
-                (*remote.promises, Promise("sha256", entry.sha256, MIRROR_LOCKFILE, origin="lockfile"))))
+                (*remote.promises, Promise("sha256", sha256, MIRROR_LOCKFILE, origin="lockfile"))))
         if problems:
             raise IntegrityError(f"the mirror at {self.uri} is incomplete or changed ({'; '.join(problems[:5])}); "
                                  "rerun weightsync mirror", path=problems[0].split(":")[0])
         if not files:
             raise SourceError(f"no files of the mirror at {self.uri} match the --include/--exclude filters")
-        revision = lockfile.revision
         if not SAFE_REVISION.match(revision):  # an id that is no portable directory name (`sha256:...`)
             import hashlib
 
             revision = hashlib.sha256(revision.encode()).hexdigest()[:40]
-        return Snapshot(revision=revision, files=tuple(files), extra={"mirror_of": lockfile.source})
+        return Snapshot(revision=revision, files=tuple(files), extra={"mirror_of": origin})
 
     @staticmethod
     def _remote_file(key: str, path: str, size: int, etag: str) -> RemoteFile:
