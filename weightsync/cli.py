@@ -394,7 +394,8 @@ COMMANDS: dict[str, tuple[str, str, tuple[Option, ...]]] = {
     "mirror": ("fetch a model once into an S3 store that every pod then syncs from", MIRROR_DESCRIPTION,
                _options("--source", "--to", "--revision", "--include", "--exclude", "--to-endpoint", "--part-size",
                         "--concurrency", "--s3-addressing-style", "--stall-timeout", "--no-progress-timeout",
-                        "--retries", "--retry-base", "--log-format", "--termination-log", "--debug",
+                        "--retries", "--retry-base", "--log-format", "--progress-interval", "--termination-log",
+                        "--debug",
                         source={"required": True, "help": "the origin: s3://bucket/prefix, hf://owner/name[@rev], "
                                 "gs://bucket/prefix, file:///abs/path or a directory"},
                         revision={"help": "branch, tag or commit (hf), or a revision id of the source (pin)"},

@@ -28,6 +28,7 @@ skipped without reading a byte of it from the origin.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -144,6 +145,8 @@ class Mirror:
         self._lock = threading.Lock()
         self._bytes_read = 0
         self._resumed = 0
+        self._total = 0
+        self._last_progress = time.monotonic()
 
     # -- the target ------------------------------------------------------------
     @property
@@ -225,7 +228,7 @@ class Mirror:
         previous = self._previous_lockfile()
         same_revision = bool(previous and previous.source == source.uri and previous.revision == snapshot.revision)
         files = self._describe(list(snapshot.files))
-        total = sum(f.size for f in files)
+        total = self._total = sum(f.size for f in files)
         plan = [(f, *_known_sha256(f, previous, same_revision)) for f in files]
         self._write("marking the mirror in progress at", lambda: self.api.put_object(
             self.bucket, self.key(f"{STATE}/mirroring"), *_json_object({"source": source.uri,
@@ -344,8 +347,18 @@ class Mirror:
             raise _Voided(remote.with_promises(promises))
         with self._lock:
             self._bytes_read += len(buffer)
+            self._progress()
         verifier.update(buffer)
         return buffer
+
+    def _progress(self) -> None:
+        """A progress line every --progress-interval seconds while bytes move (a 140 GB mirror takes a while)."""
+        interval, now = self.request.transfer.progress_interval, time.monotonic()
+        if interval and now - self._last_progress >= interval:
+            self._last_progress = now
+            event("mirror_progress", "mirroring: %s read from the source and verified (%s resumed), %s in all",
+                  human_bytes(self._bytes_read), human_bytes(self._resumed), human_bytes(self._total),
+                  bytes_read=self._bytes_read, bytes_resumed=self._resumed, bytes_total=self._total)
 
     def _put_small(self, remote: RemoteFile) -> ManifestEntry:
         verifier = Verifier(remote.path, remote.size, remote.evidence)
@@ -388,11 +401,37 @@ class Mirror:
         except IntegrityError:
             self._abandon(key, upload_id, state_key)
             raise
-        self._write(f"completing the upload of {remote.path} to", lambda: api.complete_multipart_upload(
-            self.bucket, key, upload_id, parts, f"{crc:016x}"))
+        self._write(f"completing the upload of {remote.path} to",
+                    lambda: self._complete(remote, key, upload_id, parts, crc, state_key))
         log.info("%s: uploaded in %s (%s, verified by %s)", remote.path, counted(len(parts), "part"),
                  human_bytes(remote.size), remote.evidence.label)
         return ManifestEntry(remote.path, remote.size, sha256_now, evidence=remote.evidence)
+
+    def _complete(self, remote: RemoteFile, key: str, upload_id: str, parts: list[UploadedPart], crc: int,
+                  state_key: str) -> None:
+        """CompleteMultipartUpload with the CRC64NVME of the verified bytes; the server refuses it (BadDigest) if
+        the parts it holds do not combine to that: then nothing of the upload is kept, and a rerun starts over."""
+        from weightsync.sources.s3api import S3Error
+
+        try:
+            self.api.complete_multipart_upload(self.bucket, key, upload_id, parts, f"{crc:016x}")
+        except S3Error as exc:
+            if exc.code == "NoSuchUpload" and self._completed(key, remote.size, crc):
+                return  # a retry of a Complete whose reply was lost: the object is there, as verified
+            if exc.code != "BadDigest":
+                raise
+            self._abandon(key, upload_id, state_key)
+            raise IntegrityError(f"{self.target}: the parts the store holds for {remote.path} do not add up to the "
+                                 "CRC64NVME of the bytes verified against the source (BadDigest); the upload was "
+                                 "aborted and nothing was committed — rerun weightsync mirror",
+                                 path=remote.path) from exc
+
+    def _completed(self, key: str, size: int, crc: int) -> bool:
+        from weightsync.sources.s3api import content_length
+
+        head = self.api.head_object(self.bucket, key)
+        expected = base64.b64encode(crc.to_bytes(8, "big")).decode()
+        return content_length(head) == size and head.get("x-amz-checksum-crc64nvme") == expected
 
     def _resume(self, remote: RemoteFile, key: str, state_key: str, identity: str, part_size: int,
                 verifier: Verifier) -> tuple[str | None, list[UploadedPart], int]:
@@ -420,8 +459,11 @@ class Mirror:
                 self.bucket, key, upload_id))}
             parts = [UploadedPart(int(p["number"]), int(p["size"]), str(p["etag"]), str(p["crc64nvme"]))
                      for p in state.get("parts", [])]
+            # Each recorded part must be there as it was uploaded: its size, its ETag (the MD5 of its bytes) and,
+            # where the server lists it (AWS does; SeaweedFS 4.48 does not), its CRC64NVME.
             if all(listed.get(p.number) is not None and listed[p.number].size == p.size and
-                   listed[p.number].crc64nvme in ("", p.crc64nvme) for p in parts):
+                   listed[p.number].etag == p.etag and listed[p.number].crc64nvme in ("", p.crc64nvme)
+                   for p in parts):
                 verifier.restore(state["verifier"])
                 done = sum(p.size for p in parts)
                 with self._lock:
