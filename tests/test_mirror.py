@@ -258,3 +258,38 @@ def test_bad_target_credentials_or_a_missing_bucket_exit_3_in_one_line_without_t
     assert "not found" in error_line(absent) and "--to" in error_line(absent)
     usage = weightsync("mirror", "--source", f"hf://{REPO}", "--to", "gs://elsewhere/x", env=env)
     assert usage.returncode == 2 and "s3://bucket/prefix" in error_line(usage)
+
+
+def test_s3_to_s3_across_endpoints_verifies_the_origin_checksums_and_records_every_sha256(
+        s3_server, bucket, s3_env, s3_proxy, tmp_path):
+    from boto3.s3.transfer import TransferConfig
+
+    client = s3_server.client()
+    rng = random.Random(8)
+    files = {"config.json": b'{"model_type": "tiny"}', "crc.bin": rng.randbytes(11 * MiB),
+             "multipart.bin": rng.randbytes(13 * MiB)}
+    client.put_object(Bucket=bucket, Key="origin/config.json", Body=files["config.json"])
+    client.put_object(Bucket=bucket, Key="origin/crc.bin", Body=files["crc.bin"], ChecksumAlgorithm="CRC64NVME")
+    upload = tmp_path / "multipart.bin"
+    upload.write_bytes(files["multipart.bin"])
+    client.upload_file(str(upload), bucket, "origin/multipart.bin",
+                       Config=TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB))
+    store = f"store-{bucket}"
+    client.create_bucket(Bucket=store)
+    env = {**s3_env, "WEIGHTSYNC_PART_SIZE": "5"}
+    s3_proxy.stats.reset()
+    result = weightsync("mirror", "--source", f"s3://{bucket}/origin", "--to", f"s3://{store}/m",
+                        "--to-endpoint", f"http://127.0.0.1:{s3_server.s3_port}", env=env)
+    assert result.returncode == 0, result.stderr
+    assert s3_proxy.stats.bytes_up < 256 * 1024, "the target's writes went to --to-endpoint, not the origin's"
+    assert s3_proxy.stats.bytes_down > 24 * MiB, "the origin was read through its own endpoint"
+    summary = result.stderr.strip().splitlines()[-1]
+    assert "crc64nvme (source)" in summary, summary
+    for path, data in files.items():
+        head = client.head_object(Bucket=store, Key=f"m/{path}", ChecksumMode="ENABLED")
+        assert head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest(), path
+    origin = weightsync("sync", "--source", f"s3://{bucket}/origin", "--dest", str(tmp_path / "a"), env=s3_env)
+    mirrored = weightsync("sync", "--source", f"s3://{store}/m", "--dest", str(tmp_path / "b"), env=s3_env)
+    assert origin.returncode == 0 and mirrored.returncode == 0, origin.stderr + mirrored.stderr
+    assert Path(mirrored.stdout.splitlines()[-1]).name == Path(origin.stdout.splitlines()[-1]).name
+    assert tree_bytes(Path(mirrored.stdout.splitlines()[-1])) == files

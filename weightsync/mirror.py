@@ -13,8 +13,9 @@ bytes failed their check never exists, and the lockfile object, written last, na
 
 Each object carries what lets the in-cluster store vouch for it in turn: a full-object CRC64NVME (multipart:
 `x-amz-checksum-type: FULL_OBJECT`, each part's CRC64NVME and the whole object's at Complete; single PUTs:
-`x-amz-checksum-sha256`) that the server itself checks on write, and `x-amz-meta-sha256` (where the sha256 is
-known before the upload starts: a promised or previously mirrored sha256, or any file small enough to be one PUT).
+`x-amz-checksum-sha256`) that the server itself checks on write, and `x-amz-meta-sha256` (set at the start where
+the sha256 is known then: a promised or previously mirrored sha256, any file small enough to be one PUT; else by an
+in-place CopyObject once the upload completed).
 The S3 source (sources/s3.py) reads the lockfile object: the revision a pod syncs is the origin's, every file
 carries the lockfile's sha256, and a mirror that is incomplete or was changed is exit 4.
 
@@ -403,6 +404,8 @@ class Mirror:
             raise
         self._write(f"completing the upload of {remote.path} to",
                     lambda: self._complete(remote, key, upload_id, parts, crc, state_key))
+        if sha256 is None:
+            self._add_sha256(remote, key, sha256_now, crc)
         log.info("%s: uploaded in %s (%s, verified by %s)", remote.path, counted(len(parts), "part"),
                  human_bytes(remote.size), remote.evidence.label)
         return ManifestEntry(remote.path, remote.size, sha256_now, evidence=remote.evidence)
@@ -425,6 +428,29 @@ class Mirror:
                                  "CRC64NVME of the bytes verified against the source (BadDigest); the upload was "
                                  "aborted and nothing was committed — rerun weightsync mirror",
                                  path=remote.path) from exc
+
+    def _add_sha256(self, remote: RemoteFile, key: str, sha256: str, crc: int) -> None:
+        """Give an object whose sha256 was unknown when its upload started (an origin that promises none) its
+        `x-amz-meta-sha256`, by an in-place copy; then check the copy is still the verified bytes (size and
+        CRC64NVME). Past CopyObject's 5 GiB the lockfile alone records the sha256."""
+        from weightsync.sources.s3api import S3Error
+
+        try:
+            self._write(f"recording the sha256 of {remote.path} at",
+                        lambda: self.api.replace_metadata(self.bucket, key, {"sha256": sha256}))
+        except SourceError as exc:
+            if remote.size <= 5 << 30:
+                raise
+            log.info("%s: over CopyObject's 5 GiB, so its sha256 is in the lockfile only (%s)", remote.path, exc)
+            return
+        try:
+            intact = self._completed(key, remote.size, crc)
+        except S3Error as exc:
+            raise SourceError(f"checking {self.target}/{remote.path} after recording its sha256: {exc}") from exc
+        if not intact:
+            raise IntegrityError(f"{self.target}/{remote.path} is not the verified bytes after its metadata copy "
+                                 "(size or CRC64NVME differ); nothing was committed — rerun weightsync mirror",
+                                 path=remote.path)
 
     def _completed(self, key: str, size: int, crc: int) -> bool:
         from weightsync.sources.s3api import content_length
