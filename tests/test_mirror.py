@@ -267,8 +267,9 @@ def test_s3_to_s3_across_endpoints_verifies_the_origin_checksums_and_records_eve
     client = s3_server.client()
     rng = random.Random(8)
     files = {"config.json": b'{"model_type": "tiny"}', "crc.bin": rng.randbytes(11 * MiB),
-             "multipart.bin": rng.randbytes(13 * MiB)}
+             "multipart.bin": rng.randbytes(13 * MiB), "empty.txt": b""}
     client.put_object(Bucket=bucket, Key="origin/config.json", Body=files["config.json"])
+    client.put_object(Bucket=bucket, Key="origin/empty.txt", Body=b"")
     client.put_object(Bucket=bucket, Key="origin/crc.bin", Body=files["crc.bin"], ChecksumAlgorithm="CRC64NVME")
     upload = tmp_path / "multipart.bin"
     upload.write_bytes(files["multipart.bin"])

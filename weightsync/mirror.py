@@ -148,6 +148,7 @@ class Mirror:
         self._resumed = 0
         self._total = 0
         self._last_progress = time.monotonic()
+        self._cancelled = threading.Event()
 
     # -- the target ------------------------------------------------------------
     @property
@@ -234,11 +235,7 @@ class Mirror:
         self._write("marking the mirror in progress at", lambda: self.api.put_object(
             self.bucket, self.key(f"{STATE}/mirroring"), *_json_object({"source": source.uri,
                                                                        "revision": snapshot.revision}), {}))
-        from concurrent.futures import ThreadPoolExecutor
-
-        concurrency = max(1, min(request.transfer.concurrency, len(plan)))
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            outcomes = list(pool.map(lambda item: self._mirror_file(*item), plan))
+        outcomes = self._mirror_files(plan)
         entries = [entry for entry, _ in outcomes]
         from weightsync.lockfile import Lockfile
 
@@ -259,6 +256,25 @@ class Mirror:
                             read_bytes=self._bytes_read, deleted=deleted,
                             evidence=tuple(e.evidence or Evidence(None, "unrecorded") for e in entries),
                             seconds=time.monotonic() - self.started)
+
+    def _mirror_files(self, plan: list[tuple[RemoteFile, str | None, Evidence | None]]
+                      ) -> list[tuple[ManifestEntry, bool]]:
+        """Every file, `--concurrency` at a time; the first failure (or SIGTERM, Ctrl-C) stops the others at their
+        next part, so the error comes out now and not after every other file finished."""
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.request.transfer.concurrency, len(plan))))
+        try:
+            futures = [pool.submit(self._mirror_file, *item) for item in plan]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [future.exception() for future in futures if future.done() and not future.cancelled()
+                      and future.exception() is not None]
+            if failed:
+                raise failed[0]  # the first to fail: the others are stopped only after this
+            return [future.result() for future in futures]
+        finally:
+            self._cancelled.set()
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _resolve(self) -> Snapshot:
         from weightsync.retry import call_with_retries
@@ -321,6 +337,8 @@ class Mirror:
         again, so the verifier is fed each byte once, in order)."""
         from weightsync.retry import call_with_retries
 
+        if self._cancelled.is_set():
+            raise _Cancelled()
         buffer = bytearray(end - start)
 
         def read() -> dict[str, str]:
@@ -540,6 +558,10 @@ class Mirror:
             self.api.list_objects(self.bucket, self.key(f"{STATE}/"))))]
         for key in keys:
             self._write("clearing the mirror state at", lambda k=key: self.api.delete_object(self.bucket, k))
+
+
+class _Cancelled(Exception):
+    """Another file failed, or the process is stopping: this one stops at its next part (resumable)."""
 
 
 class _Voided(Exception):
