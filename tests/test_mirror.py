@@ -294,3 +294,26 @@ def test_s3_to_s3_across_endpoints_verifies_the_origin_checksums_and_records_eve
     assert origin.returncode == 0 and mirrored.returncode == 0, origin.stderr + mirrored.stderr
     assert Path(mirrored.stdout.splitlines()[-1]).name == Path(origin.stdout.splitlines()[-1]).name
     assert tree_bytes(Path(mirrored.stdout.splitlines()[-1])) == files
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--to", "s3://b/p", "--part-size", "4"], "--part-size"),
+    (["--to", "s3://b/p", "--part-size", "lots"], "--part-size"),
+    (["--to", "s3://b/p", "--to-endpoint", "ftp://store:21"], "--to-endpoint"),
+    (["--to", "s3://"], "no bucket"),
+    ([], "--to is required"),
+    (["--to", "s3://b/p", "--dest", "/models"], "unrecognized option --dest"),
+])
+def test_bad_mirror_arguments_exit_2_with_one_line(args, needle, clean_env):
+    result = weightsync("mirror", "--source", "hf://acme/tiny", *args, env=clean_env)
+    assert result.returncode == 2, result.stderr
+    assert needle in error_line(result)
+
+
+def test_mirror_options_are_also_environment_variables(clean_env):
+    result = weightsync("mirror", env={**clean_env, "WEIGHTSYNC_SOURCE": "s3://same/p", "WEIGHTSYNC_TO": "s3://same/p",
+                                       "WEIGHTSYNC_PART_SIZE": "64"})
+    assert result.returncode == 2 and "is the source itself" in error_line(result), result.stderr
+    bad = weightsync("mirror", env={**clean_env, "WEIGHTSYNC_SOURCE": "hf://a/b", "WEIGHTSYNC_TO": "s3://b/p",
+                                    "WEIGHTSYNC_PART_SIZE": "1"})
+    assert bad.returncode == 2 and "WEIGHTSYNC_PART_SIZE" in error_line(bad), bad.stderr

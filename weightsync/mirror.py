@@ -142,6 +142,8 @@ class Mirror:
         self.target = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self.source = source or open_source(request.source, request.transfer,
                                             addressing_style=request.addressing_style)
+        if self.source.uri.rstrip("/") == self.target and not request.to_endpoint:
+            raise UsageError(f"--to {request.to} is the source itself; mirror into another bucket or prefix")
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self._bytes_read = 0
