@@ -171,6 +171,7 @@ def test_an_object_tampered_in_the_mirror_is_refused_by_the_sync(hub, env, bucke
     assert "rerun weightsync mirror" in error_line(result)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_upload_resumes_reading_only_the_missing_bytes_from_the_origin(hub, env, bucket, s3_server):
     size = 40 * MiB
     files = {**repo_files(4, big=size)}
