@@ -318,3 +318,16 @@ def test_mirror_options_are_also_environment_variables(clean_env):
     bad = weightsync("mirror", env={**clean_env, "WEIGHTSYNC_SOURCE": "hf://a/b", "WEIGHTSYNC_TO": "s3://b/p",
                                     "WEIGHTSYNC_PART_SIZE": "1"})
     assert bad.returncode == 2 and "WEIGHTSYNC_PART_SIZE" in error_line(bad), bad.stderr
+
+
+def test_a_hub_cache_layout_sync_from_the_mirror_lands_under_the_hub_commit(hub, env, bucket, s3_env, tmp_path):
+    files = repo_files(9)
+    commit = hub.add_commit(REPO, files)
+    assert mirror(env, f"s3://{bucket}/hc").returncode == 0
+    hub.stop()
+    result = weightsync("sync", "--source", f"s3://{bucket}/hc", "--dest", str(tmp_path), "--layout", "hf-cache",
+                        "--repo-id", REPO, env=s3_env)
+    assert result.returncode == 0, result.stderr
+    snapshot = Path(result.stdout.splitlines()[-1])
+    assert snapshot == tmp_path / "models--acme--tiny" / "snapshots" / commit, "servers load it as the Hub's commit"
+    assert tree_bytes(snapshot) == files
