@@ -331,3 +331,64 @@ def test_a_hub_cache_layout_sync_from_the_mirror_lands_under_the_hub_commit(hub,
     snapshot = Path(result.stdout.splitlines()[-1])
     assert snapshot == tmp_path / "models--acme--tiny" / "snapshots" / commit, "servers load it as the Hub's commit"
     assert tree_bytes(snapshot) == files
+
+
+class _VoidingSource:
+    """An origin whose every reply proves its listed MD5 unsound (as an SSE-KMS object's ETag), and whose
+    describe(thorough) gives a sha256: the mirror must re-verify by that, never fall back to the size alone."""
+
+    kind, uri, default_name, default_ref = "fake", "fake://voiding", "voiding", None
+
+    def __init__(self, data: bytes) -> None:
+        from weightsync.sources import Features
+
+        self.data = data
+        self.features = Features(describes=True, promises=frozenset({"md5", "sha256"}), voids_promises=True)
+
+    def pinned_revision(self, revision):
+        return None
+
+    def snapshot(self, revision, selection):
+        from weightsync.checksums import Promise
+        from weightsync.sources import RemoteFile, Snapshot
+
+        md5 = hashlib.md5(self.data).hexdigest()
+        return Snapshot("0" * 20, (RemoteFile("a.bin", len(self.data), (Promise("md5", md5, "ETag"),), etag=md5),))
+
+    def describe(self, file, thorough=False):
+        from weightsync.checksums import Promise
+
+        sha256 = Promise("sha256", hashlib.sha256(self.data).hexdigest(), "x-amz-meta-sha256")
+        return file.with_promises((*file.promises, sha256)) if thorough else file
+
+    def open_range(self, file, start, end):
+        data = self.data[start:end]
+
+        class Reader:
+            voids = {"ETag": "the ETag of an aws:kms (SSE-KMS) object is not an MD5"}
+            sent = 0
+
+            def readinto(self, buffer):
+                count = min(len(buffer), len(data) - self.sent)
+                buffer[:count] = data[self.sent:self.sent + count]
+                self.sent += count
+                return count
+
+            def close(self):
+                pass
+
+        return Reader()
+
+
+def test_a_reply_that_voids_the_promise_being_checked_reverifies_by_the_next_one(bucket, s3_env, s3_server,
+                                                                                   monkeypatch):
+    from weightsync.mirror import Mirror, MirrorRequest
+
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    data = random.Random(10).randbytes(3 * MiB)
+    result = Mirror(MirrorRequest(source="fake://voiding", to=f"s3://{bucket}/v", addressing_style="path"),
+                    source=_VoidingSource(data)).run()
+    (evidence,) = result.evidence
+    assert evidence.promise is not None and evidence.promise.field == "x-amz-meta-sha256", evidence
+    assert s3_server.client().get_object(Bucket=bucket, Key="v/a.bin")["Body"].read() == data

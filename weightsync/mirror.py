@@ -328,6 +328,11 @@ class Mirror:
                 return self._put_multipart(remote, sha256), True
             except _Voided as voided:
                 remote = voided.remote
+                if self.source.features.describes:  # learn every other promise the source can give (a HEAD)
+                    from weightsync.retry import call_with_retries
+
+                    remote = call_with_retries(f"describing {remote.path}",
+                                               lambda r=remote: self.source.describe(r, True), self.retry)
         raise IntegrityError(f"{remote.path}: every promise the source made for it was voided while reading it")
 
     def _part_size(self, size: int) -> int:
