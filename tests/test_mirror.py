@@ -392,3 +392,26 @@ def test_a_reply_that_voids_the_promise_being_checked_reverifies_by_the_next_one
     (evidence,) = result.evidence
     assert evidence.promise is not None and evidence.promise.field == "x-amz-meta-sha256", evidence
     assert s3_server.client().get_object(Bucket=bucket, Key="v/a.bin")["Body"].read() == data
+
+
+def test_a_mirror_killed_between_its_commit_and_its_deletions_deletes_on_the_rerun(hub, env, bucket, s3_server):
+    hub.add_commit(REPO, repo_files(11))
+    assert mirror(env, f"s3://{bucket}/kd").returncode == 0
+    new = hub.add_commit(REPO, delete=["pytorch_model.bin"])
+    process = weightsync_popen("mirror", "--source", f"hf://{REPO}", "--to", f"s3://{bucket}/kd",
+                               env={**env, "WEIGHTSYNC_TEST_PAUSE_AT": "mirror-committed"})
+    assert process.stderr is not None
+    for line in process.stderr:  # the pause point, right after the new lockfile is written
+        if "weightsync-test: paused at mirror-committed" in line:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    client = s3_server.client()
+    assert lockfile_object(client, bucket, "kd")["revision"] == new
+    assert not missing(client, bucket, "kd/pytorch_model.bin"), "killed before its deletions"
+    again = mirror(env, f"s3://{bucket}/kd")
+    assert again.returncode == 0, again.stderr
+    summary = again.stderr.strip().splitlines()[-1]
+    assert "uploaded 0 files" in summary and "deleted 1 file" in summary, summary
+    assert missing(client, bucket, "kd/pytorch_model.bin")
+    assert not client.list_objects_v2(Bucket=bucket, Prefix="kd/.weightsync/").get("Contents")

@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from weightsync import testhooks
 from weightsync.checksums import Evidence, Promise, ResumableSha256, Verifier, describe_tally, tally
 from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("weightsync")
 LOCKFILE = "weightsync.lock"  # sources/s3.py's MIRROR_LOCKFILE
 STATE = ".weightsync"  # sources/s3.py's MIRROR_STATE
+MARKER = f"{STATE}/mirroring"  # a run in progress: its origin, revision and the files to delete after its commit
 MAX_PARTS = 10_000  # S3's limit: a bigger file gets bigger parts
 
 
@@ -234,9 +236,10 @@ class Mirror:
         files = self._describe(list(snapshot.files))
         total = self._total = sum(f.size for f in files)
         plan = [(f, *_known_sha256(f, previous, same_revision)) for f in files]
+        dropped = self._pending_deletions() | (set(previous.by_path) if previous else set())
         self._write("marking the mirror in progress at", lambda: self.api.put_object(
-            self.bucket, self.key(f"{STATE}/mirroring"), *_json_object({"source": source.uri,
-                                                                       "revision": snapshot.revision}), {}))
+            self.bucket, self.key(MARKER), *_json_object({"source": source.uri, "revision": snapshot.revision,
+                                                         "previous_paths": sorted(dropped)}), {}))
         outcomes = self._mirror_files(plan)
         entries = [entry for entry, _ in outcomes]
         from weightsync.lockfile import Lockfile
@@ -247,7 +250,8 @@ class Mirror:
             self.bucket, self.key(LOCKFILE), *_text_object(lockfile.to_json()), {}))
         event("mirror_committed", "committed %s/%s: revision %s, %s", self.target, LOCKFILE, snapshot.revision,
               counted(len(entries), "file"), revision=snapshot.revision)
-        deleted = self._delete_removed(previous, lockfile)
+        testhooks.pause("mirror-committed")
+        deleted = self._delete_removed(dropped, lockfile)
         self._clear_state()
         uploaded = [entry for entry, did in outcomes if did]
         return MirrorResult(source=source.uri, target=self.target, revision=snapshot.revision, files=len(entries),
@@ -547,12 +551,29 @@ class Mirror:
                         "uploads removes it", key, exc)
 
     # -- after the commit ----------------------------------------------------------------
-    def _delete_removed(self, previous: Lockfile | None, current: Lockfile) -> tuple[str, ...]:
-        """Delete the files the previous lockfile named and this one does not: only after the new lockfile is
+    def _pending_deletions(self) -> set[str]:
+        """The files an earlier run meant to delete after its commit, if it was killed before it could: its
+        marker still lists them (a rerun of the same revision would otherwise never delete them)."""
+        from weightsync.sources.s3api import S3Error
+
+        def get() -> bytes | None:
+            try:
+                return self.api.get_small_object(self.bucket, self.key(MARKER))
+            except S3Error as exc:
+                if exc.status == 404 and exc.code != "NoSuchBucket":
+                    return None
+                raise
+
+        text = self._write("reading the mirror state at", get)
+        try:
+            return {str(path) for path in json.loads(text).get("previous_paths", [])} if text else set()
+        except (ValueError, AttributeError):
+            return set()
+
+    def _delete_removed(self, dropped: set[str], current: Lockfile) -> tuple[str, ...]:
+        """Delete the files an earlier revision had and this one does not: only after the new lockfile is
         written, so a pod syncing meanwhile sees one complete revision or the other."""
-        if previous is None:
-            return ()
-        gone = sorted(previous.by_path.keys() - current.by_path.keys())
+        gone = sorted(dropped - current.by_path.keys())
         for path in gone:
             self._write(f"deleting {path} from", lambda p=path: self.api.delete_object(self.bucket, self.key(p)))
         if gone:
