@@ -36,6 +36,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from weightsync import testhooks
@@ -155,17 +156,17 @@ class Mirror:
         self._cancelled = threading.Event()
 
     # -- the target ------------------------------------------------------------
-    @property
+    @cached_property
     def api(self) -> S3Api:
-        if not hasattr(self, "_api"):
-            from weightsync.sources.s3api import S3Api, S3Settings
+        """The target's S3 calls: the AWS environment's settings and credentials, `--to-endpoint` if given (first
+        used by the main thread, before any worker starts)."""
+        from weightsync.sources.s3api import S3Api, S3Settings
 
-            settings = S3Settings.from_environment(self.request.addressing_style)
-            if self.request.to_endpoint:
-                settings = replace(settings, endpoint=self.request.to_endpoint.rstrip("/"), custom_endpoint=True)
-            transfer = self.request.transfer
-            self._api = S3Api(settings, transfer.connect_timeout, transfer.stall_timeout, transfer.concurrency + 4)
-        return self._api
+        settings = S3Settings.from_environment(self.request.addressing_style)
+        if self.request.to_endpoint:
+            settings = replace(settings, endpoint=self.request.to_endpoint.rstrip("/"), custom_endpoint=True)
+        transfer = self.request.transfer
+        return S3Api(settings, transfer.connect_timeout, transfer.stall_timeout, transfer.concurrency + 4)
 
     def key(self, path: str) -> str:
         return f"{self.prefix}/{path}" if self.prefix else path
@@ -180,13 +181,12 @@ class Mirror:
 
         return call_with_retries(f"{what} {self.target}", attempt, self.retry)
 
-    @property
+    @cached_property
     def retry(self) -> RetryPolicy:
-        if not hasattr(self, "_retry"):
-            from weightsync.retry import RetryPolicy
+        """One retry policy and progress clock for every request of the run, the origin's and the target's."""
+        from weightsync.retry import RetryPolicy
 
-            self._retry = RetryPolicy.of(self.request.transfer)
-        return self._retry
+        return RetryPolicy.of(self.request.transfer)
 
     def _head(self, path: str) -> dict[str, str] | None:
         from weightsync.sources.s3api import S3Error
