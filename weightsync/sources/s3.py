@@ -4,7 +4,9 @@ The requests go through s3api.py (REST over http.client, SigV4), which honours t
 standard AWS environment and files as boto3 does. This module adds what a model sync
 needs: a listing under a prefix, the checksums each object promises, and ranged GETs
 pinned to the listed ETag so an object rewritten mid-sync is noticed instead of
-stitched together from two versions.
+stitched together from two versions. A prefix that `weightsync mirror` wrote (a
+`weightsync.lock` object at its root) is read as that lockfile says: the origin's
+revision id, and its sha256 for every file (`S3Source._mirror_snapshot`).
 """
 
 from __future__ import annotations
