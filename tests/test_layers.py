@@ -16,7 +16,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("errors", "config", "fsutil", "logs", "lazy", "testhooks", "__init__", "__main__"),
     "model": ("checksums", "signature", "layout", "hfcache", "manifest", "sources"),
     "transfer": ("retry", "resources", "resume", "partfile", "download", "fetch", "progress"),
-    "orchestration": ("engine", "locking", "lockfile", "gc", "status"),
+    "orchestration": ("engine", "locking", "lockfile", "gc", "status", "mirror"),
     "edges": ("cli", "commands", "serve", "launch", "checks", "metrics"),
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}

@@ -163,6 +163,11 @@ def _boolean(text: str) -> bool:
     raise ValueError("must be one of 1/0, true/false, yes/no, on/off")
 
 
+def _mebibytes(text: str) -> int:
+    """A part size in MiB, as bytes: S3's parts are 5 MiB to 5 GiB."""
+    return _int_between(5, 5120, "a number of MiB")(text) << 20
+
+
 def _url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise ValueError("must be an http:// or https:// URL")
@@ -317,6 +322,14 @@ ALL_OPTIONS = {option.flag: option for option in (
            metavar="PATH"),
     Option("--recheck-interval", "seconds between checks for a new revision (0 = never)", _seconds,
            default=300.0, group="serve mode", metavar="SECONDS"),
+    Option("--to", "the S3 or S3-compatible store to mirror into: s3://bucket/prefix (the bucket must exist)",
+           required=True, group=WHAT, metavar="URI"),
+    Option("--to-endpoint", "send the target's requests to this S3 endpoint instead of the environment's "
+           "(AWS_ENDPOINT_URL): for an s3:// source on another endpoint than the in-cluster store", _url,
+           shown_default="the AWS environment's", group=NETWORK, metavar="URL"),
+    Option("--part-size", "mirror: multipart part size in MiB (memory: one part per file in flight)",
+           _mebibytes, default=DEFAULTS.part_size, shown_default=f"{DEFAULTS.part_size >> 20}", group=NETWORK,
+           metavar="MIB"),
     Option("--json", "print JSON instead of a table", switch=True, group=OUTPUT),
     Option("--keep", "keep the N newest revisions of each model (`current`, refs/ and locked ones are always "
            "kept)", _keep, required=True, group="what to remove", metavar="N"),
@@ -353,6 +366,18 @@ The server starts with MODEL_DIR=<the published revision directory> in its envir
 
 The command is looked up before the sync (exit 127 if not found, 126 if not executable), so a typo costs
 no download."""
+MIRROR_DESCRIPTION = """\
+fetch a model once into an S3 (or S3-compatible) store, every byte verified against the origin's own checksums
+as it streams, then commit it with a lockfile object (PREFIX/weightsync.lock) written last:
+
+  weightsync mirror --source hf://meta-llama/Llama-3.1-8B --to s3://models/meta-llama/Llama-3.1-8B
+
+Pods then sync from the mirror (weightsync sync --source s3://models/meta-llama/Llama-3.1-8B) and get the
+origin's revision id, each file checked against the lockfile's sha256. A killed mirror resumes its multipart
+uploads; a rerun of the same revision uploads nothing; a new revision uploads only what changed and deletes
+what it no longer has after its lockfile is written. The target uses the standard AWS environment
+(AWS_ENDPOINT_URL for an in-cluster store; --to-endpoint when an s3:// origin lives on another endpoint).
+The last stdout line is the target URI."""
 COMMANDS: dict[str, tuple[str, str, tuple[Option, ...]]] = {
     "sync": ("sync and print the published model directory", "", _options(*SYNC_FLAGS)),
     "run": ("sync, check the model, then exec COMMAND with MODEL_DIR set", RUN_DESCRIPTION,
@@ -375,6 +400,15 @@ COMMANDS: dict[str, tuple[str, str, tuple[Option, ...]]] = {
                             "shown_default": "a temporary directory"},
                       lockfile={"help": "with an https:// base URL as --source: lock it to this lockfile's files "
                                 "(made from a local copy), checked against the bytes the server sends"})),
+    "mirror": ("fetch a model once into an S3 store that every pod then syncs from", MIRROR_DESCRIPTION,
+               _options("--source", "--to", "--revision", "--include", "--exclude", "--to-endpoint", "--part-size",
+                        "--concurrency", "--s3-addressing-style", "--stall-timeout", "--no-progress-timeout",
+                        "--retries", "--retry-base", "--log-format", "--progress-interval", "--termination-log",
+                        "--debug",
+                        source={"required": True, "help": "the origin, any source weightsync syncs from: s3://, hf://, "
+                                "gs://, az://, oci://, https:// (one file), file:///abs/path or a directory"},
+                        revision={"help": "branch, tag or commit (hf), or a revision id of the source (pin)"},
+                        concurrency={"help": "files mirrored at once (each holds one part in memory)"})),
     "status": ("the models, revisions, staging and lock holders on a volume", "",
                _options("--dest", "--json", "--log-format", "--debug")),
     "gc": ("remove old revisions nothing points at and abandoned staging (never `current` or a locked one)", "",

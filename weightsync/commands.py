@@ -86,6 +86,9 @@ class Options:
     keep: int | None = None
     dry_run: bool = False
     staging_older_than: float | None = None
+    to: str | None = None
+    to_endpoint: str | None = None
+    part_size: int | None = None
 
     @classmethod
     def of(cls, command: str, values: dict[str, object]) -> Options:
@@ -98,7 +101,7 @@ class Options:
 def dispatch(command: str, options: Options, server_command: list[str]) -> int:
     handlers: dict[str, Callable[[Options, list[str]], int]] = {
         "sync": run_sync, "run": run_sync, "serve": run_serve, "verify": run_verify, "lock": run_lock,
-        "status": run_status, "gc": run_gc,
+        "status": run_status, "gc": run_gc, "mirror": run_mirror,
     }
     return handlers[command](options, server_command)
 
@@ -408,6 +411,31 @@ def run_lock(options: Options, _: list[str]) -> int:
                         include=request.selection.include, exclude=request.selection.exclude,
                         signature=manifest.signature.to_json() if manifest.signature else None)
     sys.stdout.write(lockfile.to_json())
+    return 0
+
+
+def run_mirror(options: Options, _: list[str]) -> int:
+    """Mirror the source into the S3 target; the target URI is the last stdout line."""
+    from weightsync.mirror import MirrorRequest, mirror
+    from weightsync.sources import Selection
+
+    request = MirrorRequest(source=_required(options.source), to=_required(options.to), revision=options.revision,
+                            selection=Selection(include=options.include, exclude=options.exclude),
+                            addressing_style=options.s3_addressing_style, to_endpoint=options.to_endpoint,
+                            transfer=transfer_config(options))
+    started = time.monotonic()
+    try:
+        result = mirror(request)
+    except BaseException as exc:
+        code = getattr(exc, "exit_code", 1)
+        structured = exc.fields() if isinstance(exc, WeightsyncError) else {}
+        write_termination_message(options.termination_log, {"result": "error", "exit_code": code,
+                                                            "error": f"weightsync: error: {exc}",
+                                                            "seconds": round(time.monotonic() - started, 3),
+                                                            **structured})
+        raise
+    write_termination_message(options.termination_log, {"result": "success", **result.fields()})
+    print(result.target, flush=True)
     return 0
 
 

@@ -66,6 +66,9 @@ class TransferConfig:
     retry_max: float = 20.0
     lease_timeout: float = 60.0
     """Lease mode: a lease whose heartbeat stopped this long ago is taken over (locking.py)."""
+    part_size: int = 32 * MiB
+    """`weightsync mirror`: the multipart part size (one part of memory per file in flight; a file of more than
+    10,000 parts gets bigger ones). Smaller files are one PutObject."""
     fsync: bool = True
     """Data and directories are fsynced before `current` flips (a node crash never publishes a torn file)."""
     progress_interval: float = 10.0

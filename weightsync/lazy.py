@@ -33,6 +33,7 @@ HEAVY: dict[str, str] = {
     "tempfile": "only `weightsync lock` needs a scratch directory (~2 ms with random and shutil)",
     "concurrent.futures": "the describe step's thread pool",
     "weightsync.metrics": "only when metrics are asked for",
+    "weightsync.mirror": "only `weightsync mirror`",
     "model_signing": "signature checks (~0.25 s: sigstore, pydantic, protobuf), only under a --trust-* policy",
     "cryptography": "reading trust keys and certificates, only under a --trust-* policy",
     "weightsync.fetch": "the transfer machinery: plan, workers",

@@ -53,26 +53,12 @@ class Lockfile:
 
     @classmethod
     def load(cls, path: str) -> Lockfile:
-        from weightsync.layout import check_relative_path
-
         try:
-            body = json.loads(Path(path).read_text())
-            if body.get("weightsync_lockfile") != FORMAT:
-                raise ValueError(f"not a weightsync lockfile (format {body.get('weightsync_lockfile')!r})")
-            files = []
-            for item in body["files"]:
-                promise = Promise.from_json(item["promise"]) if item.get("promise") else None
-                entry = ManifestEntry(path=check_relative_path(item["path"], path), size=int(item["size"]),
-                                      sha256=str(item["sha256"]).lower(),
-                                      evidence=Evidence(promise) if promise else None)
-                if entry.size < 0 or not SHA256.match(entry.sha256):
-                    raise ValueError(f"bad entry for {entry.path!r}")
-                files.append(entry)
-            return cls(source=str(body["source"]), revision=str(body["revision"]), files=tuple(files),
-                       include=tuple(body.get("include") or ()), exclude=tuple(body.get("exclude") or ()),
-                       signature=_signature(body.get("signature")), origin=path)
+            text = Path(path).read_text()
         except OSError as exc:
             raise UsageError(f"cannot read --lockfile {path}: {exc.strerror}") from exc
+        try:
+            return cls.parse(text, path)
         except (ValueError, KeyError, TypeError, IntegrityError) as exc:
             raise UsageError(f"--lockfile {path} is malformed: {exc}; regenerate it with `weightsync lock`") from exc
 
@@ -82,6 +68,27 @@ class Lockfile:
         files = tuple(ManifestEntry(path=f.path, size=f.size, sha256=f.sha256) for f in self.files)
         return Lockfile(source=source, revision="", files=files, include=self.include, exclude=self.exclude,
                         signature=self.signature, origin=self.origin)
+
+    @classmethod
+    def parse(cls, text: str, path: str) -> Lockfile:
+        """A lockfile's text (a file, or a mirror's `weightsync.lock` object); ValueError/KeyError if malformed."""
+        from weightsync.layout import check_relative_path
+
+        body = json.loads(text)
+        if body.get("weightsync_lockfile") != FORMAT:
+            raise ValueError(f"not a weightsync lockfile (format {body.get('weightsync_lockfile')!r})")
+        files = []
+        for item in body["files"]:
+            promise = Promise.from_json(item["promise"]) if item.get("promise") else None
+            entry = ManifestEntry(path=check_relative_path(item["path"], path), size=int(item["size"]),
+                                  sha256=str(item["sha256"]).lower(),
+                                  evidence=Evidence(promise) if promise else None)
+            if entry.size < 0 or not SHA256.match(entry.sha256):
+                raise ValueError(f"bad entry for {entry.path!r}")
+            files.append(entry)
+        return cls(source=str(body["source"]), revision=str(body["revision"]), files=tuple(files),
+                   include=tuple(body.get("include") or ()), exclude=tuple(body.get("exclude") or ()),
+                   signature=_signature(body.get("signature")), origin=path)
 
     @cached_property
     def by_path(self) -> dict[str, ManifestEntry]:

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 # Where an OCI registry's docker config.json reaches the agent (and only the agent), in the overlay and the chart.
 REGISTRY_MOUNT = {"name": "registry-auth", "mountPath": "/etc/weightsync-registry", "readOnly": True}
-OVERLAYS = ["cpu", "gpu", "sidecar", "prewarm", "node-cache", "hf-cache", "gcs", "azure", "oci"]
+OVERLAYS = ["cpu", "gpu", "sidecar", "prewarm", "node-cache", "hf-cache", "gcs", "azure", "oci", "mirror"]
 CHART = REPO / "charts/weightsync"
 # The oldest release with native sidecars (restartPolicy: Always initContainers), and the newest schema.
 KUBE_VERSIONS = ["1.29", None]
@@ -115,18 +115,24 @@ def assert_no_service_links(docs: list[dict[str, Any]]) -> None:
 
 
 @functools.cache
-def weightsync_variables() -> frozenset[str]:
-    """The WEIGHTSYNC_* variables `weightsync sync --help` lists: the agent refuses any other."""
-    result = subprocess.run([sys.executable, "-m", "weightsync", "sync", "--help"], text=True,
+def weightsync_variables(command: str = "sync") -> frozenset[str]:
+    """The WEIGHTSYNC_* variables `weightsync COMMAND --help` lists: the agent refuses any other."""
+    result = subprocess.run([sys.executable, "-m", "weightsync", command, "--help"], text=True,
                             capture_output=True, timeout=60, cwd=REPO)
     assert result.returncode == 0, result.stderr
     names = frozenset(re.findall(r"\[env\s+(WEIGHTSYNC_[A-Z0-9_]+)\]", result.stdout))
-    assert {"WEIGHTSYNC_SOURCE", "WEIGHTSYNC_NAME", "WEIGHTSYNC_DEST"} <= names
+    assert {"WEIGHTSYNC_SOURCE", "WEIGHTSYNC_TO" if command == "mirror" else "WEIGHTSYNC_DEST"} <= names
     return names
 
 
 def assert_weightsync_variables_are_options(docs: list[dict[str, Any]]) -> None:
-    used = {key for d in docs if d["kind"] == "ConfigMap" for key in d.get("data", {})}
+    """Every WEIGHTSYNC_* a manifest sets is an option of the command that reads it (the mirror Job's own
+    ConfigMap: `weightsync mirror`'s; everything else: `weightsync sync`'s)."""
+    mirror = {key for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("weightsync-mirror")
+              for key in d.get("data", {}) if key.startswith("WEIGHTSYNC_")}
+    assert not mirror - weightsync_variables("mirror"), f"not options of weightsync mirror: {sorted(mirror)}"
+    used = {key for d in docs if d["kind"] == "ConfigMap" and not d["metadata"]["name"].startswith(
+        "weightsync-mirror") for key in d.get("data", {})}
     for _, spec in pod_specs(docs):
         for item in spec.get("initContainers", []) + spec["containers"]:
             used.update(var["name"] for var in item.get("env", []))
@@ -230,6 +236,22 @@ def test_kustomize_overlay_is_valid_hardened_and_scanner_clean(overlay: str, tmp
         assert container(job, "weightsync")["args"][0] == "sync"
         assert find(docs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
         assert find(docs, "Deployment")["spec"]["replicas"] > 1
+    if overlay == "mirror":
+        # The Job fetches from the origin once into the in-cluster store; the replicas sync from the store.
+        job = find(docs, "Job", "weightsync-mirror")["spec"]["template"]["spec"]
+        agent = container(job, "weightsync")
+        assert agent["args"] == ["mirror"]
+        mirror_map = next(d for d in docs if d["kind"] == "ConfigMap"
+                          and d["metadata"]["name"].startswith("weightsync-mirror"))
+        assert {"configMapRef": {"name": mirror_map["metadata"]["name"]}} in agent["envFrom"]
+        mirror_config = mirror_map["data"]
+        assert {"secretRef": {"name": "weightsync-credentials", "optional": True}} in agent["envFrom"]
+        assert mirror_config["WEIGHTSYNC_SOURCE"].startswith("hf://")
+        assert mirror_config["WEIGHTSYNC_TO"] == config["WEIGHTSYNC_SOURCE"] == "s3://models/tiny-mlp"
+        assert mirror_config["AWS_ENDPOINT_URL"] == config["AWS_ENDPOINT_URL"], "one in-cluster store"
+        assert not any(v.get("persistentVolumeClaim") for v in job["volumes"]), "it streams: no model volume"
+        assert agent["resources"]["limits"]["memory"] == "1Gi"
+        assert container(spec, "weightsync")["args"][0] == "sync"
     # Each cloud's workload identity: the ServiceAccount (and for AKS the pod label) carry it, no key does.
     service_account = find(docs, "ServiceAccount", "weightsync")["metadata"].get("annotations", {})
     if overlay == "gcs":
@@ -309,6 +331,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                          {"name": "ca", "configMap": {"name": "corporate-ca"}}],
         "gpu": {"enabled": True},
     },
+    # Mirror once per cluster: a Job fetches the origin into the in-cluster store the pods sync from.
+    "mirror-from-the-hub-into-seaweedfs": {
+        "weightsync": {"source": "s3://models/acme/tiny-mlp",
+                       "s3": {"endpoint": "http://seaweedfs-s3.storage.svc:8333", "addressingStyle": "path"}},
+        "mirror": {"enabled": True, "source": "hf://acme/tiny-mlp", "revision": "main"},
+        "credentials": {"existingSecret": "weightsync-credentials"},
+    },
     # The example values file for vLLM, as a user passes it with -f.
     "vllm": yaml.safe_load((CHART / "values-vllm.yaml").read_text()),
     # vLLM loading the model by repo id from the Hugging Face cache layout.
@@ -366,6 +395,18 @@ def test_helm_rendering_is_valid_hardened_and_scanner_clean(helm, value_set: str
     assert_no_service_links(docs)
     assert_weightsync_variables_are_options(docs)
     assert "helm test" in extra["NOTES"] or not values.get("tests", {}).get("enabled", True)
+
+    jobs = [d for d in docs if d["kind"] == "Job"]
+    if values.get("mirror", {}).get("enabled"):
+        (job,) = jobs
+        mirror = container(job["spec"]["template"]["spec"], "weightsync")
+        assert mirror["args"][:3] == ["mirror", f"--source={values['mirror']['source']}",
+                                      f"--to={values['weightsync']['source']}"]
+        assert {"name": "AWS_ENDPOINT_URL", "value": values["weightsync"]["s3"]["endpoint"]} in mirror["env"]
+        assert {"secretRef": {"name": "weightsync-credentials"}} in mirror["envFrom"]
+        assert not any("persistentVolumeClaim" in v for v in job["spec"]["template"]["spec"]["volumes"])
+    else:
+        assert not jobs
 
     spec = find(docs, "Deployment")["spec"]["template"]["spec"]
     agent, server = container(spec, "weightsync"), container(spec, "server")
@@ -520,6 +561,11 @@ def test_helm_rejects_inconsistent_values(helm) -> None:
             chart.validate_schema({"weightsync": {"layout": "hub"}})
         with pytest.raises(helm.HelmError):
             chart.validate_schema({"weightsync": {"layout": "hf-cache", "repoId": "acme--x/y"}})
+        with pytest.raises(helm.HelmError, match="s3:// URI"):  # the mirror's target is the pods' source
+            chart.render(values={"mirror": {"enabled": True, "source": "hf://a/b"},
+                                 "weightsync": {"source": "hf://a/b"}}, name="demo")
+        with pytest.raises(helm.HelmError, match=r"mirror\.source"):
+            chart.render(values={"mirror": {"enabled": True}}, name="demo")
         with pytest.raises(helm.HelmError, match="repoId"):  # an s3:// source has no repo id of its own
             chart.render(values={"weightsync": {"layout": "hf-cache"}}, name="demo")
 

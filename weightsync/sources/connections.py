@@ -60,10 +60,12 @@ class Pool:
         connection.close()
 
     def send(self, scheme: str, host: str, port: int, method: str, target: str, headers: dict[str, str],
-             body: bytes | None = None) -> Body:
-        """Send one request (with a small `body`: a token request's form) and read the reply's head; its body is
-        the caller's to read or close.
+             body: bytes | bytearray | memoryview | None = None) -> Body:
+        """Send one request (with a small in-memory `body`: a token request's form, an upload's part) and read the
+        reply's head; its body is the caller's to read or close.
 
+        `body` is an in-memory payload (a mirror's part, a PutObject, a CompleteMultipartUpload XML): its length
+        is known, so it goes out with Content-Length, and it can be sent again on a retry. Reads send none.
         A pooled connection the server had closed meanwhile (keep-alive timeout) fails
         before any reply byte: that request is sent once more on a fresh connection.
         """

@@ -4,7 +4,9 @@ The requests go through s3api.py (REST over http.client, SigV4), which honours t
 standard AWS environment and files as boto3 does. This module adds what a model sync
 needs: a listing under a prefix, the checksums each object promises, and ranged GETs
 pinned to the listed ETag so an object rewritten mid-sync is noticed instead of
-stitched together from two versions.
+stitched together from two versions. A prefix that `weightsync mirror` wrote (a
+`weightsync.lock` object at its root) is read as that lockfile says: the origin's
+revision id, and its sha256 for every file (`S3Source._mirror_snapshot`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ THROTTLED = {"SlowDown", "503", "500", "502", "504", "InternalError", "ServiceUn
 
 
 DESCRIBE_BELOW_MD5 = 8 * 1024 * 1024  # below this an MD5 ETag costs less CPU (~10 ms) than a HEAD request
+MIRROR_LOCKFILE = "weightsync.lock"  # a mirror's commit point, at the root of its prefix (weightsync/mirror.py)
+MIRROR_STATE = ".weightsync/"  # a mirror's resume state and in-progress marker, at the root of its prefix
+PINNABLE = re.compile(r"^(?:[0-9a-f]{20}|[0-9a-f]{40}|[0-9a-f]{64})$")  # a listing digest; a mirror's commit
+SAFE_REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")  # a directory name on every volume
 
 
 def _etag_promises(etag: str) -> tuple[Promise, ...]:
@@ -91,6 +97,25 @@ def _head_promises(head: dict[str, str], listed: tuple[Promise, ...]) -> tuple[P
     if md5 and not md5.parts and len(md5.value) == 32:
         promises.append(md5)
     return tuple(promises)
+
+
+def _read_mirror_lockfile(text: bytes, where: str) -> tuple[str, str, list[tuple[str, int, str]]]:
+    """(origin URI, revision, [(path, size, sha256)]) of a mirror's lockfile object: lockfile.py's format,
+    read here for the three fields a sync needs (the source layer does not import the orchestration's)."""
+    import json
+
+    from weightsync.layout import check_relative_path
+
+    body = json.loads(text)
+    if body.get("weightsync_lockfile") != 1:
+        raise ValueError(f"not a weightsync lockfile (format {body.get('weightsync_lockfile')!r})")
+    entries = []
+    for item in body["files"]:
+        sha256 = str(item["sha256"]).lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256) or int(item["size"]) < 0:
+            raise ValueError(f"bad entry for {item.get('path')!r}")
+        entries.append((check_relative_path(str(item["path"]), where), int(item["size"]), sha256))
+    return str(body["source"]), str(body["revision"]), entries
 
 
 def _with_layout(promise: Promise, layout: tuple[int, ...] | str, checksums: dict[str, tuple[str, ...]]) -> Promise:
@@ -149,40 +174,109 @@ class S3Source:
             return self._api
 
     def pinned_revision(self, revision: str | None) -> str | None:
-        if revision and LISTING_DIGEST.match(revision):
+        """A listing digest, or the revision a mirror's lockfile names (a 40-hex Hub commit, a 64-hex digest):
+        both name immutable content, so a pinned warm start needs no request."""
+        if revision and (LISTING_DIGEST.match(revision) or PINNABLE.match(revision)):
             return revision
         if revision:
             raise UsageError(
                 f"--revision {revision!r} is not an S3 revision id; S3 revisions are the 20-hex digest "
-                "weightsync prints after a sync (pin it to get zero-request warm starts) — leave it unset "
-                "to take whatever the prefix holds now"
+                "weightsync prints after a sync, or the source's revision a `weightsync mirror` recorded (a 40-hex "
+                "commit) — pin it to get zero-request warm starts, or leave it unset to take whatever the prefix "
+                "holds now"
             )
         return None
 
     def snapshot(self, revision: str | None, selection: Selection) -> Snapshot:
-        files = [f for f in self._list() if selection.matches(f.path)]
+        listed, mirror = self._list()
+        if mirror is not None:
+            return self._mirror_snapshot(listed, mirror, selection)
+        files = [f for f in listed if selection.matches(f.path)]
         if not files:
             raise SourceError(f"no objects under {self.uri}" + (" match the --include/--exclude filters"
                               if selection.key() else "") + "; check the bucket and prefix")
         digest = listing_digest([(f.path, f.size, f.etag or "") for f in files])
         return Snapshot(revision=digest, files=tuple(files))
 
-    def _list(self) -> list[RemoteFile]:
+    def _list(self) -> tuple[list[RemoteFile], RemoteFile | None]:
+        """The objects under the prefix, and a mirror's lockfile object if its root holds one (not a model file).
+
+        A mirror's own state (`.weightsync/`) is never a model file either; without a lockfile it means a first
+        `weightsync mirror` is still running, and what is there is refused rather than synced half-complete.
+        """
         list_prefix = f"{self.prefix}/" if self.prefix else ""
         from weightsync.sources.s3api import content_length
 
         files: list[RemoteFile] = []
+        lockfile: RemoteFile | None = None
+        mirroring = False
         with self._errors(f"listing {self.uri}"):
             for listed in self.api.list_objects(self.bucket, list_prefix):
                 if listed.key.endswith("/"):
                     continue  # a "directory marker", not a file
-                files.append(self._remote_file(listed.key, listed.key[len(list_prefix):], listed.size, listed.etag))
+                path = listed.key[len(list_prefix):]
+                if path.startswith(MIRROR_STATE):
+                    mirroring = True
+                    continue
+                remote = self._remote_file(listed.key, path, listed.size, listed.etag)
+                if path == MIRROR_LOCKFILE:
+                    lockfile = remote
+                else:
+                    files.append(remote)
+            if mirroring and lockfile is None:
+                raise SourceError(f"the mirror at {self.uri} is not complete yet (a `weightsync mirror` is writing it "
+                                  "or was stopped); wait for it to finish, or rerun weightsync mirror")
             if not files and self.prefix:  # s3://bucket/path/to/model.safetensors: one object, not a prefix
                 head = self._head(self.prefix, missing_ok=True)
                 if head is not None:
                     name = self.prefix.rsplit("/", 1)[-1]
                     files.append(self._remote_file(self.prefix, name, content_length(head), head.get("etag", "")))
-        return files
+        return files, lockfile
+
+    def _mirror_snapshot(self, listed: list[RemoteFile], lock_object: RemoteFile,
+                         selection: Selection) -> Snapshot:
+        """A prefix written by `weightsync mirror`: its lockfile object is the revision.
+
+        The revision id is the original source's (the Hub commit), so a pod syncing the mirror publishes the same
+        revision as one syncing the origin. Every file carries the lockfile's sha256 (what the mirror verified
+        against the origin's own promise) besides the object's checksums. An object the lockfile names that is
+        missing or of another size is exit 4: a mirror that was changed, or is being rewritten, is never synced.
+        Objects the lockfile does not name (left by a newer mirror run that has not committed yet, or awaiting
+        deletion after one that has) are not part of the revision.
+        """
+        where = f"s3://{self.bucket}/{lock_object.locator}"
+        with self._errors(f"reading {where}"):
+            text = self.api.get_small_object(self.bucket, lock_object.locator)
+        try:
+            origin, revision, entries = _read_mirror_lockfile(text, where)
+        except (ValueError, KeyError, TypeError, IntegrityError) as exc:
+            raise IntegrityError(f"the mirror at {self.uri} is incomplete or changed: its {MIRROR_LOCKFILE} is "
+                                 f"unreadable ({exc}); rerun weightsync mirror") from exc
+        by_path = {f.path: f for f in listed}
+        problems: list[str] = []
+        files: list[RemoteFile] = []
+        for path, size, sha256 in entries:
+            if not selection.matches(path):
+                continue
+            remote = by_path.get(path)
+            if remote is None:
+                problems.append(f"{path}: missing")
+                continue
+            if remote.size != size:
+                problems.append(f"{path}: {remote.size} bytes, the lockfile says {size}")
+                continue
+            files.append(remote.with_promises(
+                (*remote.promises, Promise("sha256", sha256, MIRROR_LOCKFILE, origin="lockfile"))))
+        if problems:
+            raise IntegrityError(f"the mirror at {self.uri} is incomplete or changed ({'; '.join(problems[:5])}); "
+                                 "rerun weightsync mirror", path=problems[0].split(":")[0])
+        if not files:
+            raise SourceError(f"no files of the mirror at {self.uri} match the --include/--exclude filters")
+        if not SAFE_REVISION.match(revision):  # an id that is no portable directory name (`sha256:...`)
+            import hashlib
+
+            revision = hashlib.sha256(revision.encode()).hexdigest()[:40]
+        return Snapshot(revision=revision, files=tuple(files), extra={"mirror_of": origin})
 
     @staticmethod
     def _remote_file(key: str, path: str, size: int, etag: str) -> RemoteFile:
@@ -209,7 +303,9 @@ class S3Source:
         when the cheapest promise is composite.
         """
         listed = choose(file.promises)
-        if not thorough and listed is not None and (listed.cost == 0 or file.size < DESCRIBE_BELOW_MD5):
+        mirrored = next((p for p in file.promises if p.field == MIRROR_LOCKFILE), None)
+        if not thorough and mirrored is None and listed is not None and (listed.cost == 0 or
+                                                                          file.size < DESCRIBE_BELOW_MD5):
             return file
         key = file.locator
         with self._errors(f"reading metadata of s3://{self.bucket}/{key}"):
@@ -219,6 +315,11 @@ class S3Source:
                 raise IntegrityError(f"s3://{self.bucket}/{key} changed at the source during the sync; rerun to "
                                      "sync the new revision")
             promises = _head_promises(head, file.promises)
+            written = next((p for p in promises if p.field == "x-amz-meta-sha256"), None)
+            if mirrored is not None and written is not None and written.value != mirrored.value:
+                raise IntegrityError(f"the mirror at {self.uri} is incomplete or changed ({file.path}: its "
+                                     f"x-amz-meta-sha256 is not the {MIRROR_LOCKFILE}'s); rerun weightsync mirror",
+                                     path=file.path, expected=mirrored.value, got=written.value)
             chosen = choose(promises)
             cheapest = min((p for p in promises if not p.unusable), key=lambda p: p.cost, default=None)
             if cheapest is not None and cheapest.parts and (chosen is None or chosen.cost > cheapest.cost):

@@ -3,7 +3,9 @@
 Why not boto3: importing botocore and building an S3 client costs ~0.35 CPU-seconds and
 ~42 MB of RSS more on every cold start (benchmarks/README.md, "S3 transports"), more CPU
 than hashing half a GiB, before the first byte. A sync needs four calls (ListObjectsV2, HeadObject,
-GetObjectAttributes, a ranged GetObject), each a few lines of REST.
+GetObjectAttributes, a ranged GetObject), each a few lines of REST. `weightsync mirror` adds the writes
+(PutObject, the multipart calls, an in-place CopyObject for metadata, DeleteObject), each with a full-object
+checksum the server checks.
 
 What this module honours, as boto3 does (README "Sources"):
 - endpoint: `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, the profile's `endpoint_url` or its
@@ -46,6 +48,8 @@ USER_AGENT = f"weightsync/{__version__}"
 DNS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 IP_HOST = re.compile(r"^(\d{1,3}\.){3}\d{1,3}$|^\[?[0-9a-fA-F:]+\]?$")
 REDIRECT_STATUSES = (301, 307, 400)
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+Payload = bytes | bytearray | memoryview | None
 
 
 class NoCredentialsError(Exception):
@@ -213,20 +217,21 @@ def canonical_query(query: dict[str, str]) -> str:
 
 
 def sign(method: str, host: str, path: str, query: dict[str, str], headers: dict[str, str], region: str,
-         credentials: Credentials, now: datetime.datetime) -> dict[str, str]:
+         credentials: Credentials, now: datetime.datetime, payload_hash: str = EMPTY_SHA256) -> dict[str, str]:
     """The request's headers with SigV4's `Authorization` (and `x-amz-date`, token, payload hash) added.
 
-    Every header given is signed (they are all ours); the payload is always empty, so its
-    hash is the empty string's, which S3 and every S3-compatible server accept over http and https.
+    Every header given is signed (they are all ours). A read's payload is empty, so its hash is the empty
+    string's; a write signs the payload's sha256 where it is known anyway (a PutObject's file, an XML body),
+    and `UNSIGNED-PAYLOAD` for an UploadPart, whose bytes its x-amz-checksum-crc64nvme header guards instead.
     """
     stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
     signed = {name.lower(): " ".join(str(value).split()) for name, value in headers.items()}
-    signed.update({"host": host, "x-amz-date": stamp, "x-amz-content-sha256": EMPTY_SHA256})
+    signed.update({"host": host, "x-amz-date": stamp, "x-amz-content-sha256": payload_hash})
     if credentials.token:
         signed["x-amz-security-token"] = credentials.token
     names = sorted(signed)
     canonical = "\n".join([method, path, canonical_query(query), *(f"{n}:{signed[n]}" for n in names), "",
-                           ";".join(names), EMPTY_SHA256])
+                           ";".join(names), payload_hash])
     scope = f"{day}/{region}/s3/aws4_request"
     to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
     key = f"AWS4{credentials.secret_key}".encode()
@@ -249,6 +254,25 @@ class ListedObject(NamedTuple):
 class Part(NamedTuple):
     size: int
     checksums: dict[str, str]  # "crc32" -> base64, as the server lists it
+
+
+class UploadedPart(NamedTuple):
+    """One part of a multipart upload in progress, as UploadPart answered or ListParts lists it."""
+
+    number: int
+    size: int
+    etag: str
+    crc64nvme: str  # base64, as S3 sends it
+
+
+def _b64(hex_digest: str) -> str:
+    import base64
+
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
+def _metadata_headers(metadata: dict[str, str]) -> dict[str, str]:
+    return {f"x-amz-meta-{name}": value for name, value in metadata.items()}
 
 
 class S3Api:
@@ -313,17 +337,108 @@ class S3Api:
                           f"{reply.headers.get('content-range') or length + ' bytes'}", reply.headers)
         return reply.stream
 
+    # -- writes (weightsync mirror): full-object checksums on every object
+
+    def get_small_object(self, bucket: str, key: str) -> bytes:
+        """A whole small object (a mirror's lockfile), read into memory."""
+        return self._call("GET", bucket, key, {}).body
+
+    def put_object(self, bucket: str, key: str, data: bytes | bytearray | memoryview, sha256_hex: str,
+                   metadata: dict[str, str]) -> dict[str, str]:
+        """PutObject with `x-amz-checksum-sha256`: the server refuses the write (BadDigest) unless the bytes it
+        received hash to the sha256 the caller verified; the same sha256 signs the payload."""
+        headers = {"x-amz-checksum-sha256": _b64(sha256_hex), "content-type": "application/octet-stream",
+                   **_metadata_headers(metadata)}
+        return self._call("PUT", bucket, key, {}, headers, body=data, payload_hash=sha256_hex).headers
+
+    def create_multipart_upload(self, bucket: str, key: str, metadata: dict[str, str]) -> str:
+        """CreateMultipartUpload asking for a full-object CRC64NVME (x-amz-checksum-type FULL_OBJECT); the upload id."""
+        headers = {"x-amz-checksum-algorithm": "CRC64NVME", "x-amz-checksum-type": "FULL_OBJECT",
+                   "content-type": "application/octet-stream", **_metadata_headers(metadata)}
+        reply = self._call("POST", bucket, key, {"uploads": ""}, headers)
+        upload_id = _text(_xml(reply.body), "UploadId")
+        if not upload_id:
+            raise S3Error(reply.status, "MalformedReply", "CreateMultipartUpload answered no UploadId", reply.headers)
+        return upload_id
+
+    def upload_part(self, bucket: str, key: str, upload_id: str, number: int, data: bytes | bytearray | memoryview,
+                    crc64nvme_hex: str) -> UploadedPart:
+        """UploadPart with the part's CRC64NVME: the server refuses a part whose bytes do not match it."""
+        crc = _b64(crc64nvme_hex)
+        reply = self._call("PUT", bucket, key, {"partNumber": str(number), "uploadId": upload_id},
+                           {"x-amz-checksum-crc64nvme": crc}, body=data, payload_hash=UNSIGNED_PAYLOAD)
+        return UploadedPart(number, len(data), reply.headers.get("etag", "").strip('"'), crc)
+
+    def complete_multipart_upload(self, bucket: str, key: str, upload_id: str, parts: list[UploadedPart],
+                                  crc64nvme_hex: str) -> dict[str, str]:
+        """CompleteMultipartUpload with every part's CRC64NVME and the full object's, which the server checks
+        against the one it combines from the parts (FULL_OBJECT)."""
+        from xml.sax.saxutils import escape
+
+        xml = "".join(f"<Part><PartNumber>{p.number}</PartNumber><ETag>{escape(chr(34) + p.etag + chr(34))}</ETag>"
+                      f"<ChecksumCRC64NVME>{p.crc64nvme}</ChecksumCRC64NVME></Part>" for p in parts)
+        body = f"<CompleteMultipartUpload>{xml}</CompleteMultipartUpload>".encode()
+        headers = {"x-amz-checksum-crc64nvme": _b64(crc64nvme_hex), "x-amz-checksum-type": "FULL_OBJECT",
+                   "content-type": "application/xml"}
+        reply = self._call("POST", bucket, key, {"uploadId": upload_id}, headers, body=body,
+                           payload_hash=hashlib.sha256(body).hexdigest())
+        if b"<Error>" in reply.body[:200]:  # S3 may answer 200 and put the error in the body
+            raise _error(_Reply(500, reply.headers, reply.body, None))
+        return reply.headers
+
+    def replace_metadata(self, bucket: str, key: str, metadata: dict[str, str]) -> None:
+        """CopyObject onto itself with new metadata (objects up to 5 GiB): how an object completed before its
+        sha256 was known gets `x-amz-meta-sha256`; the copy keeps a full-object CRC64NVME."""
+        headers = {"x-amz-copy-source": quote_path(f"/{bucket}/{key}"), "x-amz-metadata-directive": "REPLACE",
+                   "x-amz-checksum-algorithm": "CRC64NVME", "content-type": "application/octet-stream",
+                   **_metadata_headers(metadata)}
+        reply = self._call("PUT", bucket, key, {}, headers)
+        if b"<Error>" in reply.body[:200]:  # like Complete, a copy may answer 200 and fail in the body
+            raise _error(_Reply(500, reply.headers, reply.body, None))
+
+    def list_multipart_uploads(self, bucket: str, prefix: str) -> list[tuple[str, str]]:
+        """(key, upload id) of every multipart upload in progress under `prefix`."""
+        found: list[tuple[str, str]] = []
+        markers: dict[str, str] = {}
+        while True:
+            query = {"uploads": "", "prefix": prefix, **markers}
+            root = _xml(self._call("GET", bucket, "", query).body)
+            found += [(_text(node, "Key"), _text(node, "UploadId")) for node in root.iter("Upload")]
+            if _text(root, "IsTruncated") != "true":
+                return found
+            markers = {"key-marker": _text(root, "NextKeyMarker"),
+                       "upload-id-marker": _text(root, "NextUploadIdMarker")}
+
+    def list_parts(self, bucket: str, key: str, upload_id: str) -> list[UploadedPart]:
+        """The parts of an upload in progress, every page."""
+        parts: list[UploadedPart] = []
+        marker = "0"
+        while True:
+            root = _xml(self._call("GET", bucket, key, {"uploadId": upload_id, "part-number-marker": marker}).body)
+            parts += [UploadedPart(int(_text(node, "PartNumber")), int(_text(node, "Size") or 0),
+                                   _text(node, "ETag").strip('"'), _text(node, "ChecksumCRC64NVME"))
+                      for node in root.iter("Part")]
+            if _text(root, "IsTruncated") != "true":
+                return parts
+            marker = _text(root, "NextPartNumberMarker")
+
+    def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
+        self._call("DELETE", bucket, key, {"uploadId": upload_id})
+
+    def delete_object(self, bucket: str, key: str) -> None:
+        self._call("DELETE", bucket, key, {})
+
     # -- one request
 
     def _call(self, method: str, bucket: str, key: str, query: dict[str, str], headers: dict[str, str] | None = None,
-              stream: bool = False) -> _Reply:
-        reply = self._once(method, bucket, key, query, headers or {}, stream)
+              stream: bool = False, body: Payload = None, payload_hash: str = EMPTY_SHA256) -> _Reply:
+        reply = self._once(method, bucket, key, query, headers or {}, stream, body, payload_hash)
         region = reply.headers.get("x-amz-bucket-region", "") or _region_in_error(reply)
         if reply.status in REDIRECT_STATUSES and region and region != self._region(bucket):
             self._regions[bucket] = region  # the bucket lives elsewhere: botocore follows this too
             if reply.stream is not None:
                 reply.stream.close()
-            reply = self._once(method, bucket, key, query, headers or {}, stream)
+            reply = self._once(method, bucket, key, query, headers or {}, stream, body, payload_hash)
         if reply.status >= 300:
             raise _error(reply)
         return reply
@@ -356,18 +471,18 @@ class S3Api:
                 and not IP_HOST.match(host) and host != "localhost")
 
     def _once(self, method: str, bucket: str, key: str, query: dict[str, str], headers: dict[str, str],
-              stream: bool) -> _Reply:
+              stream: bool, body: Payload = None, payload_hash: str = EMPTY_SHA256) -> _Reply:
         scheme, host, port, path = self._url(bucket, key)
         default_port = (scheme == "https" and port == 443) or (scheme == "http" and port == 80)
         host_header = host if default_port else f"{host}:{port}"
         signed = sign(method, host_header, path, query, headers, self._region(bucket), self.credentials.current(),
-                      datetime.datetime.now(datetime.UTC))
+                      datetime.datetime.now(datetime.UTC), payload_hash)
         signed["user-agent"] = USER_AGENT  # unsigned, as botocore leaves it: proxies may rewrite it
         target = path + (f"?{canonical_query(query)}" if query else "")
-        body = self._pool.send(scheme, host, port, method, target, signed)
-        if stream and body.status < 300:
-            return _Reply(body.status, body.headers, b"", body)
-        return _Reply(body.status, body.headers, body.read_all(), None)
+        reply = self._pool.send(scheme, host, port, method, target, signed, body)
+        if stream and reply.status < 300:
+            return _Reply(reply.status, reply.headers, b"", reply)
+        return _Reply(reply.status, reply.headers, reply.read_all(), None)
 
 
 class _Reply(NamedTuple):
