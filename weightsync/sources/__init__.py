@@ -214,6 +214,18 @@ def listing_digest(entries: list[tuple[str, int, str]]) -> str:
 
 LISTING_DIGEST = re.compile(r"^[0-9a-f]{20}$")
 
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+"""HTTP replies a retry may cure: a timeout, too early, throttling, a server error or a gateway's."""
+
+
+def retry_after(value: str) -> float | None:
+    """A Retry-After header in seconds (the delta form; the HTTP-date form is ignored), or None."""
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < float("inf") else None
+
 
 def slugify(*parts: str) -> str:
     """A readable directory name for a source: `s3--bucket--models--llama`."""

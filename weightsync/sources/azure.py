@@ -42,6 +42,7 @@ from weightsync.sources import (
     Selection,
     Snapshot,
     listing_digest,
+    retry_after,
     slugify,
 )
 
@@ -498,9 +499,8 @@ class _AzureErrorMapper(ErrorTranslator):
                 return IntegrityError(f"{what}: the blob changed at the source during the sync; rerun to sync the "
                                       "new revision")
             if code in THROTTLED or status >= 500 or status == 429:
-                retry_after = exc.headers.get("retry-after", "")
                 return TransientError(f"{what}: {code} (HTTP {status})",
-                                      float(retry_after) if retry_after.isdigit() else None)
+                                      retry_after(exc.headers.get("retry-after", "")))
             return SourceError(f"{what}: {code}: {exc.message}")
         if isinstance(exc, ssl.SSLCertVerificationError):
             return SourceError(f"{what}: the server's TLS certificate is not trusted ({exc.verify_message}); for a "

@@ -31,12 +31,14 @@ from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
 from weightsync.sources import (
     LISTING_DIGEST,
+    TRANSIENT_STATUS,
     ErrorTranslator,
     Features,
     RemoteFile,
     Selection,
     Snapshot,
     listing_digest,
+    retry_after,
     slugify,
 )
 
@@ -47,7 +49,6 @@ DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
 LIST_FIELDS = "nextPageToken,items(name,size,generation,crc32c,md5Hash)"
 OBJECT_FIELDS = "name,size,generation,crc32c,md5Hash"
-TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 USER_AGENT = f"weightsync/{__version__}"
 INSTALL_HINT = "pip install weightsync[gcs]"
 
@@ -299,7 +300,7 @@ class GcsSource:
         status, headers = body.status, body.headers
         message = _error_message(body)
         if status in TRANSIENT_STATUS:
-            return TransientError(f"{what}: HTTP {status}{message}", _retry_after(headers.get("retry-after", "")))
+            return TransientError(f"{what}: HTTP {status}{message}", retry_after(headers.get("retry-after", "")))
         if status == 404:
             return SourceError(f"{what}: {not_found or 'not found'} (HTTP 404){message}; check the bucket and "
                                "prefix")
@@ -345,11 +346,3 @@ def _error_message(body: Body) -> str:
         return ""
     return f": {str(message).splitlines()[0][:200]}" if message else ""
 
-
-def _retry_after(value: str) -> float | None:
-    """Retry-After in seconds (delta form; the HTTP-date form is ignored), or None."""
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    return seconds if 0 <= seconds < float("inf") else None

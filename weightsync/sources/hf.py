@@ -28,14 +28,13 @@ from weightsync import __version__
 from weightsync.checksums import Promise
 from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
-from weightsync.sources import Features, RemoteFile, Selection, Snapshot, slugify
+from weightsync.sources import TRANSIENT_STATUS, Features, RemoteFile, Selection, Snapshot, retry_after, slugify
 
 if TYPE_CHECKING:
     from weightsync.sources.connections import Body, Pool, RangeBody
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$|^[A-Za-z0-9][A-Za-z0-9._-]*$")
-TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 MAX_REDIRECTS = 5
 NEXT_PAGE = re.compile(r'<([^>]+)>;\s*rel="next"')
 USER_AGENT = f"weightsync/{__version__}"
@@ -244,7 +243,7 @@ class HubSource:
         status, headers = body.status, body.headers
         body.close()
         if status in TRANSIENT_STATUS:
-            return TransientError(f"{what}: HTTP {status}", _retry_after(headers.get("retry-after", "")))
+            return TransientError(f"{what}: HTTP {status}", retry_after(headers.get("retry-after", "")))
         error_code = headers.get("x-error-code", "")
         if status == 401 and not error_code and hub_token():
             return SourceError(f"{what}: the Hub rejected the token (HTTP 401); check HF_TOKEN")
@@ -260,14 +259,6 @@ class HubSource:
                                          self.transfer.concurrency + 4)
             return self._connections
 
-
-def _retry_after(value: str) -> float | None:
-    """Retry-After in seconds (delta form; the HTTP-date form is ignored), or None."""
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    return seconds if 0 <= seconds < float("inf") else None
 
 
 def _status_error(status: int, error_code: str, what: str) -> SourceError:

@@ -31,7 +31,17 @@ from weightsync import __version__
 from weightsync.checksums import HEX, Promise
 from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
-from weightsync.sources import LISTING_DIGEST, Features, RemoteFile, Selection, Snapshot, listing_digest, slugify
+from weightsync.sources import (
+    LISTING_DIGEST,
+    TRANSIENT_STATUS,
+    Features,
+    RemoteFile,
+    Selection,
+    Snapshot,
+    listing_digest,
+    retry_after,
+    slugify,
+)
 
 if TYPE_CHECKING:
     from weightsync.sources import PinnedFiles
@@ -39,7 +49,6 @@ if TYPE_CHECKING:
 
 TOKEN_ENV = "WEIGHTSYNC_HTTP_TOKEN"
 CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
-TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 MAX_REDIRECTS = 5
 USER_AGENT = f"weightsync/{__version__}"
 FRAGMENT = re.compile(r"^sha256=([0-9a-fA-F]{64})$")
@@ -321,7 +330,7 @@ class HttpsSource:
         status, headers = body.status, body.headers
         body.close()
         if status in TRANSIENT_STATUS or status >= 500:
-            return TransientError(f"{what}: HTTP {status}", _retry_after(headers.get("retry-after", "")))
+            return TransientError(f"{what}: HTTP {status}", retry_after(headers.get("retry-after", "")))
         if status in (401, 403):
             hint = f"check {TOKEN_ENV}" if http_token() else f"set {TOKEN_ENV} to a bearer token the server accepts"
             return SourceError(f"{what}: access denied (HTTP {status}); {hint}")
@@ -376,10 +385,3 @@ def _digest_header(headers: dict[str, str]) -> Promise | None:
             return Promise("sha256", raw.hex(), "Repr-Digest" if name == "repr-digest" else "Digest")
     return None
 
-
-def _retry_after(value: str) -> float | None:
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    return seconds if 0 <= seconds < float("inf") else None

@@ -38,7 +38,7 @@ from weightsync.checksums import Promise
 from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
 from weightsync.layout import check_relative_path
-from weightsync.sources import Features, RemoteFile, Selection, Snapshot, slugify
+from weightsync.sources import TRANSIENT_STATUS, Features, RemoteFile, Selection, Snapshot, retry_after, slugify
 
 if TYPE_CHECKING:
     from weightsync.sources.connections import Body, Pool, RangeBody
@@ -64,7 +64,6 @@ ARCHIVE = re.compile(r"(?:[.+/-]tar\b|gzip|zstd|\bxz\b|bzip2|\bzip\b)")
 ARCHIVE_PREFIXES = ("application/vnd.kitops.",  # KitOps ModelKit layers: tar or tar+gzip of a directory
                     "application/vnd.docker.image.rootfs.")
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # distribution's own limit on a manifest it accepts
-TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 MAX_REDIRECTS = 5
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 DOCKER_HUB = ("docker.io", "index.docker.io", "registry-1.docker.io")
@@ -407,7 +406,7 @@ class OciSource:
             raise TransientError(f"{what}: token request: {type(exc).__name__}: {exc}") from exc
         if body.status in TRANSIENT_STATUS:
             raise TransientError(f"{what}: token request: HTTP {body.status}",
-                                 _retry_after(body.headers.get("retry-after", "")))
+                                 retry_after(body.headers.get("retry-after", "")))
         if body.status != 200:
             raise SourceError(f"{what}: the registry's token service refused {self._whose(credentials)} (HTTP "
                               f"{body.status}); check the credentials for {self.registry} ({credential_sources()})")
@@ -438,7 +437,7 @@ class OciSource:
             body.close()
         if status in TRANSIENT_STATUS or "TOOMANYREQUESTS" in codes:
             return TransientError(f"{what}: HTTP {status} {' '.join(codes)}".rstrip(),
-                                  _retry_after(headers.get("retry-after", "")))
+                                  retry_after(headers.get("retry-after", "")))
         if status in (401, 403) or "UNAUTHORIZED" in codes or "DENIED" in codes:
             credentials = registry_credentials(self.registry)
             return SourceError(f"{what}: access denied (HTTP {status} {' '.join(codes)}) for "
@@ -490,13 +489,6 @@ def _unpacking_needed(media_type: str, annotations: dict[str, Any]) -> str | Non
         return f"an archive ({media_type})"
     return None
 
-
-def _retry_after(value: str) -> float | None:
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    return seconds if 0 <= seconds < float("inf") else None
 
 
 # -- credentials -------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from weightsync.sources import (
     Selection,
     Snapshot,
     listing_digest,
+    retry_after,
     slugify,
 )
 
@@ -417,8 +418,7 @@ class _S3ErrorMapper(ErrorTranslator):
                 return IntegrityError(f"{what}: the object changed at the source during the sync; rerun to "
                                       "sync the new revision")
             if code in THROTTLED or status >= 500 or status == 429:
-                retry_after = exc.headers.get("retry-after", "")
-                return TransientError(f"{what}: {code}", float(retry_after) if retry_after.isdigit() else None)
+                return TransientError(f"{what}: {code}", retry_after(exc.headers.get("retry-after", "")))
             return SourceError(f"{what}: {code}: {exc.message}")
         if isinstance(exc, ssl.SSLCertVerificationError):
             return SourceError(f"{what}: the server's TLS certificate is not trusted ({exc.verify_message}); "
