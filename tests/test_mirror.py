@@ -251,6 +251,31 @@ def test_a_part_swapped_in_the_store_during_the_kill_fails_the_read_back_and_com
     assert client.get_object(Bucket=bucket, Key=f"sw/{BIG}")["Body"].read() == files[BIG]
 
 
+def test_a_mirror_killed_after_a_complete_verifies_that_object_by_reading_it_back_not_from_the_origin(
+        hub, env, bucket, s3_server):
+    files = repo_files(13)
+    hub.add_commit(REPO, files)
+    process = weightsync_popen("mirror", "--source", f"hf://{REPO}", "--to", f"s3://{bucket}/kc",
+                               env={**env, "WEIGHTSYNC_TEST_PAUSE_AT": "mirror-upload-completed"})
+    assert process.stderr is not None
+    for line in process.stderr:  # BIG's upload completed, its resume state still there
+        if "weightsync-test: paused at mirror-upload-completed" in line:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    client = s3_server.client()
+    assert missing(client, bucket, "kc/weightsync.lock") and not missing(client, bucket, f"kc/{BIG}")
+    hub.reset_log()
+    again = mirror(env, f"s3://{bucket}/kc")
+    assert again.returncode == 0, again.stderr
+    assert f"{BIG}: its upload was completed by a run killed before verifying it" in again.stderr
+    assert f"{BIG}: the resumed upload read back from the target matches sha256 (source)" in again.stderr
+    # the small files may not have been uploaded before the kill (about 1 MiB in all); BIG is 12 MiB
+    assert served(hub) < 2 * MiB, "the completed object is verified from the target, not read again from the origin"
+    assert client.get_object(Bucket=bucket, Key=f"kc/{BIG}")["Body"].read() == files[BIG]
+    assert not client.list_objects_v2(Bucket=bucket, Prefix="kc/.weightsync/").get("Contents"), "state cleared"
+
+
 def test_mirroring_the_same_revision_again_uploads_and_reads_nothing(hub, env, bucket, s3_proxy):
     hub.add_commit(REPO, repo_files(5))
     assert mirror(env, f"s3://{bucket}/twice").returncode == 0

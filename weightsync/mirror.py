@@ -26,7 +26,8 @@ upload (ListMultipartUploads), checks the recorded parts are there (ListParts) a
 what is missing. The parts of an upload in progress cannot be read (GetObject's partNumber needs a completed
 object), so the resumed upload is completed with the CRC64NVME combined from its parts, then read back from
 the target once, whole, through the same `Verifier` against the origin's promise, before its state object is
-deleted and its lockfile entry exists; a mismatch deletes the object (exit 4). A file with no origin promise
+deleted and its lockfile entry exists; a mismatch deletes the object (exit 4). An upload a killed run completed
+but did not clear the state of is verified the same way, in place. A file with no origin promise
 starts again from byte 0: there is nothing to verify the bytes it did not read against.
 
 Idempotence: an object whose size and x-amz-meta-sha256 already match the sha256 the origin (or the previous
@@ -423,7 +424,9 @@ class Mirror:
 
         api, key, part_size = self.api, self.key(remote.path), self._part_size(remote.size)
         identity, state_key = _identity(remote), self._state_key(remote.path)
-        upload_id, parts = self._resume(remote, key, state_key, identity, part_size)
+        upload_id, parts, completed = self._resume(remote, key, state_key, identity, part_size)
+        if completed:  # killed after its Complete, before its state was cleared: verify the object where it is
+            return self._finish_upload(remote, key, sha256, parts, None, state_key)
         verifier = None if parts else Verifier(remote.path, remote.size, remote.evidence)
         if upload_id is None:
             metadata = {"sha256": sha256} if sha256 else {}
@@ -449,11 +452,19 @@ class Mirror:
         crc = _combined_crc64nvme(parts)
         self._write(f"completing the upload of {remote.path} to",
                     lambda: self._complete(remote, key, upload_id, parts, crc, state_key))
-        if sha256_now is None:
-            sha256_now = self._verify_completed(remote, key, crc, state_key)
+        testhooks.pause("mirror-upload-completed")
+        return self._finish_upload(remote, key, sha256, parts, sha256_now, state_key)
+
+    def _finish_upload(self, remote: RemoteFile, key: str, sha256: str | None, parts: list[UploadedPart],
+                       verified: str | None, state_key: str) -> ManifestEntry:
+        """A completed upload's lockfile entry: `verified` is its sha256 when every byte was checked as it
+        streamed; else (resumed) the object is read back and checked first. Its resume state goes last, so a
+        rerun skips the file only once it was verified."""
+        crc = _combined_crc64nvme(parts)
+        sha256_now = verified or self._verify_completed(remote, key, crc, state_key)
         if sha256 is None:
             self._add_sha256(remote, key, sha256_now, crc)
-        self._write("clearing the resume state at", lambda: api.delete_object(self.bucket, state_key))
+        self._write("clearing the resume state at", lambda: self.api.delete_object(self.bucket, state_key))
         log.info("%s: uploaded in %s (%s, verified by %s)", remote.path, counted(len(parts), "part"),
                  human_bytes(remote.size), remote.evidence.label)
         return ManifestEntry(remote.path, remote.size, sha256_now, evidence=remote.evidence)
@@ -555,62 +566,63 @@ class Mirror:
                                  path=remote.path)
 
     def _completed(self, key: str, size: int, crc: int) -> bool:
-        from weightsync.sources.s3api import content_length
-
-        head = self.api.head_object(self.bucket, key)
-        expected = base64.b64encode(crc.to_bytes(8, "big")).decode()
-        return content_length(head) == size and head.get("x-amz-checksum-crc64nvme") == expected
+        return _holds(self.api.head_object(self.bucket, key), size, crc)
 
     def _state_key(self, path: str) -> str:
         return self.key(f"{STATE}/uploads/{hashlib.sha256(path.encode()).hexdigest()[:32]}.json")
 
     def _resume(self, remote: RemoteFile, key: str, state_key: str, identity: str, part_size: int
-                ) -> tuple[str | None, list[UploadedPart]]:
-        """(upload id, parts) of an upload a killed run left that can be continued; else (None, []), having
-        aborted what cannot. Only a file with an origin promise resumes: its object is verified against that
-        promise once complete; a size-only file has nothing to check the parts it did not read against."""
+                ) -> tuple[str | None, list[UploadedPart], bool]:
+        """(upload id, parts, completed) of an upload a killed run left that can be continued, or that it
+        completed but did not get to verify; else (None, [], False), having aborted what cannot. Only a file
+        with an origin promise resumes: its object is verified against that promise once complete; a size-only
+        file has nothing to check the parts it did not read against. Nothing in the state is trusted: it only
+        says where to continue."""
         from weightsync.sources.s3api import S3Error, UploadedPart
 
         try:
             text = self._write("reading the resume state of", lambda: self.api.get_small_object(self.bucket,
                                                                                                  state_key))
             state = json.loads(text)
+            parts = [UploadedPart(int(p["number"]), int(p["size"]), str(p["etag"]), str(p["crc64nvme"]))
+                     for p in state.get("parts", [])]
+            upload_id = str(state.get("upload_id", ""))
         except SourceError:
-            return None, []  # no state: nothing to resume
-        except (ValueError, S3Error):
-            return None, []
-        upload_id = str(state.get("upload_id", ""))
+            return None, [], False  # no state: nothing to resume
+        except (ValueError, S3Error, KeyError, TypeError, AttributeError):
+            return None, [], False
+        matches = state.get("identity") == identity and state.get("part_size") == part_size and \
+            remote.evidence.promise is not None and bool(parts) and \
+            [p.number for p in parts] == list(range(1, len(parts) + 1))
         in_progress = self._write("listing the uploads in progress at", lambda: self.api.list_multipart_uploads(
             self.bucket, key))
         if (key, upload_id) not in in_progress:
-            return None, []
-        if state.get("identity") == identity and state.get("part_size") == part_size and \
-                remote.evidence.promise is not None:
-            listed = {p.number: p for p in self._write("listing the parts of", lambda: self.api.list_parts(
-                self.bucket, key, upload_id))}
-            try:
-                parts = [UploadedPart(int(p["number"]), int(p["size"]), str(p["etag"]), str(p["crc64nvme"]))
-                         for p in state.get("parts", [])]
-            except (KeyError, TypeError, ValueError):
-                parts = []
-            # Each recorded part must be there as uploaded: its number in order, its size, its ETag and, where
-            # the server lists it (AWS does; SeaweedFS 4.48 does not), its CRC64NVME. This only decides whether
-            # to continue: the completed object is verified by reading it back, so the state is never trusted.
-            if parts and [p.number for p in parts] == list(range(1, len(parts) + 1)) and all(
-                    listed.get(p.number) is not None and listed[p.number].size == p.size and
-                    listed[p.number].etag == p.etag and listed[p.number].crc64nvme in ("", p.crc64nvme)
-                    for p in parts):
+            if matches and sum(p.size for p in parts) == remote.size and \
+                    _holds(self._head(remote.path), remote.size, _combined_crc64nvme(parts)):
+                log.info("%s: its upload was completed by a run killed before verifying it; reading it back",
+                         remote.path)
+                with self._lock:
+                    self._resumed += remote.size
+                return upload_id, parts, True
+            return None, [], False
+        if matches:
+            listed = {(p.number, p.size, p.etag): p.crc64nvme for p in self._write(
+                "listing the parts of", lambda: self.api.list_parts(self.bucket, key, upload_id))}
+            # Each recorded part must be there as uploaded: its size, its ETag and, where the server lists it
+            # (AWS does; SeaweedFS 4.48 does not), its CRC64NVME. Matched by (number, ETag), as Complete names
+            # parts: SeaweedFS 4.48 lists a part uploaded twice under one number twice.
+            if all(listed.get((p.number, p.size, p.etag)) in ("", p.crc64nvme) for p in parts):
                 done = sum(p.size for p in parts)
                 with self._lock:
                     self._resumed += done
                 log.info("%s: resuming its upload after %s (%s) already uploaded; the object is verified by "
                          "reading it back once complete", remote.path, counted(len(parts), "part"),
                          human_bytes(done))
-                return upload_id, parts
+                return upload_id, parts, False
         log.info("%s: the upload a previous run left cannot be continued (the source changed, or it has no "
                  "promise to verify it by); starting it again", remote.path)
         self._abandon(key, upload_id, None)
-        return None, []
+        return None, [], False
 
     def _save_state(self, state_key: str, identity: str, upload_id: str, part_size: int,
                     parts: list[UploadedPart]) -> None:
@@ -688,6 +700,14 @@ def _identity(remote: RemoteFile) -> str:
     claim = [promise.algorithm, promise.value, promise.parts, promise.field] if promise else []
     text = json.dumps([remote.path, remote.size, remote.etag or "", claim])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _holds(head: dict[str, str] | None, size: int, crc: int) -> bool:
+    """Whether a HeadObject reply is of an object of `size` bytes whose full-object CRC64NVME is `crc`."""
+    from weightsync.sources.s3api import content_length
+
+    expected = base64.b64encode(crc.to_bytes(8, "big")).decode()
+    return head is not None and content_length(head) == size and head.get("x-amz-checksum-crc64nvme") == expected
 
 
 def _combined_crc64nvme(parts: list[UploadedPart]) -> int:
