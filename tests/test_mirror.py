@@ -2,8 +2,9 @@
 
 What is proved here: the mirror is byte-identical and verified against the origin's promises, its objects carry
 full-object checksums the server keeps, the lockfile object is the commit point (a corrupt origin byte leaves
-nothing a sync accepts; a tampered mirror is refused), a SIGKILL resumes reading only what is missing, a rerun
-uploads nothing, and a new revision uploads only what changed and deletes the rest after its lockfile.
+nothing a sync accepts; a tampered mirror is refused), a SIGKILL resumes reading only what is missing from the
+origin (the resumed object verified by reading it back from the target, so a part swapped in the store is caught),
+a rerun uploads nothing, and a new revision uploads only what changed and deletes the rest after its lockfile.
 """
 
 from __future__ import annotations
@@ -171,15 +172,11 @@ def test_an_object_tampered_in_the_mirror_is_refused_by_the_sync(hub, env, bucke
     assert "rerun weightsync mirror" in error_line(result)
 
 
-@pytest.mark.slow
-def test_sigkill_mid_upload_resumes_reading_only_the_missing_bytes_from_the_origin(hub, env, bucket, s3_server):
-    size = 40 * MiB
-    files = {**repo_files(4, big=size)}
-    hub.add_commit(REPO, files)
-    total = sum(len(data) for data in files.values())
+def kill_mid_upload(hub: HubServer, env: dict[str, str], to: str, size: int) -> int:
+    """Start a mirror of the throttled BIG file, SIGKILL it once the Hub sent about half; the bytes served."""
     hub.faults.throttle_bps = 8 * MiB
     hub.faults.only_paths = {BIG}
-    process = weightsync_popen("mirror", "--source", f"hf://{REPO}", "--to", f"s3://{bucket}/k", env=env)
+    process = weightsync_popen("mirror", "--source", f"hf://{REPO}", "--to", to, env=env)
     deadline = time.monotonic() + 60
     while served(hub) < size // 2 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -187,20 +184,96 @@ def test_sigkill_mid_upload_resumes_reading_only_the_missing_bytes_from_the_orig
     process.wait()
     first = served(hub)
     assert size * 0.3 < first < size * 0.9, first
+    hub.faults.throttle_bps = None
+    hub.reset_log()
+    return first
+
+
+@pytest.mark.slow
+def test_sigkill_mid_upload_resumes_reading_only_the_missing_bytes_from_the_origin_and_the_object_back_from_the_target(
+        hub, env, bucket, s3_server, s3_proxy):
+    size = 40 * MiB
+    files = {**repo_files(4, big=size)}
+    hub.add_commit(REPO, files)
+    total = sum(len(data) for data in files.values())
+    first = kill_mid_upload(hub, env, f"s3://{bucket}/k", size)
     client = s3_server.client()
     assert missing(client, bucket, "k/weightsync.lock")
 
-    hub.faults.throttle_bps = None
-    hub.reset_log()
+    s3_proxy.stats.reset()
     resumed = weightsync("mirror", "--source", f"hf://{REPO}", "--to", f"s3://{bucket}/k", env=env)
     assert resumed.returncode == 0, resumed.stderr
     second = served(hub)
-    print(f"resume: total {total} first run {first} second run {second}")
+    print(f"resume: total {total} first run {first} second run {second} from the origin, "
+          f"{s3_proxy.stats.bytes_down} from the target")
     assert f"{BIG}: resuming its upload after" in resumed.stderr
-    # Re-read from the origin: what was missing, plus at most the part in flight at the kill (5 MiB parts).
+    assert f"{BIG}: the resumed upload read back from the target matches sha256 (source)" in resumed.stderr
+    # Re-read from the origin: what was missing, plus at most the part in flight at the kill (5 MiB parts); the
+    # whole resumed object is read back from the target (in the cluster) to verify it against the LFS sha256.
     assert second < (total - first) + 6 * MiB, (first, second, total)
+    assert s3_proxy.stats.bytes_down >= size, "the resumed object was read back whole from the target"
     assert client.get_object(Bucket=bucket, Key=f"k/{BIG}")["Body"].read() == files[BIG]
     assert lockfile_object(client, bucket, "k")["files"]
+    assert not client.list_objects_v2(Bucket=bucket, Prefix="k/.weightsync/").get("Contents"), "state cleared"
+
+
+@pytest.mark.slow
+def test_a_part_swapped_in_the_store_during_the_kill_fails_the_read_back_and_commits_nothing(
+        hub, env, bucket, s3_server):
+    from awscrt.checksums import crc64nvme
+
+    size = 40 * MiB
+    files = {**repo_files(12, big=size)}
+    hub.add_commit(REPO, files)
+    kill_mid_upload(hub, env, f"s3://{bucket}/sw", size)
+    client = s3_server.client()
+    (listed,) = client.list_objects_v2(Bucket=bucket, Prefix="sw/.weightsync/uploads/")["Contents"]
+    state = json.loads(client.get_object(Bucket=bucket, Key=listed["Key"])["Body"].read())
+    first = state["parts"][0]
+    swapped = bytearray(files[BIG][:first["size"]])
+    swapped[100] ^= 1  # someone with write access replaces part 1 and rewrites the state to match it
+    reply = client.upload_part(Bucket=bucket, Key=f"sw/{BIG}", UploadId=state["upload_id"], PartNumber=1,
+                               Body=bytes(swapped), ChecksumCRC64NVME=base64.b64encode(
+                                   crc64nvme(bytes(swapped), 0).to_bytes(8, "big")).decode())
+    first.update(etag=reply["ETag"].strip('"'), crc64nvme=reply["ChecksumCRC64NVME"])
+    client.put_object(Bucket=bucket, Key=listed["Key"], Body=json.dumps(state).encode())
+
+    resumed = mirror(env, f"s3://{bucket}/sw")
+    assert resumed.returncode == 4, resumed.stderr
+    assert f"{BIG}: resuming its upload after" in resumed.stderr
+    assert error_line(resumed).startswith(f"weightsync: error: checksum mismatch for {BIG}"), resumed.stderr
+    assert "read back from the target" in error_line(resumed)
+    assert missing(client, bucket, "sw/weightsync.lock"), "nothing was committed"
+    assert missing(client, bucket, f"sw/{BIG}"), "the unverified object was deleted"
+
+    again = mirror(env, f"s3://{bucket}/sw")
+    assert again.returncode == 0, again.stderr
+    assert client.get_object(Bucket=bucket, Key=f"sw/{BIG}")["Body"].read() == files[BIG]
+
+
+def test_a_mirror_killed_after_a_complete_verifies_that_object_by_reading_it_back_not_from_the_origin(
+        hub, env, bucket, s3_server):
+    files = repo_files(13)
+    hub.add_commit(REPO, files)
+    process = weightsync_popen("mirror", "--source", f"hf://{REPO}", "--to", f"s3://{bucket}/kc",
+                               env={**env, "WEIGHTSYNC_TEST_PAUSE_AT": "mirror-upload-completed"})
+    assert process.stderr is not None
+    for line in process.stderr:  # BIG's upload completed, its resume state still there
+        if "weightsync-test: paused at mirror-upload-completed" in line:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    client = s3_server.client()
+    assert missing(client, bucket, "kc/weightsync.lock") and not missing(client, bucket, f"kc/{BIG}")
+    hub.reset_log()
+    again = mirror(env, f"s3://{bucket}/kc")
+    assert again.returncode == 0, again.stderr
+    assert f"{BIG}: its upload was completed by a run killed before verifying it" in again.stderr
+    assert f"{BIG}: the resumed upload read back from the target matches sha256 (source)" in again.stderr
+    # the small files may not have been uploaded before the kill (about 1 MiB in all); BIG is 12 MiB
+    assert served(hub) < 2 * MiB, "the completed object is verified from the target, not read again from the origin"
+    assert client.get_object(Bucket=bucket, Key=f"kc/{BIG}")["Body"].read() == files[BIG]
+    assert not client.list_objects_v2(Bucket=bucket, Prefix="kc/.weightsync/").get("Contents"), "state cleared"
 
 
 def test_mirroring_the_same_revision_again_uploads_and_reads_nothing(hub, env, bucket, s3_proxy):

@@ -288,80 +288,6 @@ def describe_tally(counts: dict[str, int]) -> str:
     return ", ".join(f"{counted(n, 'file')} {label}" for label, n in counts.items()) or "no files"
 
 
-class ResumableSha256:
-    """sha256 whose running state can be saved and restored (hashlib's cannot): OpenSSL's SHA256_CTX, reached
-    through ctypes in the libcrypto hashlib already loaded. A mirror killed mid-file resumes from the saved
-    state instead of reading the bytes it already uploaded from the origin again."""
-
-    CTX_SIZE = 112  # struct SHA256state_st: h[8], Nl, Nh, data[16], num, md_len (32-bit words)
-
-    def __init__(self) -> None:
-        import ctypes
-
-        self._lib = _libcrypto()
-        self._ctx = ctypes.create_string_buffer(self.CTX_SIZE + 16)  # a little slack beyond the struct
-        if self._lib.SHA256_Init(self._ctx) != 1:
-            raise RuntimeError("SHA256_Init failed")
-
-    def update(self, data: bytes | bytearray | memoryview) -> None:
-        import ctypes
-
-        view = memoryview(data).cast("B")
-        if not view.nbytes:
-            return
-        buffer = (ctypes.c_char * view.nbytes).from_buffer(view) if not view.readonly else bytes(view)
-        self._lib.SHA256_Update(self._ctx, buffer, ctypes.c_size_t(view.nbytes))
-
-    def digest(self) -> bytes:
-        import ctypes
-
-        copy = ctypes.create_string_buffer(self._ctx.raw, len(self._ctx))
-        out = ctypes.create_string_buffer(32)
-        self._lib.SHA256_Final(out, copy)
-        return out.raw
-
-    def hexdigest(self) -> str:
-        return self.digest().hex()
-
-    def state(self) -> bytes:
-        return self._ctx.raw[:self.CTX_SIZE]
-
-    @classmethod
-    def from_state(cls, state: bytes) -> ResumableSha256:
-        import ctypes
-
-        if len(state) != cls.CTX_SIZE:
-            raise ValueError("not a saved sha256 state")
-        digest = cls()
-        ctypes.memmove(digest._ctx, state, cls.CTX_SIZE)
-        return digest
-
-    @staticmethod
-    def available() -> bool:
-        try:
-            _libcrypto()
-        except (OSError, AttributeError):
-            return False
-        return True
-
-
-def _libcrypto() -> Any:
-    """The libcrypto hashlib links (its SHA256_* functions), loaded once."""
-    global _LIBCRYPTO
-    if _LIBCRYPTO is None:
-        import _hashlib
-        import ctypes
-
-        lib = ctypes.CDLL(_hashlib.__file__)
-        for name in ("SHA256_Init", "SHA256_Update", "SHA256_Final"):
-            getattr(lib, name).restype = ctypes.c_int
-        _LIBCRYPTO = lib
-    return _LIBCRYPTO
-
-
-_LIBCRYPTO: Any = None
-
-
 @dataclass
 class Verifier:
     """sha256 of every byte, plus the chosen promise, fed once with the file's bytes in order."""
@@ -418,28 +344,6 @@ class Verifier:
         self._part += 1
         self._check = ALGORITHMS[promise.algorithm].new(self.size)
         self._left_in_part = promise.layout[self._part]
-
-    def checkpoint(self) -> dict[str, object] | None:
-        """The running state, for a process that resumes this file later (`weightsync mirror`, after a SIGKILL);
-        None where it cannot be saved: the sha256 must be a `ResumableSha256`, the promise whole-file sha256 or a
-        full-object CRC (an MD5 or composite one is re-read from the start instead)."""
-        promise = self.evidence.promise
-        if not isinstance(self.sha256, ResumableSha256) or (promise is not None and promise.parts):
-            return None
-        if self._check is not None and not isinstance(self._check, _Crc):
-            return None
-        state: dict[str, object] = {"seen": self._seen, "sha256": self.sha256.state().hex()}
-        if isinstance(self._check, _Crc):
-            state["check"] = self._check._value
-        return state
-
-    def restore(self, state: dict[str, object]) -> None:
-        """Continue from a `checkpoint` of the same file under the same promise."""
-        assert isinstance(self.sha256, ResumableSha256)
-        self.sha256 = ResumableSha256.from_state(bytes.fromhex(str(state["sha256"])))
-        self._seen = int(str(state["seen"]))
-        if isinstance(self._check, _Crc):
-            self._check._value = int(str(state["check"]))
 
     def finish(self) -> str:
         """The file's sha256 once every byte matched the promise; IntegrityError otherwise."""

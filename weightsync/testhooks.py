@@ -19,6 +19,7 @@ PAUSE_POINTS = (
     "before-publish",         # every file verified in staging, nothing published yet
     "manifest-written",       # manifests/<rev>.json written, tree not yet renamed
     "renamed",                # revisions/<rev> in place, `current` not flipped yet
+    "mirror-upload-completed",  # mirror: a multipart upload completed, its resume state not yet deleted
     "mirror-committed",       # mirror: the new weightsync.lock written, the dropped files not yet deleted
 )
 
