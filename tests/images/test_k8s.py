@@ -249,6 +249,7 @@ def test_kustomize_overlay_is_valid_hardened_and_scanner_clean(overlay: str, tmp
         assert mirror_config["WEIGHTSYNC_SOURCE"].startswith("hf://")
         assert mirror_config["WEIGHTSYNC_TO"] == config["WEIGHTSYNC_SOURCE"] == "s3://models/tiny-mlp"
         assert mirror_config["AWS_ENDPOINT_URL"] == config["AWS_ENDPOINT_URL"], "one in-cluster store"
+        assert config["WEIGHTSYNC_FALLBACK"] == mirror_config["WEIGHTSYNC_SOURCE"], "the origin backs the store"
         assert not any(v.get("persistentVolumeClaim") for v in job["volumes"]), "it streams: no model volume"
         assert agent["resources"]["limits"]["memory"] == "1Gi"
         assert container(spec, "weightsync")["args"][0] == "sync"
@@ -333,7 +334,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
     # Mirror once per cluster: a Job fetches the origin into the in-cluster store the pods sync from.
     "mirror-from-the-hub-into-seaweedfs": {
-        "weightsync": {"source": "s3://models/acme/tiny-mlp",
+        "weightsync": {"source": "s3://models/acme/tiny-mlp", "fallback": ["hf://acme/tiny-mlp"],
                        "s3": {"endpoint": "http://seaweedfs-s3.storage.svc:8333", "addressingStyle": "path"}},
         "mirror": {"enabled": True, "source": "hf://acme/tiny-mlp", "revision": "main"},
         "credentials": {"existingSecret": "weightsync-credentials"},
@@ -505,6 +506,9 @@ def test_helm_rendering_is_valid_hardened_and_scanner_clean(helm, value_set: str
         assert agent["envFrom"] == [{"secretRef": {"name": "hf-token"}}] and "envFrom" not in server
         assert "$(MODEL_NAME)" in requests[2]["body"]
         assert {"name": "MODEL_NAME", "value": name} in test_pod["spec"]["containers"][0]["env"]
+    if value_set == "mirror-from-the-hub-into-seaweedfs":
+        # The pods sync from the store, with the origin behind it (as the mirror overlay's ConfigMap sets it).
+        assert {"--source=s3://models/acme/tiny-mlp", "--fallback=hf://acme/tiny-mlp"} <= set(agent["args"])
     if value_set == "hf-cache-s3-mirror-sidecar":
         # s3:// revisions are cached under refs/main: the server asks for main, whatever is pinned.
         assert env["MODEL_REVISION"] == "main" and "--revision=0123456789abcdef0123" in agent["args"]

@@ -143,6 +143,9 @@ lockfile's commit), else main; s3:// and file:// revisions are cached under refs
     {{- with $w.revision }}
     - --revision={{ . }}
     {{- end }}
+    {{- range $w.fallback }}
+    - --fallback={{ . }}
+    {{- end }}
     {{- range $w.include }}
     - --include={{ . }}
     {{- end }}
