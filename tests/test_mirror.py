@@ -488,3 +488,48 @@ def test_a_mirror_killed_between_its_commit_and_its_deletions_deletes_on_the_rer
     assert "uploaded 0 files" in summary and "deleted 1 file" in summary, summary
     assert missing(client, bucket, "kd/pytorch_model.bin")
     assert not client.list_objects_v2(Bucket=bucket, Prefix="kd/.weightsync/").get("Contents")
+
+
+def test_pods_on_the_mirror_with_the_hub_as_fallback_survive_either_one_down(hub, env, bucket, s3_proxy, tmp_path):
+    """The fleet pattern end to end: `weightsync mirror` fills the store from the fake Hub; then a pod's
+    `sync --source s3://mirror --fallback hf://` gets the model from the mirror while the Hub is stopped, from the
+    Hub while the mirror is down (one `source_fallback` line saying why), the same revision (the Hub's commit)
+    both times, and on a restart pinned to that commit makes no request to either."""
+    import socket
+
+    files = repo_files(3)
+    commit = hub.add_commit(REPO, files)
+    target = f"s3://{bucket}/mirror/{REPO}"
+    assert mirror(env, target).returncode == 0
+    with socket.socket() as closed:  # bound, never listening: every connection to it is refused at once
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}"
+
+        def sync(dest: Path, run_env: dict[str, str], *extra: str):
+            return weightsync("sync", "--source", target, "--fallback", f"hf://{REPO}", "--dest", str(dest),
+                              "--retries", "2", *extra, env=run_env)
+
+        hub.wait_idle()
+        hub.reset_log()
+        from_mirror = sync(tmp_path / "a", {**env, "HF_ENDPOINT": nowhere})
+        assert from_mirror.returncode == 0, from_mirror.stderr
+        assert tree_bytes(Path(from_mirror.stdout.splitlines()[-1])) == files
+        assert Path(from_mirror.stdout.splitlines()[-1]).name == commit, "the mirror reports the Hub's commit"
+        assert "source_fallback" not in from_mirror.stderr and served(hub) == 0
+
+        from_hub = sync(tmp_path / "b", {**env, "AWS_ENDPOINT_URL": nowhere})
+        assert from_hub.returncode == 0, from_hub.stderr
+        assert tree_bytes(Path(from_hub.stdout.splitlines()[-1])) == files
+        assert Path(from_hub.stdout.splitlines()[-1]).name == commit
+        assert "failed while resolving (NetworkError (exit 7)" in from_hub.stderr, from_hub.stderr
+        assert f"trying the next source, hf://{REPO}" in from_hub.stderr
+        assert f"published hf://{REPO} revision {commit} (fallback for {target})" in from_hub.stderr
+
+        s3_proxy.stats.reset()
+        hub.wait_idle()
+        hub.reset_log()
+        pinned = sync(tmp_path / "a", {**env, "HF_ENDPOINT": nowhere, "AWS_ENDPOINT_URL": nowhere},
+                      "--revision", commit)
+    assert pinned.returncode == 0, pinned.stderr
+    assert pinned.stdout.splitlines()[-1] == from_mirror.stdout.splitlines()[-1]
+    assert s3_proxy.stats.connections == 0 and not hub.requests, "a pinned restart asks neither source"
