@@ -54,7 +54,7 @@ from weightsync.errors import IntegrityError, SourceError, TransientError, Usage
 from weightsync.layout import check_listing
 from weightsync.logs import counted, event, human_bytes, human_duration
 from weightsync.manifest import ManifestEntry
-from weightsync.sources import ErrorTranslator, RemoteFile, Selection, Snapshot, Source, open_source
+from weightsync.sources import ErrorTranslator, RemoteFile, Selection, Snapshot, Source, open_source, retry_after
 
 if TYPE_CHECKING:
     from weightsync.lockfile import Lockfile
@@ -753,8 +753,7 @@ class _TargetErrors(ErrorTranslator):
                                    "s3:ListBucket, s3:ListBucketMultipartUploads, s3:AbortMultipartUpload)")
             if code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch") or code in THROTTLED or \
                     status >= 500 or status == 429:
-                retry_after = exc.headers.get("retry-after", "")
-                return TransientError(f"{what}: {code}", float(retry_after) if retry_after.isdigit() else None)
+                return TransientError(f"{what}: {code}", retry_after(exc.headers.get("retry-after", "")))
             return SourceError(f"{what}: {code}: {exc.message}")
         if isinstance(exc, ssl.SSLCertVerificationError):
             return SourceError(f"{what}: the target's TLS certificate is not trusted ({exc.verify_message}); for a "

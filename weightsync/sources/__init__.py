@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from weightsync.checksums import Evidence, Promise
 from weightsync.config import DEFAULTS, TransferConfig
-from weightsync.errors import TransientError, UsageError, WeightsyncError
+from weightsync.errors import SourceError, TransientError, UsageError, WeightsyncError
 
 if TYPE_CHECKING:
     from weightsync.manifest import ManifestEntry
@@ -213,6 +213,28 @@ def listing_digest(entries: list[tuple[str, int, str]]) -> str:
 
 
 LISTING_DIGEST = re.compile(r"^[0-9a-f]{20}$")
+
+
+def pinned_listing_digest(revision: str | None, kind: str) -> str | None:
+    """`pinned_revision` of a source whose revision id is a `listing_digest` (a bucket prefix): the id itself, or
+    exit 2 for anything else, since a bucket has no branches or tags to resolve."""
+    if revision and LISTING_DIGEST.match(revision):
+        return revision
+    if revision:
+        raise UsageError(f"--revision {revision!r} is not a {kind} revision id; it is the 20-hex digest weightsync "
+                         "prints after a sync (pin it for zero-request warm starts); leave it unset to take whatever "
+                         "the prefix holds now")
+    return None
+
+
+def listed_snapshot(files: list[RemoteFile], selection: Selection, what: str, hint: str) -> Snapshot:
+    """The snapshot of a listed prefix: the files `selection` keeps, under their `listing_digest`; exit 3 when none
+    is left (`what`: "objects under gs://b/p"; `hint`: where to look)."""
+    kept = [f for f in files if selection.matches(f.path)]
+    if not kept:
+        raise SourceError(f"no {what}" + (" match the --include/--exclude filters" if selection.key() else "")
+                          + f"; {hint}")
+    return Snapshot(revision=listing_digest([(f.path, f.size, f.etag or "") for f in kept]), files=tuple(kept))
 
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 """HTTP replies a retry may cure: a timeout, too early, throttling, a server error or a gateway's."""

@@ -30,14 +30,14 @@ from weightsync.checksums import Promise, from_base64
 from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import IntegrityError, SourceError, TransientError, UsageError
 from weightsync.sources import (
-    LISTING_DIGEST,
     TRANSIENT_STATUS,
     ErrorTranslator,
     Features,
     RemoteFile,
     Selection,
     Snapshot,
-    listing_digest,
+    listed_snapshot,
+    pinned_listing_digest,
     retry_after,
     slugify,
 )
@@ -177,21 +177,10 @@ class GcsSource:
         return slugify("gs", self.bucket, self.prefix)
 
     def pinned_revision(self, revision: str | None) -> str | None:
-        if revision and LISTING_DIGEST.match(revision):
-            return revision
-        if revision:
-            raise UsageError(f"--revision {revision!r} is not a gs:// revision id; those are the 20-hex digest "
-                             "weightsync prints after a sync (pin it to get zero-request warm starts) — leave it "
-                             "unset to take whatever the prefix holds now")
-        return None
+        return pinned_listing_digest(revision, "gs://")
 
     def snapshot(self, revision: str | None, selection: Selection) -> Snapshot:
-        files = [f for f in self._list() if selection.matches(f.path)]
-        if not files:
-            raise SourceError(f"no objects under {self.uri}" + (" match the --include/--exclude filters"
-                              if selection.key() else "") + "; check the bucket and prefix")
-        digest = listing_digest([(f.path, f.size, f.etag or "") for f in files])
-        return Snapshot(revision=digest, files=tuple(files))
+        return listed_snapshot(self._list(), selection, f"objects under {self.uri}", "check the bucket and prefix")
 
     def _list(self) -> list[RemoteFile]:
         list_prefix = f"{self.prefix}/" if self.prefix else ""
