@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from weightsync.config import DEFAULTS, TransferConfig
 from weightsync.errors import NetworkError, TransientError
-from weightsync.logs import event
+from weightsync.logs import counted, event
 
 T = TypeVar("T")
 
@@ -94,7 +94,7 @@ def call_with_retries(
             reason = str(exc) if str(exc).startswith(what) else f"{what}: {exc}"  # a source may name it already
             if attempt + 1 >= policy.attempts:
                 raise NetworkError(
-                    f"{reason} (gave up after {policy.attempts} attempts; "
+                    f"{reason} (gave up after {counted(policy.attempts, 'attempt')}; "
                     "check the endpoint and network, then rerun to resume)"
                 ) from exc
             limit = policy.retry_after_limit
@@ -108,9 +108,9 @@ def call_with_retries(
             if quiet + pause >= policy.no_progress_timeout:
                 asked = f" and the server asks to wait {exc.retry_after:g}s more" if exc.retry_after else ""
                 raise NetworkError(
-                    f"{reason}; nothing arrived for {quiet:.0f}s{asked}, so it gave up after {attempt + 1} "
-                    f"attempts (--no-progress-timeout {policy.no_progress_timeout:g}s); check the endpoint and "
-                    "network, then rerun to resume"
+                    f"{reason}; nothing arrived for {quiet:.0f}s{asked}, so it gave up after "
+                    f"{counted(attempt + 1, 'attempt')} (--no-progress-timeout {policy.no_progress_timeout:g}s); "
+                    "check the endpoint and network, then rerun to resume"
                 ) from exc
             event("retry", "retrying %s in %.1fs after: %s", what, pause, exc, level=logging.WARNING,
                   attempt=attempt + 1, of=policy.attempts, delay_seconds=round(pause, 2), reason=str(exc))
