@@ -54,7 +54,8 @@ from weightsync.errors import IntegrityError, SourceError, TransientError, Usage
 from weightsync.layout import check_listing
 from weightsync.logs import counted, event, human_bytes, human_duration
 from weightsync.manifest import ManifestEntry
-from weightsync.sources import ErrorTranslator, RemoteFile, Selection, Snapshot, Source, open_source, retry_after
+from weightsync.sources import RemoteFile, Selection, Snapshot, Source, open_source
+from weightsync.sources.s3 import THROTTLED, S3ErrorMapper
 
 if TYPE_CHECKING:
     from weightsync.lockfile import Lockfile
@@ -729,38 +730,18 @@ def _text_object(text: str) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-class _TargetErrors(ErrorTranslator):
-    """The target's S3 replies as exit codes: --to missing or denied is 3, a retryable failure 7 once retried."""
+class _TargetErrors(S3ErrorMapper):
+    """The target's S3 replies as exit codes: --to missing or denied is 3, a retryable failure 7 once retried; a
+    digest the store refused (BadDigest) is retried too, since the part is sent again from the verified bytes."""
 
-    def translate(self, exc: BaseException) -> Exception | None:
-        import http.client
-        import ssl
-
-        from weightsync.sources.s3 import DENIED, NOT_FOUND, THROTTLED
-        from weightsync.sources.s3api import NoCredentialsError, S3Error
-
-        what = self.what
-        if isinstance(exc, NoCredentialsError):
-            return SourceError(f"{what}: no AWS credentials found for the target; set AWS_ACCESS_KEY_ID/"
-                               "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or use an IAM role (IRSA)")
-        if isinstance(exc, S3Error):
-            code, status = exc.code, exc.status
-            if code in NOT_FOUND or status == 404:
-                return SourceError(f"{what}: not found ({code}); check the bucket in --to (create it first)")
-            if code in DENIED or status in (401, 403):
-                return SourceError(f"{what}: access denied ({code}); check the target's credentials and its "
-                                   "bucket policy (the mirror needs s3:PutObject, s3:GetObject, s3:DeleteObject, "
-                                   "s3:ListBucket, s3:ListBucketMultipartUploads, s3:AbortMultipartUpload)")
-            if code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch") or code in THROTTLED or \
-                    status >= 500 or status == 429:
-                return TransientError(f"{what}: {code}", retry_after(exc.headers.get("retry-after", "")))
-            return SourceError(f"{what}: {code}: {exc.message}")
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return SourceError(f"{what}: the target's TLS certificate is not trusted ({exc.verify_message}); for a "
-                               "private CA set AWS_CA_BUNDLE to its PEM file")
-        if isinstance(exc, (OSError, http.client.HTTPException)):
-            return TransientError(f"{what}: {type(exc).__name__}: {exc}")
-        return None
+    credentials_for = " for the target"
+    not_found_hint = "check the bucket in --to (create it first)"
+    denied_hint = ("check the target's credentials and its bucket policy (the mirror needs s3:PutObject, "
+                   "s3:GetObject, s3:DeleteObject, s3:ListBucket, s3:ListBucketMultipartUploads, "
+                   "s3:AbortMultipartUpload)")
+    certificate_of = "the target's"
+    retried_codes = frozenset({*THROTTLED, "BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"})
+    changed_is_integrity = False
 
 
 def mirror(request: MirrorRequest) -> MirrorResult:

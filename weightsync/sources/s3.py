@@ -390,12 +390,22 @@ class S3Source:
         not_md5 = _etag_not_md5(body.headers)
         return RangeBody(body, what, {"ETag": not_md5} if not_md5 else None)
 
-    def _errors(self, what: str) -> _S3ErrorMapper:
-        return _S3ErrorMapper(what)
+    def _errors(self, what: str) -> S3ErrorMapper:
+        return S3ErrorMapper(what)
 
 
-class _S3ErrorMapper(ErrorTranslator):
-    """Translate S3 replies and connection errors into weightsync's exit-code classes, in one place."""
+class S3ErrorMapper(ErrorTranslator):
+    """Translate S3 replies and connection errors into weightsync's exit-code classes, in one place.
+
+    For the bucket a sync reads; `weightsync mirror` subclasses it for the bucket it writes (its hints name --to
+    and the permissions a mirror needs, and a digest the store refused is retried: the part is sent again)."""
+
+    credentials_for = ""  # whose credentials are missing, when it is not obvious: " for the target"
+    not_found_hint = "check the bucket and prefix in --source"
+    denied_hint = "check the credentials and the bucket policy"
+    certificate_of = "the server's"
+    retried_codes: frozenset[str] = frozenset(THROTTLED)
+    changed_is_integrity = True  # a 412 to If-Match: the object a sync is reading changed under it
 
     def translate(self, exc: BaseException) -> Exception | None:
         import http.client
@@ -405,24 +415,23 @@ class _S3ErrorMapper(ErrorTranslator):
 
         what = self.what
         if isinstance(exc, NoCredentialsError):
-            return SourceError(f"{what}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                               "AWS_PROFILE, or use an IAM role (IRSA)")
+            return SourceError(f"{what}: no AWS credentials found{self.credentials_for}; set AWS_ACCESS_KEY_ID/"
+                               "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or use an IAM role (IRSA)")
         if isinstance(exc, S3Error):
             code, status = exc.code, exc.status
             if code in NOT_FOUND or status == 404:
-                return SourceError(f"{what}: not found ({code}); check the bucket and prefix in --source")
+                return SourceError(f"{what}: not found ({code}); {self.not_found_hint}")
             if code in DENIED or status in (401, 403):
-                return SourceError(f"{what}: access denied ({code}); check the credentials and the bucket "
-                                   "policy")
-            if code in ("PreconditionFailed", "412") or status == 412:
+                return SourceError(f"{what}: access denied ({code}); {self.denied_hint}")
+            if self.changed_is_integrity and (code in ("PreconditionFailed", "412") or status == 412):
                 return IntegrityError(f"{what}: the object changed at the source during the sync; rerun to "
                                       "sync the new revision")
-            if code in THROTTLED or status >= 500 or status == 429:
+            if code in self.retried_codes or status >= 500 or status == 429:
                 return TransientError(f"{what}: {code}", retry_after(exc.headers.get("retry-after", "")))
             return SourceError(f"{what}: {code}: {exc.message}")
         if isinstance(exc, ssl.SSLCertVerificationError):
-            return SourceError(f"{what}: the server's TLS certificate is not trusted ({exc.verify_message}); "
-                               "for a private CA set AWS_CA_BUNDLE to its PEM file")
+            return SourceError(f"{what}: {self.certificate_of} TLS certificate is not trusted "
+                               f"({exc.verify_message}); for a private CA set AWS_CA_BUNDLE to its PEM file")
         if isinstance(exc, (OSError, http.client.HTTPException)):
             return TransientError(f"{what}: {type(exc).__name__}: {exc}")
         return None
