@@ -286,6 +286,7 @@ def test_mirroring_the_same_revision_again_uploads_and_reads_nothing(hub, env, b
     summary = again.stderr.strip().splitlines()[-1]
     assert "uploaded 0 files (0 B)" in summary and "skipped 5 files" in summary, summary
     assert "read 0 B from the source" in summary
+    assert "nothing uploaded, so nothing verified now" in summary and "verified against" not in summary, summary
     assert served(hub) == 0, "nothing is read from the origin for a revision already mirrored"
     assert s3_proxy.stats.bytes_up < 64 * 1024, "only HEADs and the small lockfile go to the target"
 

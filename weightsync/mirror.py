@@ -101,6 +101,7 @@ class MirrorResult:
     read_back_bytes: int = 0
     deleted: tuple[str, ...] = ()
     evidence: tuple[Evidence, ...] = ()
+    """What each file uploaded by this run was verified by; a skipped file was verified when it was mirrored."""
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -111,8 +112,13 @@ class MirrorResult:
                 f"{human_bytes(self.total_bytes)}; uploaded {counted(self.uploaded_files, 'file')} "
                 f"({human_bytes(self.uploaded_bytes)}{resumed}), skipped {counted(self.skipped_files, 'file')} "
                 f"already mirrored ({human_bytes(self.skipped_bytes)}); read {human_bytes(self.read_bytes)} from the "
-                f"source{deleted} in {human_duration(self.seconds)}; verified against the source: "
-                f"{describe_tally(tally(self.evidence))}")
+                f"source{deleted} in {human_duration(self.seconds)}; {self.verification()}")
+
+    def verification(self) -> str:
+        """What this run checked: the uploaded files against the source; skipped ones were checked before."""
+        if not self.evidence:
+            return "nothing uploaded, so nothing verified now (each file was verified when it was mirrored)"
+        return f"verified against the source: {describe_tally(tally(self.evidence))}"
 
     def fields(self) -> dict[str, object]:
         return {"source": self.source, "target": self.target, "revision": self.revision, "files": self.files,
@@ -120,7 +126,7 @@ class MirrorResult:
                 "bytes_uploaded": self.uploaded_bytes, "skipped_files": self.skipped_files,
                 "bytes_skipped": self.skipped_bytes, "bytes_resumed": self.resumed_bytes,
                 "bytes_read": self.read_bytes, "bytes_read_back": self.read_back_bytes, "deleted": list(self.deleted),
-                "verification": describe_tally(tally(self.evidence)), "seconds": round(self.seconds, 3)}
+                "verification": self.verification(), "seconds": round(self.seconds, 3)}
 
 
 def parse_target(uri: str) -> tuple[str, str]:
@@ -275,7 +281,7 @@ class Mirror:
                             skipped_files=len(entries) - len(uploaded),
                             skipped_bytes=total - sum(e.size for e in uploaded), resumed_bytes=self._resumed,
                             read_bytes=self._bytes_read, read_back_bytes=self._read_back, deleted=deleted,
-                            evidence=tuple(e.evidence or Evidence(None, "unrecorded") for e in entries),
+                            evidence=tuple(e.evidence or Evidence(None, "unrecorded") for e in uploaded),
                             seconds=time.monotonic() - self.started)
 
     def _mirror_files(self, plan: list[tuple[RemoteFile, str | None, Evidence | None]]
